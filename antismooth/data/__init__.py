@@ -1,0 +1,1 @@
+"""Data side: ImageFolder -> tar shards (shards.py) and shards -> batches (pipeline.py)."""
