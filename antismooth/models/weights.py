@@ -1,0 +1,123 @@
+"""Plain weights in and out: read .pth/.safetensors safely, unwrap, and fit a state_dict to a model.
+
+Checkpoints arrive in many wrappings: the official `main.py` saves {'model': sd, ...},
+DeepSpeed prefixes `module.`, torch.compile prefixes `_orig_mod.`. timm's own filter knows
+none of our parameters, so this one also resamples position embeddings for another image
+size and fills the AttnScale/FeatScale parameters that plain DeiT/CaiT weights lack with
+their identity value (0), saying so in the log instead of hiding it behind strict=False.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
+
+__all__ = ["ANTI_OVERSMOOTHING_PARAMS", "read_checkpoint", "clean_state_dict", "checkpoint_filter_fn",
+           "load_weights", "WeightsMismatchError"]
+
+_logger = logging.getLogger(__name__)
+
+# Parameter names the paper adds; everything else is a plain ViT/CaiT key.
+ANTI_OVERSMOOTHING_PARAMS = ("attn.lamb", "lamb1", "lamb2")
+_WRAPPER_KEYS = ("model", "module", "state_dict", "model_state_dict")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+class WeightsMismatchError(ValueError):
+    """A checkpoint does not fit the model; the message lists every key and shape that differs."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a .safetensors or .pth file without executing code from it (weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No weights file at {path}: check the path.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path), device="cpu")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError… depending on the damage
+        raise ValueError(
+            f"{path} could not be read as plain PyTorch weights ({type(err).__name__}): it is corrupt, "
+            "or it holds pickled objects other than tensors, which are never loaded; re-export it with "
+            "tools/export.py or torch.save(model.state_dict(), path)."
+        ) from err
+
+
+def clean_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Unwrap {'model': …}/{'module': …}/{'state_dict': …} and strip DeepSpeed/torch.compile prefixes."""
+    state_dict: Mapping[str, Any] = checkpoint
+    while True:
+        wrapper = next((k for k in _WRAPPER_KEYS if isinstance(state_dict.get(k), Mapping)), None)
+        if wrapper is None:
+            break
+        state_dict = state_dict[wrapper]
+    cleaned = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            continue  # optimizer steps, args and the like that travel beside the weights
+        for prefix in _PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        cleaned[key] = value
+    return cleaned
+
+
+def _resample_pos_embed(pos_embed: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """Interpolate a learned position embedding to the model's patch grid, keeping prefix tokens."""
+    target = model.pos_embed
+    if pos_embed.shape == target.shape:
+        return pos_embed
+    num_prefix = target.shape[1] - math.prod(model.patch_embed.grid_size)  # ViT: 1 (cls), CaiT: 0
+    old_grid = int(math.isqrt(pos_embed.shape[1] - num_prefix))
+    _logger.info("Resampling pos_embed from a %dx%d to a %s grid.", old_grid, old_grid, model.patch_embed.grid_size)
+    return resample_abs_pos_embed(pos_embed, new_size=model.patch_embed.grid_size,
+                                  old_size=(old_grid, old_grid), num_prefix_tokens=num_prefix)
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Fit a checkpoint to `model`: unwrap, strip prefixes, resample pos_embed, fill missing λ/s with 0."""
+    state_dict = clean_state_dict(state_dict)
+    if "pos_embed" in state_dict and getattr(model, "pos_embed", None) is not None:
+        state_dict["pos_embed"] = _resample_pos_embed(state_dict["pos_embed"], model)
+    model_state = model.state_dict()
+    added = [k for k in model_state if k not in state_dict and k.endswith(ANTI_OVERSMOOTHING_PARAMS)]
+    if added:
+        _logger.warning(
+            "The checkpoint has no AttnScale/FeatScale parameters for %d keys (%s…); they start at 0, "
+            "where the model computes exactly the plain ViT/CaiT of the checkpoint.", len(added), added[0])
+        for key in added:
+            state_dict[key] = torch.zeros_like(model_state[key])
+    return state_dict
+
+
+def _describe_mismatch(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> str:
+    model_state = model.state_dict()
+    missing = [k for k in model_state if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in model_state]
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in model_state.items() if k in state_dict and state_dict[k].shape != v.shape]
+    lines = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:8]) + (" …" if len(items) > 8 else ""))
+    return "\n".join(lines)
+
+
+def load_weights(model: nn.Module, source: str | Path | Mapping[str, Any], *, filter_fn: bool = True) -> nn.Module:
+    """Load a file or a (wrapped) state_dict into `model` with strict=True, or say exactly what differs."""
+    checkpoint = read_checkpoint(source) if isinstance(source, (str, Path)) else source
+    state_dict = checkpoint_filter_fn(checkpoint, model) if filter_fn else clean_state_dict(checkpoint)
+    mismatch = _describe_mismatch(state_dict, model)
+    if mismatch:
+        name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+        raise WeightsMismatchError(
+            f"The checkpoint does not match model {name}; pick the model it was trained as (--model):\n{mismatch}")
+    model.load_state_dict(state_dict, strict=True)
+    return model
