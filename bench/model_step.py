@@ -1,0 +1,139 @@
+"""Forward+backward time and peak memory of one training step: plain ViT-S/24 vs AttnScale/FeatScale.
+
+Every configuration runs in a fresh subprocess (so peak memory is its own), the
+configurations are interleaved round by round (so machine noise hits all alike), and the
+figures are reported as ratios to plain timm ViT-S/24 measured in the same run.
+
+    python bench/model_step.py                  # CPU, batch 4, 224 and 384 px
+    python bench/model_step.py --device cuda --batch 64 --dtype bfloat16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "plain ViT-S/24 (timm)": dict(model="vit_small_patch16_224", depth=24),
+    "attnscale_small_24": dict(model="attnscale_small_24"),
+    "featscale_small_24": dict(model="featscale_small_24"),
+    "attnscale explicit (official)": dict(model="attnscale_small_24", explicit=True),
+}
+BASELINE = "plain ViT-S/24 (timm)"
+
+
+def measure(config: dict, img_size: int, batch: int, steps: int, device: str, dtype: str) -> dict:
+    """Build one model and time `steps` training steps after a warm-up; return seconds and peak bytes."""
+    import timm
+    import torch
+    import torch.nn.functional as F
+
+    import antismooth  # noqa: F401
+    from antismooth.models import set_fused_attn
+
+    torch.manual_seed(0)
+    kwargs = {k: v for k, v in config.items() if k in ("depth",)}
+    model = timm.create_model(config["model"], img_size=img_size, **kwargs).to(device).train()
+    set_fused_attn(model, not config.get("explicit", False))
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    autocast = torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype),
+                              enabled=dtype != "float32")
+
+    def step() -> None:
+        with autocast:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+    step()
+    sync()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else _max_rss_bytes()) - base
+    return {"seconds": statistics.median(times), "peak_bytes": peak}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _run_in_subprocess(name: str, args: argparse.Namespace, img_size: int) -> dict:
+    payload = json.dumps(dict(name=name, img_size=img_size, batch=args.batch, steps=args.steps,
+                              device=args.device, dtype=args.dtype))
+    out = subprocess.run([sys.executable, __file__, "--child", payload], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--img-sizes", type=int, nargs="+", default=[224, 384])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement (median)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (median across rounds)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        job = json.loads(args.child)
+        print(json.dumps(measure(CONFIGS[job["name"]], job["img_size"], job["batch"], job["steps"],
+                                 job["device"], job["dtype"])))
+        return 0
+
+    report = {}
+    for img_size in args.img_sizes:
+        runs = {name: [] for name in CONFIGS}
+        for _ in range(args.rounds):
+            for name in CONFIGS:
+                runs[name].append(_run_in_subprocess(name, args, img_size))
+        report[img_size] = {name: {"seconds": statistics.median(r["seconds"] for r in rs),
+                                   "peak_bytes": statistics.median(r["peak_bytes"] for r in rs)}
+                            for name, rs in runs.items()}
+        _print_table(img_size, report[img_size], args)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _print_table(img_size: int, rows: dict, args: argparse.Namespace) -> None:
+    base = rows[BASELINE]
+    explicit = rows["attnscale explicit (official)"]
+    print(f"\n{img_size} px, batch {args.batch}, {args.device}, {args.dtype}: one forward+backward step")
+    print(f"| model | step ms | × plain | peak MiB | × plain |")
+    print(f"|---|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['seconds'] * 1e3:.0f} | {r['seconds'] / base['seconds']:.3f} | "
+              f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / base['peak_bytes']:.3f} |")
+    fused = rows["attnscale_small_24"]
+    print(f"fused AttnScale vs explicit: {explicit['seconds'] / fused['seconds']:.2f}× faster, "
+          f"{fused['peak_bytes'] / explicit['peak_bytes']:.2f}× the peak memory")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
