@@ -1,0 +1,190 @@
+"""The streaming input pipeline: real shards, real torch.distributed processes (gloo), real loader workers.
+
+The sample shards hold one image per class, so a label names its image: the tests follow
+samples through the stream by their labels, without any hook in the pipeline.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import webdataset as wds
+
+from antismooth.data.pipeline import (AugmentConfig, StreamConfig, build_eval_stream, build_train_stream,
+                                      reduce_eval_metrics)
+
+AUG = AugmentConfig(input_size=32)           # DeiT recipe, small images: repeated augmentation on
+PLAIN = AugmentConfig(input_size=32, repeated_aug=1)
+NUM_SAMPLES = 103
+
+
+def _stream(shards, rank=0, world=1, batch=8, workers=2, mode="exact", augment=PLAIN, seed=0):
+    config = StreamConfig(batch_size=batch, num_workers=workers, mode=mode, seed=seed,
+                          shuffle_buffer=40, shuffle_initial=10)
+    return build_train_stream(shards, config, rank, world, augment)
+
+
+def _labels(loader):
+    return [int(y) for _, labels in loader for y in labels]
+
+
+# --- two real ranks ---------------------------------------------------------------------------------------
+
+def _rank_job(rank: int, world: int, shards: str, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    result = {}
+    evaluation = build_eval_stream(shards, batch_size=7, rank=rank, world_size=world, num_workers=2,
+                                   augment=PLAIN)
+    result["eval"] = _labels(evaluation.loader())
+    correct = sum(1 for y in result["eval"] if y % 2 == 0)  # a made-up classifier: right on even classes
+    result["metrics"] = reduce_eval_metrics(correct, correct, 0.5 * len(result["eval"]), len(result["eval"]))
+    for mode in ("exact", "resampled"):
+        stream = _stream(shards, rank, world, mode=mode, augment=PLAIN)
+        result[mode] = {epoch: [[int(y) for y in labels] for _, labels in stream.loader(epoch)] for epoch in (0, 1)}
+    ra = _stream(shards, rank, world, augment=AUG)
+    result["repeated"] = _labels(ra.loader(0))
+    counts = torch.tensor([len(result["exact"][0]), len(result["resampled"][0])])
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)   # would hang, not fail, if the ranks' step counts differed
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(sample_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two-ranks")
+    mp.start_processes(_rank_job, args=(2, str(sample_shards), str(out / "init"), str(out)), nprocs=2,
+                       start_method="spawn")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_eval_stream_covers_every_sample_exactly_once_across_ranks_and_workers(two_ranks):
+    seen = two_ranks[0]["eval"] + two_ranks[1]["eval"]
+    assert sorted(seen) == list(range(NUM_SAMPLES))
+    assert abs(len(two_ranks[0]["eval"]) - len(two_ranks[1]["eval"])) <= 1
+
+
+def test_eval_metrics_reduce_exactly_across_ranks(two_ranks):
+    even = len(range(0, NUM_SAMPLES, 2))
+    for result in two_ranks:  # every rank holds the global figures after the reduction
+        assert result["metrics"]["count"] == NUM_SAMPLES
+        assert result["metrics"]["top1"] == pytest.approx(100 * even / NUM_SAMPLES)
+        assert result["metrics"]["loss"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("mode", ["exact", "resampled"])
+def test_every_rank_runs_the_same_number_of_full_batches(two_ranks, mode):
+    steps = NUM_SAMPLES // (2 * 8)
+    for result in two_ranks:
+        for epoch in ("0", "1"):
+            assert len(result[mode][epoch]) == steps
+            assert all(len(batch) == 8 for batch in result[mode][epoch])
+
+
+def test_exact_epoch_sees_no_sample_twice_and_reshuffles_each_epoch(two_ranks):
+    epochs = []
+    for epoch in ("0", "1"):
+        seen = [y for result in two_ranks for batch in result["exact"][epoch] for y in batch]
+        assert len(seen) == len(set(seen)) == (NUM_SAMPLES // 16) * 16
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]
+
+
+def test_repeated_augmentation_repeats_each_image_at_most_three_times(two_ranks):
+    seen = collections.Counter(y for result in two_ranks for y in result["repeated"])
+    assert max(seen.values()) <= 3 and sum(seen.values()) == (NUM_SAMPLES // 16) * 16
+    assert sum(1 for c in seen.values() if c == 3) >= len(seen) // 2   # copies, not just distinct images
+
+
+# --- one process ------------------------------------------------------------------------------------------
+
+def test_same_seed_same_stream_other_seed_other_stream(sample_shards):
+    first = [(x, y) for x, y in _stream(sample_shards, augment=AUG).loader(0)]
+    again = [(x, y) for x, y in _stream(sample_shards, augment=AUG).loader(0)]
+    other = [(x, y) for x, y in _stream(sample_shards, augment=AUG, seed=1).loader(0)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert [y.tolist() for _, y in first] != [y.tolist() for _, y in other]
+
+
+@pytest.mark.parametrize("mode", ["exact", "resampled"])
+def test_resume_continues_with_exactly_the_same_samples_and_augmentations(sample_shards, mode):
+    stream = _stream(sample_shards, batch=4, workers=3, mode=mode, augment=AUG)
+    full = list(stream.loader(epoch=1))
+    consumed_steps = 7
+    resumed = list(stream.loader(epoch=1, samples_consumed=consumed_steps * 4))
+    assert len(resumed) == len(full) - consumed_steps
+    for (x_full, y_full), (x_res, y_res) in zip(full[consumed_steps:], resumed):
+        assert torch.equal(y_full, y_res)
+        assert torch.equal(x_full, x_res)
+
+
+def test_resume_off_a_step_boundary_is_refused(sample_shards):
+    with pytest.raises(ValueError, match="step boundary"):
+        _stream(sample_shards).loader(0, samples_consumed=3)
+
+
+def test_batches_are_deit_augmented_rgb_and_mixup_is_timms(sample_shards):
+    stream = _stream(sample_shards, augment=AUG)
+    images, labels = next(iter(stream.loader(0)))
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
+    assert stream.mixup is not None and stream.mixup.label_smoothing == 0.1
+    mixed, soft = stream.mixup(images, labels)
+    assert soft.shape == (8, NUM_SAMPLES) and torch.allclose(soft.sum(-1), torch.ones(8))
+
+
+def _write_shard(path: Path, samples: list[dict]) -> None:
+    with wds.TarWriter(str(path), encoder=False) as sink:
+        for sample in samples:
+            sink.write(sample)
+
+
+def _jpegs(sample_shards: Path, n: int) -> list[dict]:
+    source = wds.WebDataset(str(sample_shards.parent / "train-000000.tar"), shardshuffle=False)
+    return [{"__key__": s["__key__"], "jpg": s["jpg"], "cls": s["cls"]} for s in list(source)[:n]]
+
+
+class _WritesAFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickled_fields_are_never_unpickled(sample_shards, tmp_path):
+    marker = tmp_path / "pwned"
+    samples = [dict(s, pyd=pickle.dumps(_WritesAFile(str(marker))), pickle=pickle.dumps(_WritesAFile(str(marker))))
+               for s in _jpegs(sample_shards, 8)]
+    _write_shard(tmp_path / "evil-000000.tar", samples)
+    stream = build_train_stream(str(tmp_path / "evil-000000.tar"), StreamConfig(batch_size=4, num_workers=1),
+                                0, 1, PLAIN, num_samples=8, num_classes=NUM_SAMPLES)
+    assert len(_labels(stream.loader(0))) == 8
+    evaluation = build_eval_stream(str(tmp_path / "evil-000000.tar"), 4, 0, 1, num_workers=0, augment=PLAIN,
+                                   num_samples=8)
+    assert len(_labels(evaluation.loader())) == 8
+    assert not marker.exists()
+
+
+def test_corrupt_samples_and_truncated_shards_are_skipped_counted_and_training_goes_on(sample_shards, tmp_path):
+    good = _jpegs(sample_shards, 10)
+    corrupt = [dict(good[0], __key__="bad_0", jpg=good[0]["jpg"][:300]),      # a JPEG cut short
+               dict(good[1], __key__="bad_1", jpg=b"not an image at all")]
+    _write_shard(tmp_path / "d-000000.tar", good[:5] + corrupt)
+    _write_shard(tmp_path / "d-000001.tar", good[5:])
+    data = (tmp_path / "d-000001.tar").read_bytes()
+    (tmp_path / "d-000001.tar").write_bytes(data[: len(data) // 2])           # a shard cut mid-file
+    stream = build_train_stream(str(tmp_path / "d-{000000..000001}.tar"),
+                                StreamConfig(batch_size=2, num_workers=2, shuffle_buffer=4, shuffle_initial=2),
+                                0, 1, PLAIN, num_samples=12, num_classes=NUM_SAMPLES)
+    batches = list(stream.loader(0))
+    assert len(batches) == stream.steps_per_epoch == 6          # topped up from the good samples
+    assert all(len(y) == 2 for _, y in batches)
+    assert stream.corrupt_skipped >= 3
