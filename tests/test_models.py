@@ -368,3 +368,10 @@ def test_timm_conventions(tmp_path):
     loaded = timm.create_model("attnscale_tiny_12", img_size=32, num_classes=7, checkpoint_path=str(tmp_path / "w.pth"))
     assert torch.equal(loaded.blocks[0].attn.lamb, model.blocks[0].attn.lamb)
     assert math.isclose(loaded.blocks[0].norm1.eps, 1e-6)
+
+
+def test_attnscale_output_backward_passes_gradcheck():
+    attn_v = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    lamb = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(attnscale_output, (attn_v, v, lamb))

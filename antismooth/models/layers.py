@@ -53,8 +53,29 @@ def attnscale_output(attn_v: torch.Tensor, v: torch.Tensor, lamb: torch.Tensor) 
     This is what lets AttnScale run on fused SDPA kernels that never materialise A.
     attn_v and v are [B, H, N, head_dim]; lamb is [H].
     """
-    lamb = lamb.view(1, -1, 1, 1)
-    return attn_v + lamb * (attn_v - v.mean(dim=-2, keepdim=True))
+    return _AttnScaleOutput.apply(attn_v, v, lamb)
+
+
+class _AttnScaleOutput(torch.autograd.Function):
+    """attnscale_output with a hand-written backward that keeps only AV (which SDPA keeps anyway)
+    and mean(V): autograd would also keep AV − mean(V), one more activation per block."""
+
+    @staticmethod
+    def forward(ctx, attn_v: torch.Tensor, v: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
+        mean_v = v.mean(dim=-2, keepdim=True)
+        lam = lamb.view(1, -1, 1, 1).to(attn_v.dtype)
+        ctx.save_for_backward(attn_v, mean_v, lamb)
+        ctx.num_tokens = v.shape[-2]
+        return attn_v + lam * (attn_v - mean_v)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        attn_v, mean_v, lamb = ctx.saved_tensors
+        lam = lamb.view(1, -1, 1, 1).to(grad.dtype)
+        grad_attn_v = grad * (1 + lam)
+        grad_v = (-lam * grad.sum(dim=-2, keepdim=True) / ctx.num_tokens).expand_as(grad)
+        grad_lamb = (grad * (attn_v - mean_v)).sum(dim=(0, 2, 3), dtype=torch.float32).to(lamb.dtype)
+        return grad_attn_v, grad_v, grad_lamb
 
 
 class AttnScaleAttention(Attention):
