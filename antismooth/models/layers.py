@@ -74,8 +74,8 @@ class _AttnScaleOutput(torch.autograd.Function):
         lam = lamb.view(1, -1, 1, 1).to(grad.dtype)
         grad_attn_v = grad * (1 + lam)
         grad_v = (-lam * grad.sum(dim=-2, keepdim=True) / ctx.num_tokens).expand_as(grad)
-        grad_lamb = (grad * (attn_v - mean_v)).sum(dim=(0, 2, 3), dtype=torch.float32).to(lamb.dtype)
-        return grad_attn_v, grad_v, grad_lamb
+        grad_lamb = (grad * (attn_v - mean_v)).sum(dim=(0, 2, 3), dtype=torch.promote_types(grad.dtype, torch.float32))
+        return grad_attn_v, grad_v, grad_lamb.to(lamb.dtype)
 
 
 class AttnScaleAttention(Attention):
