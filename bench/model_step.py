@@ -1,6 +1,8 @@
 """Forward+backward time and peak memory of one training step: plain ViT-S/24 vs AttnScale/FeatScale.
 
-Every configuration runs in a fresh subprocess (so peak memory is its own), the
+Peak memory is the process's peak RSS (CPU) or peak allocation (CUDA) above what it held
+before the step; saved activations are the bytes autograd keeps for backward (exact, no
+allocator noise). Every configuration runs in a fresh subprocess (so peak memory is its own), the
 configurations are interleaved round by round (so machine noise hits all alike), and the
 figures are reported as ratios to plain timm ViT-S/24 measured in the same run.
 
@@ -51,6 +53,24 @@ def measure(config: dict, img_size: int, batch: int, steps: int, device: str, dt
         loss.backward()
         model.zero_grad(set_to_none=True)
 
+    def saved_activation_bytes() -> int:
+        """Bytes autograd keeps for backward in one forward, parameters excluded: exact on any device."""
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+            loss = F.cross_entropy(model(x), y)
+        activations = sum(storages.values())
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return activations
+
     def sync() -> None:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -60,7 +80,7 @@ def measure(config: dict, img_size: int, batch: int, steps: int, device: str, dt
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_bytes()
-    step()
+    activations = saved_activation_bytes()  # also the warm-up step
     sync()
     times = []
     for _ in range(steps):
@@ -69,7 +89,7 @@ def measure(config: dict, img_size: int, batch: int, steps: int, device: str, dt
         sync()
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else _max_rss_bytes()) - base
-    return {"seconds": statistics.median(times), "peak_bytes": peak}
+    return {"seconds": statistics.median(times), "peak_bytes": peak, "activation_bytes": activations}
 
 
 def _rss_bytes() -> int:
@@ -112,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             for name in CONFIGS:
                 runs[name].append(_run_in_subprocess(name, args, img_size))
-        report[img_size] = {name: {"seconds": statistics.median(r["seconds"] for r in rs),
-                                   "peak_bytes": statistics.median(r["peak_bytes"] for r in rs)}
+        report[img_size] = {name: {key: statistics.median(r[key] for r in rs)
+                                   for key in ("seconds", "peak_bytes", "activation_bytes")}
                             for name, rs in runs.items()}
         _print_table(img_size, report[img_size], args)
     if args.json:
@@ -125,14 +145,16 @@ def _print_table(img_size: int, rows: dict, args: argparse.Namespace) -> None:
     base = rows[BASELINE]
     explicit = rows["attnscale explicit (official)"]
     print(f"\n{img_size} px, batch {args.batch}, {args.device}, {args.dtype}: one forward+backward step")
-    print(f"| model | step ms | × plain | peak MiB | × plain |")
-    print(f"|---|---:|---:|---:|---:|")
+    print("| model | step ms | × plain | peak MiB | × plain | saved activations MiB | × plain |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         print(f"| {name} | {r['seconds'] * 1e3:.0f} | {r['seconds'] / base['seconds']:.3f} | "
-              f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / base['peak_bytes']:.3f} |")
+              f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / base['peak_bytes']:.3f} | "
+              f"{r['activation_bytes'] / 2**20:.0f} | {r['activation_bytes'] / base['activation_bytes']:.3f} |")
     fused = rows["attnscale_small_24"]
     print(f"fused AttnScale vs explicit: {explicit['seconds'] / fused['seconds']:.2f}× faster, "
-          f"{fused['peak_bytes'] / explicit['peak_bytes']:.2f}× the peak memory")
+          f"{fused['peak_bytes'] / explicit['peak_bytes']:.2f}× the peak memory, "
+          f"{fused['activation_bytes'] / explicit['activation_bytes']:.2f}× the saved activations")
 
 
 if __name__ == "__main__":
