@@ -6,11 +6,8 @@ samples through the stream by their labels, without any hook in the pipeline.
 from __future__ import annotations
 
 import collections
-import io
 import json
-import os
 import pickle
-import tarfile
 from pathlib import Path
 
 import pytest

@@ -320,9 +320,6 @@ class TrainStream:
         if self.steps_per_epoch < 1:
             raise ValueError(f"{self.source.num_samples} samples make no step of global batch {self.global_batch}: "
                              "lower the batch size or add data.")
-        if self.augment.repeated_aug > 1 and self.config.batch_size % self.augment.repeated_aug:
-            _logger.info("Repeated augmentation %d does not divide the batch %d; copies spread over batches.",
-                         self.augment.repeated_aug, self.config.batch_size)
         a = self.augment
         self.transform = create_transform(
             a.input_size, is_training=True, color_jitter=a.color_jitter, auto_augment=a.auto_augment,
