@@ -52,6 +52,7 @@ MAX_TOP_UP_PASSES = 10     # re-reads of a worker's ranges to replace corrupt sa
 class AugmentConfig:
     """The DeiT recipe's augmentation, every knob with DeiT's default (Touvron et al. 2021)."""
     input_size: int = 224
+    no_aug: bool = False            # timm's --no-aug: resize and centre crop only (debugging, tiny data)
     color_jitter: float = 0.4
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
     interpolation: str = "bicubic"
@@ -322,7 +323,7 @@ class TrainStream:
                              "lower the batch size or add data.")
         a = self.augment
         self.transform = create_transform(
-            a.input_size, is_training=True, color_jitter=a.color_jitter, auto_augment=a.auto_augment,
+            a.input_size, is_training=True, no_aug=a.no_aug, color_jitter=a.color_jitter, auto_augment=a.auto_augment,
             interpolation=a.interpolation, re_prob=a.reprob, re_mode=a.remode, re_count=a.recount,
             mean=a.mean, std=a.std)
         self.mixup = self._build_mixup()

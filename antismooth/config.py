@@ -1,0 +1,213 @@
+"""One run's settings: the pretrain.py flags as a dataclass, the DeepSpeed JSON beside it, and
+what is derived from both (global batch, steps, peak learning rate), validated once at start.
+
+Engine settings (micro batch, accumulation, ZeRO stage, precision, clipping, activation
+checkpointing, optimizer type and its betas/eps/weight decay) live only in the DeepSpeed JSON;
+model, data, augmentation, schedule and output settings only here. Where the two could
+disagree (a learning rate or scheduler in the JSON), start-up stops with one clear sentence.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = ["TrainConfig", "DeepSpeedSettings", "Derived", "ConfigError", "derive"]
+
+# DeiT's learning-rate rule: the base lr is for a global batch of 512 (Touvron et al. 2021, Sec. 6).
+LR_REFERENCE_BATCH = 512
+# DeepSpeed's own activation-checkpointing features that need DeepSpeed's checkpoint function;
+# antismooth checkpoints whole transformer blocks with torch.utils.checkpoint instead.
+UNSUPPORTED_ACTIVATION_KEYS = ("partition_activations", "cpu_checkpointing", "contiguous_memory_optimization")
+
+
+class ConfigError(ValueError):
+    """A setting a user got wrong; the message names it and the fix."""
+
+
+@dataclass
+class TrainConfig:
+    """pretrain.py's flags; defaults follow the DeiT recipe the paper trains with."""
+    model: str = "attnscale_small_24"
+    data: str = "shards/imagenet"
+    output: str = "runs/default"
+    deepspeed_config: str = ""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)   # extra timm.create_model arguments
+    input_size: Optional[int] = None          # None: the model's own default resolution
+    drop: float = 0.0
+    drop_path: float = 0.1
+    epochs: int = 300
+    lr: float = 5e-4                          # for a global batch of 512, scaled linearly
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_epochs: float = 5.0
+    # augmentation (timm / DeiT names)
+    no_aug: bool = False
+    color_jitter: float = 0.4
+    aa: Optional[str] = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+    repeated_aug: int = 3
+    # data stream
+    stream_mode: str = "exact"
+    workers: int = 8
+    seed: int = 0
+    # checkpoints, evaluation, logging
+    save_every: int = 1000
+    keep: int = 3
+    eval_every_epoch: bool = True
+    log_every: int = 10
+    spectral_every: int = 0
+    finetune: Optional[str] = None
+    eval_only: bool = False
+    throughput: bool = False
+    max_steps: Optional[int] = None           # stop early (smoke runs, tests); the schedule still spans epochs
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}."),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}."),
+            (self.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}."),
+            (self.workers >= 0, f"--workers must be 0 or more, got {self.workers}."),
+            (self.save_every >= 1, f"--save-every must be at least 1 step, got {self.save_every}."),
+            (self.keep >= 1, f"--keep must keep at least 1 checkpoint, got {self.keep}."),
+            (self.repeated_aug >= 1, f"--repeated-aug must be 1 (off) or more, got {self.repeated_aug}."),
+            (self.stream_mode in ("exact", "resampled"),
+             f"--stream-mode must be 'exact' or 'resampled', got {self.stream_mode!r}."),
+            (not self.eval_only or self.finetune, "--eval-only evaluates given weights: add --finetune PATH."),
+            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    """The parts of the DeepSpeed JSON that antismooth reads; the JSON itself goes to DeepSpeed untouched."""
+    raw: dict[str, Any]
+    micro_batch: int
+    grad_accum: int
+    zero_stage: int
+    dtype: str                   # "float32", "bfloat16" or "float16"
+    weight_decay: float
+    blocks_per_checkpoint: int   # 0: activation checkpointing off
+
+    @classmethod
+    def load(cls, path: str | Path, world_size: int) -> "DeepSpeedSettings":
+        path = Path(path)
+        if not str(path):
+            raise ConfigError("No DeepSpeed config: pass --deepspeed_config ds_configs/zero2.json (or another "
+                              "file of ds_configs/).")
+        if not path.is_file():
+            raise ConfigError(f"DeepSpeed config {path} does not exist: pass one of ds_configs/*.json.")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"DeepSpeed config {path} is not valid JSON ({err}): fix the file.") from err
+        return cls.from_dict(raw, world_size, str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], world_size: int, name: str = "the DeepSpeed config") -> "DeepSpeedSettings":
+        optimizer = raw.get("optimizer") or {}
+        params = optimizer.get("params") or {}
+        if "lr" in params:
+            raise ConfigError(f"{name} sets optimizer.params.lr, but the learning rate comes from --lr (scaled by "
+                              "global batch / 512): remove lr from the JSON.")
+        if "scheduler" in raw:
+            raise ConfigError(f"{name} has a scheduler section, but pretrain.py schedules the learning rate "
+                              "(--warmup-epochs, --min-lr): remove the scheduler section.")
+        if not optimizer:
+            raise ConfigError(f"{name} has no optimizer section: add one, e.g. "
+                              '{"type": "AdamW", "params": {"betas": [0.9, 0.999], "weight_decay": 0.05}}.')
+        micro, accum = cls._batch(raw, world_size, name)
+        activation = raw.get("activation_checkpointing")
+        blocks = 0
+        if activation is not None:
+            bad = [k for k in UNSUPPORTED_ACTIVATION_KEYS if activation.get(k)]
+            if bad:
+                raise ConfigError(f"{name} turns on DeepSpeed's {', '.join(bad)}, which antismooth does not use "
+                                  "(it checkpoints whole blocks with torch.utils.checkpoint): set them to false.")
+            blocks = int(activation.get("blocks_per_checkpoint", 1))
+            if blocks < 0:
+                raise ConfigError(f"{name}: activation_checkpointing.blocks_per_checkpoint must be 0 (off) or more.")
+        dtype = ("bfloat16" if (raw.get("bf16") or {}).get("enabled")
+                 else "float16" if (raw.get("fp16") or {}).get("enabled") else "float32")
+        return cls(raw=raw, micro_batch=micro, grad_accum=accum,
+                   zero_stage=int((raw.get("zero_optimization") or {}).get("stage", 0)),
+                   dtype=dtype, weight_decay=float(params.get("weight_decay", 0.0)), blocks_per_checkpoint=blocks)
+
+    @staticmethod
+    def _batch(raw: dict[str, Any], world_size: int, name: str) -> tuple[int, int]:
+        """micro batch and accumulation from any two of DeepSpeed's three batch keys, checked as DeepSpeed would."""
+        train = raw.get("train_batch_size")
+        micro = raw.get("train_micro_batch_size_per_gpu")
+        accum = raw.get("gradient_accumulation_steps")
+        if micro is None and train is None:
+            raise ConfigError(f"{name} sets no batch size: add train_micro_batch_size_per_gpu (per GPU) or "
+                              "train_batch_size (global).")
+        if micro is None:
+            accum = accum or 1
+            if train % (accum * world_size):
+                raise ConfigError(f"train_batch_size {train} in {name} does not divide into {world_size} processes × "
+                                  f"{accum} accumulation steps: make it a multiple of {accum * world_size}.")
+            micro = train // (accum * world_size)
+        elif accum is None:
+            accum = 1 if train is None else train // (micro * world_size)
+        if train is not None and train != micro * accum * world_size:
+            raise ConfigError(f"train_batch_size {train} in {name} is not train_micro_batch_size_per_gpu {micro} × "
+                              f"gradient_accumulation_steps {accum} × {world_size} processes = "
+                              f"{micro * accum * world_size}: fix one of them (or drop train_batch_size).")
+        if micro < 1 or accum < 1:
+            raise ConfigError(f"{name}: the batch size per process and the accumulation steps must be at least 1.")
+        return int(micro), int(accum)
+
+    def for_deepspeed(self) -> dict[str, Any]:
+        """The JSON for deepspeed.initialize: the user's, less antismooth's own activation-checkpointing key."""
+        raw = json.loads(json.dumps(self.raw))
+        if "activation_checkpointing" in raw:
+            raw["activation_checkpointing"].pop("blocks_per_checkpoint", None)
+        raw["train_micro_batch_size_per_gpu"] = self.micro_batch
+        raw["gradient_accumulation_steps"] = self.grad_accum
+        raw.pop("train_batch_size", None)
+        return raw
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Numbers computed once from the flags, the JSON, the world size and the data; logged and stored."""
+    world_size: int
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+    num_samples: int
+    steps_per_epoch: int        # optimizer steps
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def derive(config: TrainConfig, ds: DeepSpeedSettings, world_size: int, num_samples: int) -> Derived:
+    """Global batch, optimizer steps per epoch (the last partial batch dropped), warmup and DeiT's scaled lr."""
+    global_batch = ds.micro_batch * ds.grad_accum * world_size
+    steps_per_epoch = num_samples // global_batch
+    if steps_per_epoch < 1:
+        raise ConfigError(f"The training split has {num_samples} samples, fewer than one global batch of "
+                          f"{global_batch} ({ds.micro_batch} per process × {ds.grad_accum} accumulation × "
+                          f"{world_size} processes): lower the batch size in the DeepSpeed config.")
+    return Derived(world_size=world_size, micro_batch=ds.micro_batch, grad_accum=ds.grad_accum,
+                   global_batch=global_batch, num_samples=num_samples, steps_per_epoch=steps_per_epoch,
+                   total_steps=steps_per_epoch * config.epochs,
+                   warmup_steps=math.ceil(config.warmup_epochs * steps_per_epoch),
+                   peak_lr=config.lr * global_batch / LR_REFERENCE_BATCH)

@@ -1,0 +1,147 @@
+"""DeepSpeed glue: parameter groups, the learning-rate schedule, activation checkpointing as a
+policy applied to a built model, the trainer state, and the run folder's checkpoints.
+
+Nothing here parses flags or prints; pretrain.py wires these pieces together.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+from timm.models import checkpoint_seq
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+
+from .config import Derived, TrainConfig
+
+__all__ = ["param_groups", "build_scheduler", "apply_activation_checkpointing", "CheckpointedBlocks",
+           "TrainState", "RunFolder", "checkpoint_tag"]
+
+_logger = logging.getLogger(__name__)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """timm's split: no weight decay for 1-D parameters (norms, biases, AttnScale λ, FeatScale s_d/s_h)
+    and for the model's `no_weight_decay()` names (position embedding, class token)."""
+    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, derived: Derived) -> CosineLRScheduler:
+    """DeiT's schedule per optimizer step: linear warmup from warmup_lr, then cosine to min_lr.
+
+    The peak lr is written into the groups first; the scheduler is stateless given the step
+    (`step_update(global_step)`), so a resumed run needs only the step count.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = derived.peak_lr
+        group.pop("initial_lr", None)
+    scheduler = CosineLRScheduler(optimizer, t_initial=derived.total_steps, lr_min=config.min_lr,
+                                  warmup_t=derived.warmup_steps, warmup_lr_init=config.warmup_lr, t_in_epochs=False)
+    scheduler.step_update(0)
+    return scheduler
+
+
+class CheckpointedBlocks(nn.Sequential):
+    """The model's transformer blocks, recomputed in backward in segments of `every` blocks.
+
+    Same children under the same names as the nn.Sequential it replaces, so state_dict keys are
+    unchanged (`blocks.3.attn.qkv.weight`) and checkpoints and exports stay plain. Only a segment's
+    input is kept per segment; non-reentrant checkpointing restores the RNG state (drop path) on
+    recompute, and works with ZeRO-3's gathered parameters.
+    """
+
+    def __init__(self, blocks: nn.Sequential, every: int) -> None:
+        super().__init__(*blocks)
+        self.every = every
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        return checkpoint_seq(self, x, every=self.every, use_reentrant=False)
+
+
+def apply_activation_checkpointing(model: nn.Module, blocks_per_checkpoint: int) -> nn.Module:
+    """Checkpoint `model.blocks` (ViT blocks, CaiT's self-attention stage) every `blocks_per_checkpoint` blocks."""
+    if blocks_per_checkpoint <= 0:
+        return model
+    if not isinstance(getattr(model, "blocks", None), nn.Sequential):
+        raise ValueError(f"{type(model).__name__} has no `blocks` sequence to checkpoint: turn "
+                         "activation_checkpointing off in the DeepSpeed config.")
+    model.blocks = CheckpointedBlocks(model.blocks, blocks_per_checkpoint)
+    return model
+
+
+@dataclass
+class TrainState:
+    """Where training stands, saved as DeepSpeed's client_state so a restart continues sample-exactly."""
+    epoch: int = 0
+    samples_in_epoch: int = 0        # global samples of this epoch consumed (a multiple of the global batch)
+    global_step: int = 0             # optimizer steps
+    samples_seen: int = 0
+    corrupt_skipped: int = 0
+    world_size: int = 1              # the stream is sample-exact on resume only at the same world size
+    workers: int = 0                 # ... and loader worker count
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            if hasattr(self, key):
+                setattr(self, key, value)
+
+
+def checkpoint_tag(global_step: int) -> str:
+    return f"step{global_step:08d}"
+
+
+class RunFolder:
+    """The `--output` folder: checkpoints/ (DeepSpeed), tensorboard/, run.json, log.txt.
+
+    The newest complete checkpoint is the one DeepSpeed's `latest` file names: DeepSpeed writes
+    it only after every rank's files, so a checkpoint cut short by a crash is never resumed from.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.checkpoints = self.root / "checkpoints"
+        self.tensorboard = self.root / "tensorboard"
+        self.run_json = self.root / "run.json"
+        self.log_file = self.root / "log.txt"
+
+    def latest_tag(self) -> Optional[str]:
+        """The tag of the newest complete checkpoint, or None when there is none."""
+        latest = self.checkpoints / "latest"
+        if not latest.is_file():
+            return None
+        tag = latest.read_text().strip()
+        if not tag or not (self.checkpoints / tag).is_dir():
+            _logger.warning("%s names no checkpoint folder (%r): starting from scratch.", latest, tag)
+            return None
+        return tag
+
+    def write_run_json(self, content: dict[str, Any]) -> None:
+        """The resolved configuration, rewritten atomically at each start (a resume may change the world size)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_json.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(content, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, self.run_json)
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete all but the newest `keep` complete checkpoints, and any incomplete one older than `latest`."""
+        latest = self.latest_tag()
+        if latest is None:
+            return []
+        tags = sorted(p.name for p in self.checkpoints.iterdir() if p.is_dir() and p.name <= latest)
+        doomed = tags[:-keep]
+        for tag in doomed:
+            shutil.rmtree(self.checkpoints / tag, ignore_errors=True)
+        return doomed

@@ -1,0 +1,572 @@
+"""Train an AttnScale/FeatScale ViT or CaiT on WebDataset shards with a DeepSpeed ZeRO engine.
+
+    deepspeed pretrain.py --deepspeed_config ds_configs/zero2.json \\
+        --model attnscale_small_24 --data shards/imagenet --output runs/as24
+
+Also runs under `torchrun` and as plain `python pretrain.py ...` (one process). Starting the
+same command again resumes from the newest complete checkpoint in --output, sample-exactly.
+Engine settings live in the DeepSpeed JSON; everything else is a flag (DeiT's defaults).
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import itertools
+import json
+import logging
+import os
+import random
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ParseKwargs
+
+import antismooth  # noqa: F401  (registers the model zoo with timm)
+from antismooth.config import ConfigError, DeepSpeedSettings, Derived, TrainConfig, derive
+from antismooth.data.pipeline import (AugmentConfig, StreamConfig, build_eval_stream, build_train_stream,
+                                      reduce_eval_metrics, seed_for)
+from antismooth.data.shards import load_manifest
+from antismooth.engine import (RunFolder, TrainState, apply_activation_checkpointing, build_scheduler,
+                               checkpoint_tag, param_groups)
+from antismooth.models import WeightsMismatchError, load_weights
+
+log = logging.getLogger("pretrain")
+
+THROUGHPUT_WARMUP_STEPS = 3
+THROUGHPUT_STEPS = 10
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", required=True,
+                   help="DeepSpeed JSON (ds_configs/): batch, ZeRO stage, precision, optimizer, checkpointing")
+    p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # DeepSpeed's own flag, implied
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=d.model, help="a registered name, e.g. attnscale_small_24, featscale_cait_S24_224")
+    g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
+                   help="extra timm.create_model arguments, e.g. patch_size=4 embed_dim=64 num_heads=4")
+    g.add_argument("--input-size", type=int, default=None, help="image size (default: the model's)")
+    g.add_argument("--drop", type=float, default=d.drop, help="dropout rate")
+    g.add_argument("--drop-path", type=float, default=d.drop_path, help="stochastic depth rate")
+    g.add_argument("--finetune", default=None, help="start from plain weights (.pth/.safetensors)")
+    g = p.add_argument_group("schedule")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--lr", type=float, default=d.lr, help="base lr for a global batch of 512, scaled linearly")
+    g.add_argument("--min-lr", type=float, default=d.min_lr)
+    g.add_argument("--warmup-lr", type=float, default=d.warmup_lr)
+    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    g = p.add_argument_group("data and augmentation")
+    g.add_argument("--data", default=d.data, help="folder with train.json (and val.json) from tools/build_shards.py")
+    g.add_argument("--workers", type=int, default=d.workers, help="loader workers per process")
+    g.add_argument("--stream-mode", default=d.stream_mode, choices=["exact", "resampled"])
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--no-aug", action="store_true", help="resize and centre crop only, as timm's --no-aug")
+    g.add_argument("--color-jitter", type=float, default=d.color_jitter)
+    g.add_argument("--aa", default=d.aa, help="RandAugment policy, 'none' for off")
+    g.add_argument("--reprob", type=float, default=d.reprob)
+    g.add_argument("--mixup", type=float, default=d.mixup)
+    g.add_argument("--cutmix", type=float, default=d.cutmix)
+    g.add_argument("--smoothing", type=float, default=d.smoothing)
+    g.add_argument("--repeated-aug", type=int, default=d.repeated_aug, help="copies per image (1: off)")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", default=d.output, help="run folder: checkpoints, TensorBoard, run.json, log.txt")
+    g.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (and each epoch)")
+    g.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep")
+    g.add_argument("--log-every", type=int, default=d.log_every)
+    g.add_argument("--spectral-every", type=int, default=d.spectral_every,
+                   help="log spectral diagnostics every N steps (0: off)")
+    g.add_argument("--no-eval", dest="eval_every_epoch", action="store_false", help="skip the per-epoch evaluation")
+    g.add_argument("--eval-only", action="store_true", help="evaluate --finetune weights on val and exit")
+    g.add_argument("--throughput", action="store_true", help="measure training images/s and exit")
+    return p
+
+
+def parse_config(argv: Optional[list[str]]) -> TrainConfig:
+    args = vars(build_parser().parse_args(argv))
+    args.pop("deepspeed"), args.pop("local_rank")
+    if args["aa"] in ("none", "None", ""):
+        args["aa"] = None
+    return TrainConfig(**args)
+
+
+# --- start-up ------------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def init_distributed() -> Dist:
+    """Join the process group that the launcher (deepspeed, torchrun) describes, or make one of one process."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python pretrain.py`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+        if "OMP_NUM_THREADS" not in os.environ:  # ranks on one CPU share its cores instead of fighting over them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def check_model_name(name: str) -> None:
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else " See the model zoo in the README."
+        raise ConfigError(f"Unknown model {name!r}.{hint}")
+
+
+def find_manifest(data: str, split: str, required: bool) -> Optional[Path]:
+    path = Path(data) / f"{split}.json"
+    if path.is_file():
+        return path
+    if required:
+        if not Path(data).is_dir():
+            raise ConfigError(f"--data {data} does not exist: build shards first with "
+                              f"`python tools/build_shards.py --src IMAGEFOLDER --out {data}`.")
+        raise ConfigError(f"--data {data} has no {split}.json manifest: point --data at the --out folder of "
+                          "tools/build_shards.py.")
+    return None
+
+
+def setup_logging(run: RunFolder, rank: int) -> None:
+    """Rank 0 logs to the console and to log.txt; other ranks only warnings."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_antismooth", False):
+            root.removeHandler(handler)
+            handler.close()
+    if rank != 0:
+        root.setLevel(logging.WARNING)
+        return
+    run.root.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run.log_file)):
+        handler.setFormatter(fmt)
+        handler._antismooth = True
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+# --- model ---------------------------------------------------------------------------------------------
+
+def model_args(config: TrainConfig, num_classes: int) -> dict[str, Any]:
+    """The timm.create_model arguments that define the architecture (what an export needs to rebuild it)."""
+    args = dict(config.model_kwargs, num_classes=num_classes)
+    if config.input_size:
+        args["img_size"] = config.input_size
+    return args
+
+
+def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
+    return timm.create_model(config.model, drop_rate=config.drop, drop_path_rate=config.drop_path,
+                             **model_args(config, num_classes))
+
+
+def model_meta(config: TrainConfig, model: nn.Module, classes: list[str], augment: AugmentConfig) -> dict[str, Any]:
+    """What travels with every checkpoint and export: enough to rebuild the model and its eval transform."""
+    img_size = model.patch_embed.img_size
+    kwargs = dict(model_args(config, len(classes)), img_size=img_size[0])
+    return {"model": config.model, "model_kwargs": kwargs, "classes": classes,
+            "data_config": {"input_size": [3, *img_size], "mean": list(augment.mean), "std": list(augment.std),
+                            "crop_pct": augment.eval_crop_pct, "interpolation": augment.interpolation}}
+
+
+def augment_config(config: TrainConfig, input_size: int) -> AugmentConfig:
+    return AugmentConfig(input_size=input_size, no_aug=config.no_aug, color_jitter=config.color_jitter,
+                         auto_augment=config.aa, reprob=config.reprob, mixup=config.mixup, cutmix=config.cutmix,
+                         smoothing=config.smoothing, repeated_aug=config.repeated_aug)
+
+
+def criterion_for(augment: AugmentConfig, mixup_on: bool) -> nn.Module:
+    """DeiT's choice: soft-target CE under Mixup/CutMix, else label smoothing, else plain CE."""
+    if mixup_on:
+        return SoftTargetCrossEntropy()
+    if augment.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=augment.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def seed_step(seed: int, step: int, micro: int, rank: int) -> None:
+    """Seed drop path, dropout and Mixup per micro-step, so a resumed run draws exactly what it would have."""
+    s = seed_for("train-step", seed, step, micro, rank)
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        return run(parse_config(argv))
+    except (ConfigError, WeightsMismatchError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(config: TrainConfig) -> int:
+    # Everything a user can get wrong is checked here, before processes talk or models are built.
+    world_size = world_size_from_env()
+    ds = DeepSpeedSettings.load(config.deepspeed_config, world_size)
+    check_model_name(config.model)
+    train_manifest = find_manifest(config.data, "train", required=not config.eval_only)
+    val_manifest = find_manifest(config.data, "val", required=config.eval_only)
+    manifest = load_manifest(train_manifest or val_manifest)
+    classes = [c["wnid"] for c in manifest["classes"]]
+    derived = derive(config, ds, world_size, manifest["num_samples"]) if train_manifest else None
+    if config.finetune and not Path(config.finetune).is_file():
+        raise ConfigError(f"--finetune {config.finetune} does not exist: give the path of a .pth or .safetensors file.")
+
+    env = init_distributed()
+    run_folder = RunFolder(config.output)
+    setup_logging(run_folder, env.rank)
+    model = build_model(config, len(classes))
+    augment = augment_config(config, model.patch_embed.img_size[0])
+    meta = model_meta(config, model, classes, augment)
+
+    if config.eval_only:
+        load_weights(model, config.finetune)
+        metrics = evaluate(model.to(env.device), val_manifest, ds.micro_batch, env, augment, config.workers, None)
+        if env.rank == 0:
+            print(f"eval {config.finetune}: top-1 {metrics['top1']:.2f} %  top-5 {metrics['top5']:.2f} %  "
+                  f"loss {metrics['loss']:.4f}  ({metrics['count']} images)")
+        return 0
+
+    resume_tag = run_folder.latest_tag()
+    if config.finetune and resume_tag is None:
+        load_finetune_weights(model, config.finetune)
+    apply_activation_checkpointing(model, ds.blocks_per_checkpoint)
+
+    import deepspeed
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, ds.weight_decay),
+                                           config=ds.for_deepspeed())
+    scheduler = build_scheduler(engine.optimizer, config, derived)
+    dtype = getattr(torch, ds.dtype)
+    state = TrainState(world_size=env.world_size, workers=config.workers)
+    if resume_tag is not None:
+        resume(engine, run_folder, resume_tag, state, env, config)
+
+    if env.rank == 0:
+        log_start(config, ds, derived, meta, run_folder, model, resume_tag)
+
+    if config.throughput:
+        measure_throughput(engine, env, ds, dtype, model.patch_embed.img_size, len(classes))
+        return 0
+
+    stream = build_train_stream(str(train_manifest),
+                                StreamConfig(batch_size=ds.micro_batch, mode=config.stream_mode, seed=config.seed,
+                                             num_workers=config.workers),
+                                env.rank, env.world_size, augment)
+    trainer = Trainer(config, ds, derived, env, engine, scheduler, stream, state, run_folder, meta, dtype,
+                      val_manifest, augment)
+    trainer.train()
+    return 0
+
+
+def load_finetune_weights(model: nn.Module, path: str) -> None:
+    """Plain weights for fine-tuning: a head of another class count is dropped (the model keeps its new
+    head), the position embedding is resampled, missing AttnScale/FeatScale parameters start at 0."""
+    from antismooth.models import clean_state_dict, read_checkpoint
+
+    state_dict = clean_state_dict(read_checkpoint(path))
+    own = model.state_dict()
+    for key in [k for k in state_dict if k.startswith(("head.", "head_dist.")) and k in own]:
+        if state_dict[key].shape != own[key].shape:
+            log.info("Fine-tuning: dropping %s %s, the model has %s classes.", key, tuple(state_dict[key].shape),
+                     model.num_classes)
+            state_dict[key] = own[key]
+    load_weights(model, state_dict)
+    log.info("Fine-tuning from %s.", path)
+
+
+def resume(engine, run_folder: RunFolder, tag: str, state: TrainState, env: Dist, config: TrainConfig) -> None:
+    load_path, client_state = engine.load_checkpoint(str(run_folder.checkpoints), tag)
+    if load_path is None:
+        raise ConfigError(f"Checkpoint {run_folder.checkpoints / tag} could not be loaded: move it away to "
+                          "start from the previous one, or start a new --output.")
+    state.load_state_dict(client_state["antismooth"])
+    if (state.world_size, state.workers) != (env.world_size, config.workers):
+        log.warning("Resuming with %d processes × %d loader workers instead of %d × %d: the data order from here "
+                    "on differs from an uninterrupted run.", env.world_size, config.workers, state.world_size,
+                    state.workers)
+    state.world_size, state.workers = env.world_size, config.workers
+    log.info("Resumed from %s: epoch %d, step %d, %d samples into the epoch.", tag, state.epoch, state.global_step,
+             state.samples_in_epoch)
+
+
+def log_start(config: TrainConfig, ds: DeepSpeedSettings, derived: Derived, meta: dict, run_folder: RunFolder,
+              model: nn.Module, resume_tag: Optional[str]) -> None:
+    params = sum(p.numel() for p in model.parameters())
+    log.info("%s: %.1fM parameters, %d blocks, %s, ZeRO-%d, activation checkpointing %s", config.model, params / 1e6,
+             len(model.blocks), ds.dtype, ds.zero_stage,
+             f"every {ds.blocks_per_checkpoint} block(s)" if ds.blocks_per_checkpoint else "off")
+    log.info("global batch %d = %d per process × %d accumulation × %d processes; %d steps/epoch, %d steps, "
+             "warmup %d, peak lr %.3g", derived.global_batch, derived.micro_batch, derived.grad_accum,
+             derived.world_size, derived.steps_per_epoch, derived.total_steps, derived.warmup_steps, derived.peak_lr)
+    run_folder.write_run_json({"flags": config.to_dict(), "deepspeed": ds.raw, "derived": derived.to_dict(),
+                               "model": meta, "resumed_from": resume_tag})
+
+
+def evaluate(model_or_engine, manifest: Path, batch_size: int, env: Dist, augment: AugmentConfig, workers: int,
+             dtype: Optional[torch.dtype]) -> dict[str, float]:
+    """Top-1/top-5/loss over the validation shards, every sample exactly once across ranks."""
+    stream = build_eval_stream(str(manifest), batch_size, env.rank, env.world_size, num_workers=workers,
+                               augment=augment)
+    was_training = model_or_engine.training
+    model_or_engine.eval()
+    correct1 = correct5 = loss_sum = 0.0
+    count = 0
+    with torch.no_grad():
+        for images, targets in stream.loader():
+            images, targets = images.to(env.device, dtype), targets.to(env.device)
+            logits = model_or_engine(images).float()
+            loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            correct1 += (top5[:, 0] == targets).sum().item()
+            correct5 += (top5 == targets[:, None]).any(dim=-1).sum().item()
+            count += targets.numel()
+    model_or_engine.train(was_training)
+    return reduce_eval_metrics(correct1, correct5, loss_sum, count)
+
+
+def measure_throughput(engine, env: Dist, ds: DeepSpeedSettings, dtype: torch.dtype, img_size, num_classes: int) -> None:
+    """Images/s of full training steps (forward, backward, optimizer) on random data: the model, not the loader."""
+    images = torch.randn(ds.micro_batch, 3, *img_size, device=env.device, dtype=dtype)
+    targets = torch.randint(0, num_classes, (ds.micro_batch,), device=env.device)
+    criterion = nn.CrossEntropyLoss()
+    steps = (THROUGHPUT_WARMUP_STEPS + THROUGHPUT_STEPS) * ds.grad_accum
+    for i in range(steps):
+        if i == THROUGHPUT_WARMUP_STEPS * ds.grad_accum:
+            _sync(env)
+            start = time.perf_counter()
+        engine.backward(criterion(engine(images).float(), targets))
+        engine.step()
+    _sync(env)
+    elapsed = time.perf_counter() - start
+    per_rank = THROUGHPUT_STEPS * ds.grad_accum * ds.micro_batch / elapsed
+    if env.rank == 0:
+        print(f"throughput: {per_rank * env.world_size:.1f} img/s ({per_rank:.1f} per process, "
+              f"{elapsed / THROUGHPUT_STEPS * 1000:.0f} ms per step of {ds.micro_batch * ds.grad_accum * env.world_size})")
+
+
+def _sync(env: Dist) -> None:
+    if env.device.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+
+
+class Trainer:
+    """The training loop: steps, logging, checkpoints, evaluation. State lives in `state` (saved) alone."""
+
+    def __init__(self, config, ds, derived, env, engine, scheduler, stream, state, run_folder, meta, dtype,
+                 val_manifest, augment) -> None:
+        self.config, self.ds, self.derived, self.env = config, ds, derived, env
+        self.engine, self.scheduler, self.stream, self.state = engine, scheduler, stream, state
+        self.run_folder, self.meta, self.dtype = run_folder, meta, dtype
+        self.val_manifest, self.augment = val_manifest, augment
+        self.criterion = criterion_for(augment, stream.mixup is not None)
+        self.writer = self._writer() if env.rank == 0 else None
+        self.last_saved_step = state.global_step if state.global_step else -1
+
+    def _writer(self):
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(str(self.run_folder.tensorboard))
+
+    @property
+    def micro_per_step(self) -> int:
+        return self.ds.grad_accum
+
+    def stop_step(self) -> int:
+        total = self.derived.total_steps
+        return min(total, self.config.max_steps) if self.config.max_steps else total
+
+    def train(self) -> None:
+        state, derived = self.state, self.derived
+        self.engine.train()
+        self.timer = StepTimer(self.stop_step() - state.global_step)
+        while state.epoch < self.config.epochs and state.global_step < self.stop_step():
+            self.train_epoch()
+            if not self.epoch_complete():
+                break  # stopped mid-epoch by --max-steps
+            state.epoch += 1
+            state.samples_in_epoch = 0
+            self.save()
+            if self.config.eval_every_epoch and self.val_manifest is not None:
+                self.evaluate()
+        if self.last_saved_step != state.global_step:
+            self.save()
+        if self.writer:
+            self.writer.close()
+        log.info("done: step %d, epoch %d, %d samples seen", state.global_step, state.epoch, state.samples_seen)
+
+    def train_epoch(self) -> None:
+        state, derived, engine = self.state, self.derived, self.engine
+        per_micro = derived.micro_batch * derived.world_size
+        steps_left = derived.steps_per_epoch - state.samples_in_epoch // derived.global_batch
+        batches = self.stream.loader(state.epoch, samples_consumed=state.samples_in_epoch)
+        losses = []
+        for i, (images, targets) in enumerate(itertools.islice(batches, steps_left * self.micro_per_step)):
+            micro = i % self.micro_per_step
+            seed_step(self.config.seed, state.global_step, micro, self.env.rank)
+            images, targets = images.to(self.env.device), targets.to(self.env.device)
+            if self.stream.mixup is not None:
+                images, targets = self.stream.mixup(images, targets)
+            loss = self.criterion(engine(images.to(self.dtype)).float(), targets)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach())
+            if micro + 1 < self.micro_per_step:
+                continue
+            state.global_step += 1
+            state.samples_in_epoch += per_micro * self.micro_per_step
+            state.samples_seen += derived.global_batch
+            state.corrupt_skipped = self.stream.corrupt_skipped
+            self.scheduler.step_update(state.global_step)
+            self.after_step(torch.stack(losses).mean())
+            losses = []
+            if state.global_step >= self.stop_step():
+                return
+            if state.global_step % self.config.save_every == 0 and not self.epoch_complete():
+                self.save()
+
+    def epoch_complete(self) -> bool:
+        return self.state.samples_in_epoch // self.derived.global_batch >= self.derived.steps_per_epoch
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        state = self.state
+        self.timer.tick()
+        if state.global_step % self.config.log_every and state.global_step != self.stop_step():
+            return
+        loss_value = _mean_over_ranks(loss)          # collective: every rank takes part
+        technique = technique_param_stats(self.engine.module, self.ds.zero_stage)
+        if self.env.rank != 0:
+            return
+        lr = self.engine.optimizer.param_groups[0]["lr"]
+        img_s = self.timer.rate(self.derived.global_batch)
+        grad_norm = self.engine.get_global_grad_norm()
+        log.info("step %d/%d | epoch %d | loss %.4f | lr %.3g | %.1f img/s | ETA %s", state.global_step,
+                 self.stop_step(), state.epoch, loss_value, lr, img_s, self.timer.eta())
+        scalars = {"train/loss": loss_value, "train/lr": lr, "train/img_per_s": img_s,
+                   "train/img_per_s_per_gpu": img_s / self.env.world_size, "train/samples_seen": state.samples_seen,
+                   "train/epoch": state.epoch + state.samples_in_epoch / max(1, self.derived.num_samples),
+                   "train/corrupt_skipped": state.corrupt_skipped, **technique}
+        if grad_norm is not None:
+            scalars["train/grad_norm"] = float(grad_norm)
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, state.global_step)
+
+    def save(self) -> None:
+        """A checkpoint on every rank (DeepSpeed needs all of them), the model meta beside it, old ones pruned."""
+        tag = checkpoint_tag(self.state.global_step)
+        if self.env.rank == 0:
+            tag_dir = self.run_folder.checkpoints / tag
+            tag_dir.mkdir(parents=True, exist_ok=True)
+            write_json(tag_dir / "antismooth.json", dict(self.meta, step=self.state.global_step, epoch=self.state.epoch))
+        self.engine.save_checkpoint(str(self.run_folder.checkpoints), tag=tag,
+                                    client_state={"antismooth": self.state.state_dict()})
+        self.last_saved_step = self.state.global_step
+        if self.env.rank == 0:
+            removed = self.run_folder.prune(self.config.keep)
+            log.info("saved checkpoint %s%s", tag, f" (removed {', '.join(removed)})" if removed else "")
+
+    def evaluate(self) -> None:
+        metrics = evaluate(self.engine, self.val_manifest, self.derived.micro_batch, self.env, self.augment,
+                           self.config.workers, self.dtype)
+        if self.env.rank == 0:
+            log.info("eval epoch %d: top-1 %.2f %% | top-5 %.2f %% | loss %.4f | %d images", self.state.epoch,
+                     metrics["top1"], metrics["top5"], metrics["loss"], metrics["count"])
+            for key in ("top1", "top5", "loss"):
+                self.writer.add_scalar(f"eval/{key}", metrics[key], self.state.global_step)
+
+
+TECHNIQUE_STATS = {"lamb": ("attnscale/lambda_abs_mean", True), "lamb1": ("featscale/s_dc_mean", False),
+                   "lamb2": ("featscale/s_hc_mean", False)}
+
+
+def technique_param_stats(model: nn.Module, zero_stage: int) -> dict[str, float]:
+    """Per block: mean |λ| (AttnScale), mean s_d and s_h (FeatScale). Under ZeRO-3 the few parameters
+    are gathered first, which every rank must join."""
+    import deepspeed
+
+    named = [(n, p) for n, p in model.named_parameters()
+             if n.startswith("blocks.") and n.rsplit(".", 1)[1] in TECHNIQUE_STATS]
+    stats = {}
+    with deepspeed.zero.GatheredParameters([p for _, p in named], enabled=zero_stage == 3):
+        for name, param in named:
+            tag, absolute = TECHNIQUE_STATS[name.rsplit(".", 1)[1]]
+            value = param.detach().float()
+            stats[f"{tag}/block_{int(name.split('.')[1]):02d}"] = float((value.abs() if absolute else value).mean())
+    return stats
+
+
+def write_json(path: Path, content: dict[str, Any]) -> None:
+    path.write_text(json.dumps(content, indent=2) + "\n")
+
+
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    value = value.detach().float().cpu().reshape(1)
+    dist.all_reduce(value)
+    return float(value) / dist.get_world_size()
+
+
+class StepTimer:
+    """Images/s over the last log interval and an ETA from the average step time so far."""
+
+    def __init__(self, steps_to_go: int) -> None:
+        self.steps_to_go = steps_to_go
+        self.start = self.mark = time.perf_counter()
+        self.done = self.since_mark = 0
+
+    def tick(self) -> None:
+        self.done += 1
+        self.since_mark += 1
+
+    def rate(self, batch: int) -> float:
+        now = time.perf_counter()
+        rate = self.since_mark * batch / max(now - self.mark, 1e-9)
+        self.mark, self.since_mark = now, 0
+        return rate
+
+    def eta(self) -> str:
+        per_step = (time.perf_counter() - self.start) / max(self.done, 1)
+        seconds = int(per_step * max(self.steps_to_go - self.done, 0))
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
