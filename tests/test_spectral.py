@@ -1,11 +1,17 @@
-"""Oversmoothing diagnostics: the measurements' maths, the paper's low-pass claims, hooks on real models."""
+"""Oversmoothing diagnostics: the measurements' maths, the paper's low-pass claims, hooks on real models,
+and tools/analyze.py end to end on the real ImageNet sample images."""
 from __future__ import annotations
 
+import csv
+import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import timm
 import torch
+from safetensors.torch import save_file
 
 import antismooth  # noqa: F401  (registers the zoo)
 from antismooth.models import attnscale_matrix, featscale, load_weights, set_fused_attn, split_dc_hc
@@ -13,6 +19,9 @@ from antismooth.spectral import (TRAINING_MEASUREMENTS, attention_similarity, de
                                  log_spectral, measure, patch_uniformity)
 
 TINY = dict(img_size=32, patch_size=4, depth=4, num_classes=10)  # an 8x8 grid of patches, 4 blocks
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+sys.path.insert(0, str(TOOLS))
+import analyze as tool  # noqa: E402  (tools/ is not a package: the front end is tested in-process)
 
 
 def _tiny(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
@@ -163,3 +172,59 @@ def test_log_spectral_writes_scalars_per_block_and_a_figure(images, tmp_path):
     logged = events.Scalars("spectral/hc_share/block_03")[0]
     assert logged.step == 7 and logged.value == pytest.approx(report.hc_share[3])
     assert events.Tags()["images"] == ["spectral/curves"]
+
+
+# --- tools/analyze.py on real images ---------------------------------------------------------------------
+
+def test_analyze_compares_weights_files_on_real_images(imagenet_sample, tmp_path, capsys):
+    kwargs = dict(TINY, depth=3)
+    plain = timm.create_model("vit_tiny_12", **kwargs)
+    save_file(plain.state_dict(), tmp_path / "plain.safetensors",
+              metadata={"model": "vit_tiny_12", "model_kwargs": json.dumps(kwargs), "classes": json.dumps(["a"])})
+    scaled = load_weights(timm.create_model("attnscale_tiny_12", **kwargs), plain.state_dict())
+    with torch.no_grad():
+        for block in scaled.blocks:
+            block.attn.lamb.fill_(0.5)
+    torch.save(scaled.state_dict(), tmp_path / "scaled.pth")
+    (tmp_path / "scaled.pth.json").write_text(json.dumps({"model": "attnscale_tiny_12", "model_kwargs": kwargs}))
+    out = tmp_path / "report"
+
+    assert tool.main(["--weights", str(tmp_path / "plain.safetensors"), str(tmp_path / "scaled.pth"),
+                      "--data", str(imagenet_sample / "train"), "--num-images", "8", "--attention",
+                      "--out", str(out)]) == 0
+
+    pngs = {p.stem for p in out.glob("*.png")}
+    assert pngs == {"hc_share", "delta_log_amplitude", "patch_uniformity", "attention_similarity", "attnscale_lambda"}
+    assert all((out / f"{name}.png").read_bytes()[:4] == b"\x89PNG" for name in pngs)
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["models"]) == {"plain", "scaled"}
+    assert report["models"]["scaled"]["attnscale_lambda"] == pytest.approx([0.5] * 3)
+    assert report["models"]["plain"]["num_images"] == 8
+    with open(out / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["model"], r["measurement"]) for r in rows} >= {("plain", "hc_share"), ("scaled", "attention_similarity")}
+    assert sum(r["model"] == "plain" and r["measurement"] == "hc_share" for r in rows) == 3
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_analyze_random_init_from_a_shard_manifest(sample_shards, tmp_path):
+    out = tmp_path / "report"
+    kwargs = [f"{k}={v}" for k, v in dict(TINY, depth=2).items()]
+    assert tool.main(["--model", "featscale_tiny_12", "--model-kwargs", *kwargs, "--data", str(sample_shards.parent),
+                      "--num-images", "4", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    (label, measured), = report["models"].items()
+    assert label == "featscale_tiny_12 (random init)"
+    assert measured["num_images"] == 4 and len(measured["featscale_s_h"]) == 2
+    assert (out / "featscale_s_d.png").is_file()
+
+
+def test_analyze_says_what_to_do_about_missing_or_ignored_model_names(imagenet_sample, tmp_path, capsys):
+    data = ["--data", str(imagenet_sample / "train"), "--out", str(tmp_path / "r")]
+    torch.save(_tiny("vit_tiny_12").state_dict(), tmp_path / "bare.pth")
+    assert tool.main(["--weights", str(tmp_path / "bare.pth"), *data]) == 2
+    assert "pass --model NAME" in capsys.readouterr().err
+    (tmp_path / "bare.pth.json").write_text(json.dumps({"model": "vit_tiny_12", "model_kwargs": TINY}))
+    assert tool.main(["--weights", str(tmp_path / "bare.pth"), "--model", "attnscale_tiny_12", *data]) == 2
+    assert "would be ignored" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
