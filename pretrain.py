@@ -233,13 +233,15 @@ def seed_step(seed: int, step: int, micro: int, rank: int) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     try:
-        return run(parse_config(argv))
+        run(parse_config(argv))
+        return 0
     except (ConfigError, WeightsMismatchError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
 
-def run(config: TrainConfig) -> int:
+def run(config: TrainConfig):
+    """Train (or evaluate, or measure); returns the DeepSpeed engine after training, else None."""
     # Everything a user can get wrong is checked here, before processes talk or models are built.
     world_size = world_size_from_env()
     ds = DeepSpeedSettings.load(config.deepspeed_config, world_size)
@@ -265,12 +267,13 @@ def run(config: TrainConfig) -> int:
         if env.rank == 0:
             print(f"eval {config.finetune}: top-1 {metrics['top1']:.2f} %  top-5 {metrics['top5']:.2f} %  "
                   f"loss {metrics['loss']:.4f}  ({metrics['count']} images)")
-        return 0
+        return None
 
     resume_tag = run_folder.latest_tag()
     if config.finetune and resume_tag is None:
         load_finetune_weights(model, config.finetune)
     apply_activation_checkpointing(model, ds.blocks_per_checkpoint)
+    num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
 
     import deepspeed
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, ds.weight_decay),
@@ -282,11 +285,11 @@ def run(config: TrainConfig) -> int:
         resume(engine, run_folder, resume_tag, state, env, config)
 
     if env.rank == 0:
-        log_start(config, ds, derived, meta, run_folder, model, resume_tag)
+        log_start(config, ds, derived, meta, run_folder, num_params, len(model.blocks), resume_tag)
 
     if config.throughput:
         measure_throughput(engine, env, ds, dtype, model.patch_embed.img_size, len(classes))
-        return 0
+        return None
 
     stream = build_train_stream(str(train_manifest),
                                 StreamConfig(batch_size=ds.micro_batch, mode=config.stream_mode, seed=config.seed,
@@ -295,7 +298,7 @@ def run(config: TrainConfig) -> int:
     trainer = Trainer(config, ds, derived, env, engine, scheduler, stream, state, run_folder, meta, dtype,
                       val_manifest, augment)
     trainer.train()
-    return 0
+    return engine
 
 
 def load_finetune_weights(model: nn.Module, path: str) -> None:
@@ -330,10 +333,9 @@ def resume(engine, run_folder: RunFolder, tag: str, state: TrainState, env: Dist
 
 
 def log_start(config: TrainConfig, ds: DeepSpeedSettings, derived: Derived, meta: dict, run_folder: RunFolder,
-              model: nn.Module, resume_tag: Optional[str]) -> None:
-    params = sum(p.numel() for p in model.parameters())
-    log.info("%s: %.1fM parameters, %d blocks, %s, ZeRO-%d, activation checkpointing %s", config.model, params / 1e6,
-             len(model.blocks), ds.dtype, ds.zero_stage,
+              num_params: int, depth: int, resume_tag: Optional[str]) -> None:
+    log.info("%s: %.1fM parameters, %d blocks, %s, ZeRO-%d, activation checkpointing %s", config.model,
+             num_params / 1e6, depth, ds.dtype, ds.zero_stage,
              f"every {ds.blocks_per_checkpoint} block(s)" if ds.blocks_per_checkpoint else "off")
     log.info("global batch %d = %d per process × %d accumulation × %d processes; %d steps/epoch, %d steps, "
              "warmup %d, peak lr %.3g", derived.global_batch, derived.micro_batch, derived.grad_accum,
@@ -497,10 +499,11 @@ class Trainer:
             tag_dir = self.run_folder.checkpoints / tag
             tag_dir.mkdir(parents=True, exist_ok=True)
             write_json(tag_dir / "antismooth.json", dict(self.meta, step=self.state.global_step, epoch=self.state.epoch))
-        self.engine.save_checkpoint(str(self.run_folder.checkpoints), tag=tag,
+        self.engine.save_checkpoint(str(self.run_folder.checkpoints), tag=tag, save_latest=False,
                                     client_state={"antismooth": self.state.state_dict()})
         self.last_saved_step = self.state.global_step
-        if self.env.rank == 0:
+        if self.env.rank == 0:  # save_checkpoint ends in a barrier: every rank's files are written
+            self.run_folder.commit(tag)
             removed = self.run_folder.prune(self.config.keep)
             log.info("saved checkpoint %s%s", tag, f" (removed {', '.join(removed)})" if removed else "")
 

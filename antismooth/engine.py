@@ -106,8 +106,12 @@ def checkpoint_tag(global_step: int) -> str:
 class RunFolder:
     """The `--output` folder: checkpoints/ (DeepSpeed), tensorboard/, run.json, log.txt.
 
-    The newest complete checkpoint is the one DeepSpeed's `latest` file names: DeepSpeed writes
-    it only after every rank's files, so a checkpoint cut short by a crash is never resumed from.
+    The newest complete checkpoint is the one the `latest` file names (DeepSpeed's format, so
+    DeepSpeed's loader and zero_to_fp32 read it too). DeepSpeed 0.19.8's rank 0 writes `latest` as
+    soon as its *own* files are written, before the barrier that waits for the other ranks, and
+    not atomically: a rank dying mid-write could leave `latest` naming a half-written checkpoint.
+    So checkpoints are saved with save_latest=False and `commit()` writes `latest` here, after
+    save_checkpoint's closing barrier, by an atomic rename.
     """
 
     def __init__(self, root: str | Path) -> None:
@@ -127,6 +131,12 @@ class RunFolder:
             _logger.warning("%s names no checkpoint folder (%r): starting from scratch.", latest, tag)
             return None
         return tag
+
+    def commit(self, tag: str) -> None:
+        """Name `tag` the newest complete checkpoint: call on rank 0 after every rank's save returned."""
+        tmp = self.checkpoints / "latest.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, self.checkpoints / "latest")
 
     def write_run_json(self, content: dict[str, Any]) -> None:
         """The resolved configuration, rewritten atomically at each start (a resume may change the world size)."""

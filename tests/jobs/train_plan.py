@@ -1,0 +1,61 @@
+"""Run several pretrain.py runs in the same processes, as a test plan: a DeepSpeed launch costs
+~20-40 s on the CI machine, a run of a tiny model a few seconds.
+
+    deepspeed --num_gpus 2 tests/jobs/train_plan.py plan.json      (or: python tests/jobs/train_plan.py plan.json)
+
+plan.json is a list of {"argv": [...pretrain.py flags...], "probe": "logits.pt" or null}. After a
+run, the trained engine's logits on a fixed batch (eval mode, fp32) are saved to `probe`, so
+tests can compare runs and exports with the live model. With ANTISMOOTH_TEST_KILL_DURING_SAVE=TAG,
+the last rank SIGKILLs itself while saving checkpoint TAG, after its model files and before its
+optimizer shard: a crash in the middle of writing a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import pretrain  # noqa: E402
+
+PROBE_BATCH = 4
+
+
+def probe_images(img_size: int) -> torch.Tensor:
+    return torch.randn(PROBE_BATCH, 3, img_size, img_size, generator=torch.Generator().manual_seed(1234))
+
+
+def kill_during_save(tag: str) -> None:
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    original = TorchCheckpointEngine.save
+
+    def save(self, state_dict, path):
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if rank == world - 1 and f"/{tag}/" in path and path.endswith("optim_states.pt"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, state_dict, path)
+
+    TorchCheckpointEngine.save = save
+
+
+def main(plan_path: str) -> None:
+    if os.environ.get("ANTISMOOTH_TEST_KILL_DURING_SAVE"):
+        kill_during_save(os.environ["ANTISMOOTH_TEST_KILL_DURING_SAVE"])
+    for entry in json.loads(Path(plan_path).read_text()):
+        engine = pretrain.run(pretrain.parse_config(entry["argv"]))
+        if entry.get("probe") and engine is not None:
+            engine.eval()
+            images = probe_images(engine.module.patch_embed.img_size[0]).to(engine.device)
+            with torch.no_grad():
+                logits = engine(images).float().cpu()
+            if int(os.environ.get("RANK", 0)) == 0:
+                torch.save(logits, entry["probe"])
+
+
+if __name__ == "__main__":
+    main(next(a for a in sys.argv[1:] if not a.startswith("--local_rank")))

@@ -1,0 +1,256 @@
+"""pretrain.py in real DeepSpeed engines: real processes (deepspeed launcher, gloo on CPU), real shards
+of real JPEGs, a 24-block AttnScale ViT. CPU runs are deterministic, so resumed runs are compared
+with uninterrupted ones bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import antismooth  # noqa: F401
+from conftest import FULL_BATCH_SIZE, TINY_MODEL, ds_config, launch_plan
+
+import pretrain
+
+STAGES_AND_WORLDS = [(stage, world) for stage in (1, 2, 3) for world in (1, 2)]
+
+
+def scalars(run_dir: Path, tag: str) -> list[float]:
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
+
+
+def scalar_tags(run_dir: Path) -> list[str]:
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return events.Tags()["scalars"]
+
+
+# --- ZeRO stages × world sizes ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stage,world", STAGES_AND_WORLDS)
+def test_every_zero_stage_trains_and_the_loss_falls(zero_runs, stage, world):
+    losses = scalars(zero_runs[stage, world].output, "train/loss")
+    assert len(losses) == 6
+    assert losses[-1] < 0.85 * losses[0], losses
+
+
+@pytest.mark.parametrize("stage,world", STAGES_AND_WORLDS)
+def test_runs_agree_with_the_one_process_zero1_run_at_the_same_global_batch(zero_runs, stage, world):
+    """Full-batch steps: every run sees the same 16 images per step, so ZeRO stage and world size
+    may change only the order of float sums. A rank's gradients lost, summed instead of averaged,
+    or not synchronised would show in the losses and in the final logits."""
+    reference = zero_runs[1, 1]
+    run = zero_runs[stage, world]
+    assert scalars(run.output, "train/loss") == pytest.approx(scalars(reference.output, "train/loss"), rel=1e-4)
+    torch.testing.assert_close(torch.load(run.probe), torch.load(reference.probe), rtol=1e-3, atol=1e-4)
+
+
+def test_run_folder_describes_the_run(zero_runs):
+    run = zero_runs[2, 2].output
+    config = json.loads((run / "run.json").read_text())
+    assert config["derived"] == {"world_size": 2, "micro_batch": 8, "grad_accum": 1, "global_batch": 16,
+                                 "num_samples": 16, "steps_per_epoch": 1, "total_steps": 6, "warmup_steps": 0,
+                                 "peak_lr": pytest.approx(0.05 * 16 / 512)}
+    assert config["flags"]["model"] == "attnscale_tiny_24"
+    assert config["deepspeed"]["zero_optimization"]["stage"] == 2
+    assert config["model"]["model_kwargs"] == {"patch_size": 8, "embed_dim": 64, "num_heads": 4, "num_classes": 16,
+                                               "img_size": 32}
+    # --save-every 4 plus one per epoch, --keep 3 (the default): the newest three remain
+    checkpoints = run / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step00000006"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step00000004", "step00000005",
+                                                                           "step00000006"]
+    meta = json.loads((checkpoints / "step00000006" / "antismooth.json").read_text())
+    assert meta["model"] == "attnscale_tiny_24" and meta["step"] == 6 and len(meta["classes"]) == 16
+    log = (run / "log.txt").read_text()
+    assert "global batch 16 = 8 per process × 1 accumulation × 2 processes" in log
+    assert "step 6/6 | epoch 5 | loss" in log and "img/s | ETA" in log
+
+
+def test_tensorboard_has_training_eval_and_technique_curves(zero_runs):
+    run = zero_runs[3, 2].output
+    tags = scalar_tags(run)
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/img_per_s", "train/img_per_s_per_gpu",
+                "train/samples_seen", "train/epoch", "train/corrupt_skipped", "eval/top1", "eval/top5", "eval/loss"):
+        assert tag in tags, tag
+    lambdas = [t for t in tags if t.startswith("attnscale/lambda_abs_mean/block_")]
+    assert len(lambdas) == 24
+    assert scalars(run, "attnscale/lambda_abs_mean/block_00")[-1] > 0  # λ starts at 0 and learns (ZeRO-3: gathered)
+    assert scalars(run, "eval/top1")[-1] > scalars(run, "eval/top1")[0]  # val = the 16 training images
+    assert scalars(run, "train/lr") == sorted(scalars(run, "train/lr"), reverse=True)  # cosine, no warmup
+
+
+# --- kill and resume ---------------------------------------------------------------------------------------
+
+RESUME_FLAGS = [*TINY_MODEL, "--epochs", "2", "--warmup-epochs", "1", "--lr", "0.01", "--workers", "2",
+                "--save-every", "4", "--keep", "2", "--log-every", "1", "--drop-path", "0.1"]  # DeiT augmentation on
+
+
+def _latest(run: Path) -> str | None:
+    latest = run / "checkpoints" / "latest"
+    return latest.read_text() if latest.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def resume_runs(sample_shards, tmp_path_factory):
+    """The same 12-step ZeRO-2 run on 2 processes (103 images, global batch 16: 6 steps per epoch, full DeiT
+    augmentation with Mixup/CutMix, repeated augmentation, drop path) uninterrupted, and interrupted twice:
+    SIGKILL from outside once a checkpoint exists, then SIGKILL of one rank in the middle of writing one."""
+    work = tmp_path_factory.mktemp("resume")
+    config = ds_config(work / "zero2.json", 2)
+
+    def plan(out: Path) -> list[dict]:
+        argv = ["--deepspeed_config", str(config), "--data", str(sample_shards.parent), "--output", str(out),
+                *RESUME_FLAGS]
+        return [{"argv": argv, "probe": str(out / "probe.pt")}]
+
+    reference = work / "uninterrupted"
+    launch_plan(plan(reference), 2, work)
+
+    killed = work / "killed"
+    proc = launch_plan(plan(killed), 2, work, popen=True)
+    deadline = time.time() + 600
+    while _latest(killed) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    after_first_kill = _latest(killed)
+
+    second = launch_plan(plan(killed), 2, work, env={"ANTISMOOTH_TEST_KILL_DURING_SAVE": "step00000008"},
+                         check=False)
+    after_second_kill = _latest(killed)
+    third = launch_plan(plan(killed), 2, work)
+    return {"reference": reference, "killed": killed, "after_first_kill": after_first_kill,
+            "after_second_kill": after_second_kill, "second_log": second, "third_log": third}
+
+
+def test_a_run_killed_twice_ends_with_the_weights_of_an_uninterrupted_run(resume_runs):
+    assert resume_runs["after_first_kill"] in ("step00000004", "step00000006")  # killed mid-run, not at the end
+    assert "Resumed from step0000000" in resume_runs["third_log"]
+    reference = torch.load(resume_runs["reference"] / "probe.pt")
+    resumed = torch.load(resume_runs["killed"] / "probe.pt")
+    assert torch.equal(resumed, reference)
+    assert scalars(resume_runs["killed"], "train/loss")[-1] == scalars(resume_runs["reference"], "train/loss")[-1]
+
+
+def test_a_checkpoint_cut_short_is_never_resumed_from(resume_runs):
+    """One rank died while writing step 8's optimizer shard: `latest` must still name an older checkpoint."""
+    assert "Resumed from step0000000" in resume_runs["second_log"]
+    assert resume_runs["after_second_kill"] in ("step00000004", "step00000006")
+    partial = resume_runs["killed"] / "checkpoints" / "step00000008"
+    assert "Resumed from " + resume_runs["after_second_kill"] in resume_runs["third_log"]
+    assert partial.is_dir()  # rewritten in full by the third launch
+    assert _latest(resume_runs["killed"]) == "step00000012"
+
+
+# --- fine-tuning, eval-only, throughput (one process) ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def one_process_runs(tiny_shards, tmp_path_factory):
+    work = tmp_path_factory.mktemp("one-process")
+    plain = timm.create_model("vit_tiny_24", img_size=64, patch_size=8, embed_dim=64, num_heads=4, num_classes=1000)
+    source = work / "plain_vit.pth"
+    torch.save({"model": plain.state_dict()}, source)
+    config = str(ds_config(work / "zero2.json", 2))
+    common = ["--deepspeed_config", config, "--data", str(tiny_shards), *TINY_MODEL]
+    plan = [
+        {"argv": [*common, "--output", str(work / "finetune"), "--finetune", str(source), "--max-steps", "1",
+                  "--lr", "1e-9", "--warmup-lr", "1e-9", "--min-lr", "1e-9", "--no-eval"]},
+        {"argv": [*common, "--output", str(work / "eval"), "--eval-only", "--finetune", str(source)]},
+        {"argv": [*common, "--output", str(work / "throughput"), "--throughput"]},
+    ]
+    log = launch_plan(plan, 1, work)
+    return {"work": work, "source": plain.state_dict(), "log": log}
+
+
+def test_finetune_from_plain_weights_with_another_class_count_and_image_size(one_process_runs):
+    work = one_process_runs["work"]
+    state = torch.load(work / "finetune" / "checkpoints" / "step00000001" / "mp_rank_00_model_states.pt",
+                       weights_only=False)["module"]
+    source = one_process_runs["source"]
+    assert state["head.weight"].shape == (16, 64)                    # new head for 16 classes
+    assert state["pos_embed"].shape == (1, 1 + 16, 64)              # 8×8 grid resampled to 4×4
+    assert "blocks.0.attn.lamb" in state                              # plain ViT has no λ: starts at 0
+    torch.testing.assert_close(state["blocks.5.mlp.fc1.weight"], source["blocks.5.mlp.fc1.weight"], atol=1e-6, rtol=0)
+    assert "dropping head.weight" in one_process_runs["log"]
+
+
+def test_eval_only_and_throughput_report_and_exit(one_process_runs):
+    log = one_process_runs["log"]
+    assert "eval " in log and "(16 images)" in log
+    assert "throughput: " in log and " img/s" in log
+    assert not (one_process_runs["work"] / "throughput" / "checkpoints").exists()
+
+
+# --- start-up errors -----------------------------------------------------------------------------------------
+
+def _write(path: Path, content: dict) -> str:
+    path.write_text(json.dumps(content))
+    return str(path)
+
+
+GOOD_JSON = {"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("missing_data", "does not exist: build shards first"),
+    ("no_manifest", "has no train.json manifest"),
+    ("unknown_model", "Unknown model 'attnscale_smal_24'. Did you mean attnscale_small_24"),
+    ("missing_json", "DeepSpeed config"),
+    ("lr_in_json", "sets optimizer.params.lr, but the learning rate comes from --lr"),
+    ("scheduler_in_json", "has a scheduler section"),
+    ("batch_not_dividing", "does not divide into 2 processes"),
+    ("batch_mismatch", "is not train_micro_batch_size_per_gpu 4"),
+    ("too_few_samples", "fewer than one global batch"),
+    ("missing_finetune", "--finetune"),
+    ("eval_only_without_weights", "--eval-only evaluates given weights"),
+    ("partition_activations", "partition_activations"),
+])
+def test_bad_startup_inputs_stop_with_one_clear_sentence(case, expected, tiny_shards, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    data, model = str(tiny_shards), "attnscale_tiny_24"
+    config = _write(tmp_path / "ok.json", GOOD_JSON)
+    extra = []
+    if case == "missing_data":
+        data = str(tmp_path / "nowhere")
+    elif case == "no_manifest":
+        data = str(tmp_path)
+    elif case == "unknown_model":
+        model = "attnscale_smal_24"
+    elif case == "missing_json":
+        config = str(tmp_path / "nope.json")
+    elif case == "lr_in_json":
+        config = _write(tmp_path / "c.json", {**GOOD_JSON, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
+    elif case == "scheduler_in_json":
+        config = _write(tmp_path / "c.json", {**GOOD_JSON, "scheduler": {"type": "WarmupLR"}})
+    elif case == "batch_not_dividing":
+        config = _write(tmp_path / "c.json", {**GOOD_JSON, "train_batch_size": 9})
+    elif case == "batch_mismatch":
+        config = _write(tmp_path / "c.json", {**GOOD_JSON, "train_micro_batch_size_per_gpu": 4,
+                                              "gradient_accumulation_steps": 2})
+    elif case == "too_few_samples":
+        config = _write(tmp_path / "c.json", {**GOOD_JSON, "train_batch_size": 64})
+    elif case == "missing_finetune":
+        extra = ["--finetune", str(tmp_path / "nope.pth")]
+    elif case == "eval_only_without_weights":
+        extra = ["--eval-only"]
+    elif case == "partition_activations":
+        config = _write(tmp_path / "c.json", {**GOOD_JSON, "activation_checkpointing": {"partition_activations": True}})
+    out = tmp_path / "run"
+    code = pretrain.main(["--deepspeed_config", config, "--data", data, "--model", model, "--output", str(out),
+                          *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and expected in err and "\n" not in err, err
+    assert not out.exists()  # stopped before anything was written
