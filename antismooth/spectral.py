@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SpectralReport", "MEASUREMENTS", "TRAINING_MEASUREMENTS", "hc_share", "delta_log_amplitude",
            "patch_uniformity", "attention_similarity", "patch_tokens", "paper_parameters", "measure",
-           "plot_measurement", "curves_figure", "log_spectral"]
+           "plot_measurement", "curves_figure", "write_spectral", "log_spectral"]
 
 _logger = logging.getLogger(__name__)
 
@@ -299,17 +299,21 @@ def curves_figure(reports: Mapping[str, SpectralReport], names: Sequence[str]) -
     return figure
 
 
-def log_spectral(writer: "SummaryWriter", model: nn.Module, probe_images: torch.Tensor, step: int,
-                 *, prefix: str = "spectral", batch_size: int = 32) -> SpectralReport:
-    """Log hc_share, delta_log_amplitude and patch_uniformity of every block of the unwrapped model.
-
-    Scalars go to `{prefix}/{measurement}/block_{i:02d}`, one figure of the three curves to
-    `{prefix}/curves`. Under ZeRO-3 the caller gathers the parameters around this call.
-    """
-    report = measure(model, probe_images, batch_size=batch_size)
+def write_spectral(writer: "SummaryWriter", report: SpectralReport, step: int, *, prefix: str = "spectral") -> None:
+    """Write the training measurements of a report: scalars `{prefix}/{measurement}/block_{i:02d}` and one
+    figure of the three curves, `{prefix}/curves`."""
     width = max(2, len(str(len(report.hc_share) - 1)))
     for name in TRAINING_MEASUREMENTS:
         for i, value in enumerate(getattr(report, name)):
             writer.add_scalar(f"{prefix}/{name}/block_{i:0{width}d}", value, step)
     writer.add_figure(f"{prefix}/curves", curves_figure({f"step {step}": report}, TRAINING_MEASUREMENTS), step)
+
+
+def log_spectral(writer: "SummaryWriter", model: nn.Module, probe_images: torch.Tensor, step: int,
+                 *, prefix: str = "spectral", batch_size: int = 32) -> SpectralReport:
+    """Measure hc_share, delta_log_amplitude and patch_uniformity of every block of the unwrapped model
+    on the probe images and write them to TensorBoard (write_spectral). Under ZeRO-3 the caller gathers
+    the parameters around this call."""
+    report = measure(model, probe_images, batch_size=batch_size)
+    write_spectral(writer, report, step, prefix=prefix)
     return report
