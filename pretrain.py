@@ -257,6 +257,7 @@ def run(config: TrainConfig):
     env = init_distributed()
     run_folder = RunFolder(config.output)
     setup_logging(run_folder, env.rank)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank and at every world size
     model = build_model(config, len(classes))
     augment = augment_config(config, model.patch_embed.img_size[0])
     meta = model_meta(config, model, classes, augment)

@@ -162,12 +162,16 @@ def one_process_runs(tiny_shards, tmp_path_factory):
     plain = timm.create_model("vit_tiny_24", img_size=64, patch_size=8, embed_dim=64, num_heads=4, num_classes=1000)
     source = work / "plain_vit.pth"
     torch.save({"model": plain.state_dict()}, source)
+    matching = work / "plain_vit_16_classes.pth"  # eval-only needs the head of the data's 16 classes
+    torch.save(timm.create_model("vit_tiny_24", img_size=32, patch_size=8, embed_dim=64, num_heads=4,
+                                 num_classes=16).state_dict(), matching)
     config = str(ds_config(work / "zero2.json", 2))
     common = ["--deepspeed_config", config, "--data", str(tiny_shards), *TINY_MODEL]
     plan = [
         {"argv": [*common, "--output", str(work / "finetune"), "--finetune", str(source), "--max-steps", "1",
                   "--lr", "1e-9", "--warmup-lr", "1e-9", "--min-lr", "1e-9", "--no-eval"]},
-        {"argv": [*common, "--output", str(work / "eval"), "--eval-only", "--finetune", str(source)]},
+        {"argv": [*common, "--model", "vit_tiny_24", "--output", str(work / "eval"), "--eval-only",
+                  "--finetune", str(matching)]},
         {"argv": [*common, "--output", str(work / "throughput"), "--throughput"]},
     ]
     log = launch_plan(plan, 1, work)
