@@ -277,16 +277,21 @@ def measure(model: nn.Module, images: torch.Tensor, *, attention: bool = False, 
 # --- plots and TensorBoard ------------------------------------------------------------------------------
 
 def plot_measurement(ax: "Axes", curves: Mapping[str, Sequence[float]], name: str) -> None:
-    """Draw one measurement as one curve per model (legend: the mapping's keys) over the block index."""
+    """Draw one measurement as one curve per model (legend: the mapping's keys) over the block index.
+
+    A model keeps its colour across plots: the i-th key draws in colour Ci, and empty curves are skipped.
+    """
     title, ylabel = MEASUREMENTS[name]
-    for label, values in curves.items():
-        ax.plot(range(len(values)), values, marker="o", markersize=3, linewidth=1.5, label=label)
+    for i, (label, values) in enumerate(curves.items()):
+        if values:
+            ax.plot(range(len(values)), values, marker="o", markersize=3, linewidth=1.5, label=label,
+                    color=f"C{i % 10}")
     ax.set_title(title)
     ax.set_xlabel("block i (compared with block i+1)" if name == "attention_similarity" else "block")
     ax.set_ylabel(ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    if curves:
+    if any(curves.values()):
         ax.legend(fontsize="small")
 
 
@@ -295,7 +300,7 @@ def curves_figure(reports: Mapping[str, SpectralReport], names: Sequence[str]) -
     figure = Figure(figsize=(5.5 * len(names), 4.2), layout="constrained")
     axes = figure.subplots(1, len(names), squeeze=False)[0]
     for ax, name in zip(axes, names):
-        plot_measurement(ax, {label: getattr(r, name) for label, r in reports.items() if getattr(r, name)}, name)
+        plot_measurement(ax, {label: getattr(r, name) for label, r in reports.items()}, name)
     return figure
 
 
