@@ -39,9 +39,11 @@ from antismooth.data.shards import load_manifest
 from antismooth.engine import (RunFolder, TrainState, apply_activation_checkpointing, build_scheduler,
                                checkpoint_tag, param_groups)
 from antismooth.models import WeightsMismatchError, load_weights
+from antismooth.spectral import measure, write_spectral
 
 log = logging.getLogger("pretrain")
 
+SPECTRAL_PROBE_IMAGES = 16
 THROUGHPUT_WARMUP_STEPS = 3
 THROUGHPUT_STEPS = 10
 
@@ -80,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixup", type=float, default=d.mixup)
     g.add_argument("--cutmix", type=float, default=d.cutmix)
     g.add_argument("--smoothing", type=float, default=d.smoothing)
+    g.add_argument("--crop-pct", type=float, default=d.crop_pct, help="evaluation centre-crop fraction (timm)")
     g.add_argument("--repeated-aug", type=int, default=d.repeated_aug, help="copies per image (1: off)")
     g = p.add_argument_group("output")
     g.add_argument("--output", default=d.output, help="run folder: checkpoints, TensorBoard, run.json, log.txt")
@@ -209,7 +212,7 @@ def model_meta(config: TrainConfig, model: nn.Module, classes: list[str], augmen
 def augment_config(config: TrainConfig, input_size: int) -> AugmentConfig:
     return AugmentConfig(input_size=input_size, no_aug=config.no_aug, color_jitter=config.color_jitter,
                          auto_augment=config.aa, reprob=config.reprob, mixup=config.mixup, cutmix=config.cutmix,
-                         smoothing=config.smoothing, repeated_aug=config.repeated_aug)
+                         smoothing=config.smoothing, repeated_aug=config.repeated_aug, eval_crop_pct=config.crop_pct)
 
 
 def criterion_for(augment: AugmentConfig, mixup_on: bool) -> nn.Module:
@@ -405,6 +408,14 @@ class Trainer:
         self.criterion = criterion_for(augment, stream.mixup is not None)
         self.writer = self._writer() if env.rank == 0 else None
         self.last_saved_step = state.global_step if state.global_step else -1
+        self.probe = self._probe_images() if config.spectral_every else None
+
+    def _probe_images(self) -> torch.Tensor:
+        """A fixed batch for the spectral diagnostics: the first validation (else training) images, eval transform."""
+        manifest = self.val_manifest or Path(self.config.data) / "train.json"
+        stream = build_eval_stream(str(manifest), SPECTRAL_PROBE_IMAGES, 0, 1, num_workers=0, augment=self.augment)
+        images, _ = next(iter(stream.loader()))
+        return images.to(self.env.device, self.dtype)
 
     def _writer(self):
         from torch.utils.tensorboard import SummaryWriter
@@ -461,6 +472,7 @@ class Trainer:
             state.corrupt_skipped = self.stream.corrupt_skipped
             self.scheduler.step_update(state.global_step)
             self.after_step(torch.stack(losses).mean())
+            self.log_spectral()
             losses = []
             if state.global_step >= self.stop_step():
                 return
@@ -492,6 +504,16 @@ class Trainer:
             scalars["train/grad_norm"] = float(grad_norm)
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, state.global_step)
+
+    def log_spectral(self) -> None:
+        """Per-block HC share, ΔLog amplitude and patch uniformity on the probe batch (issue: oversmoothing).
+        Under ZeRO-3 the forward gathers parameters collectively, so every rank measures."""
+        every = self.config.spectral_every
+        if not every or self.state.global_step % every or (self.ds.zero_stage < 3 and self.env.rank != 0):
+            return
+        report = measure(self.engine.module, self.probe)
+        if self.writer:
+            write_spectral(self.writer, report, self.state.global_step)
 
     def save(self) -> None:
         """A checkpoint on every rank (DeepSpeed needs all of them), the model meta beside it, old ones pruned."""

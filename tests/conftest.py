@@ -72,7 +72,7 @@ TINY_MODEL = ["--model", "attnscale_tiny_24", "--model-kwargs", "patch_size=8", 
 # Every step sees the whole 16-image set, unaugmented: runs at any world size see the same data.
 FULL_BATCH = ["--no-aug", "--mixup", "0", "--cutmix", "0", "--smoothing", "0", "--repeated-aug", "1",
               "--drop-path", "0", "--epochs", "6", "--warmup-epochs", "0", "--lr", "0.05", "--min-lr", "1e-4",
-              "--workers", "2", "--log-every", "1"]
+              "--workers", "2", "--log-every", "1", "--spectral-every", "3"]
 FULL_BATCH_SIZE = 16
 
 

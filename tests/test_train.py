@@ -84,6 +84,8 @@ def test_tensorboard_has_training_eval_and_technique_curves(zero_runs):
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/img_per_s", "train/img_per_s_per_gpu",
                 "train/samples_seen", "train/epoch", "train/corrupt_skipped", "eval/top1", "eval/top5", "eval/loss"):
         assert tag in tags, tag
+    for measurement in ("hc_share", "delta_log_amplitude", "patch_uniformity"):  # --spectral-every 3: steps 3, 6
+        assert len(scalars(run, f"spectral/{measurement}/block_23")) == 2, measurement
     lambdas = [t for t in tags if t.startswith("attnscale/lambda_abs_mean/block_")]
     assert len(lambdas) == 24
     assert scalars(run, "attnscale/lambda_abs_mean/block_00")[-1] > 0  # λ starts at 0 and learns (ZeRO-3: gathered)
