@@ -38,7 +38,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create
 from .shards import load_manifest
 
 __all__ = ["AugmentConfig", "StreamConfig", "ShardSource", "TrainStream", "EvalStream",
-           "build_train_stream", "build_eval_stream", "reduce_eval_metrics"]
+           "build_train_stream", "build_eval_stream", "eval_transform", "reduce_eval_metrics"]
 
 _logger = logging.getLogger(__name__)
 
@@ -387,6 +387,12 @@ class _CountingLoader:
             yield images, labels
 
 
+def eval_transform(augment: AugmentConfig) -> Callable[[Image.Image], torch.Tensor]:
+    """timm's deterministic evaluation transform (resize, centre crop, normalise): one for shards and ImageFolder."""
+    return create_transform(augment.input_size, is_training=False, interpolation=augment.interpolation,
+                            crop_pct=augment.eval_crop_pct, mean=augment.mean, std=augment.std)
+
+
 @dataclass
 class EvalStream:
     """Validation batches: deterministic, each sample exactly once across ranks and workers, no padding."""
@@ -399,9 +405,7 @@ class EvalStream:
     corrupt_skipped: int = 0
 
     def __post_init__(self) -> None:
-        a = self.augment
-        self.transform = create_transform(a.input_size, is_training=False, interpolation=a.interpolation,
-                                           crop_pct=a.eval_crop_pct, mean=a.mean, std=a.std)
+        self.transform = eval_transform(self.augment)
 
     def loader(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         lo, hi = _even_split(0, self.source.num_samples, self.rank, self.world_size)
