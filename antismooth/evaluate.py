@@ -1,0 +1,171 @@
+"""Evaluation: top-1, top-5 and loss of a model over validation batches, each sample counted once.
+
+`evaluate(model, batches, device, dtype)` is the loop pretrain.py runs at each epoch end and
+tools/eval.py runs on exported weights: it returns this process's summed counts, which
+`reduce_eval_metrics(**counts)` (antismooth.data.pipeline) sums over ranks and turns into figures.
+The batches come from shards (`build_eval_stream`, every sample on exactly one rank) or from an
+ImageFolder split into contiguous, unpadded per-rank ranges (DistributedSampler would pad the last
+batch with duplicates and bias top-1), both through the same timm evaluation transform.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from timm.data import resolve_model_data_config
+
+from .data.pipeline import AugmentConfig, build_eval_stream, eval_transform
+from .data.shards import load_manifest
+from .export import create_model_from_weights, read_export_meta
+
+__all__ = ["evaluate", "EvalData", "resolve_eval_data", "eval_batches", "augment_from_data_config",
+           "model_data_config", "build_eval_model", "check_classes"]
+
+_logger = logging.getLogger(__name__)
+
+
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device | str,
+             dtype: Optional[torch.dtype] = None) -> dict[str, float]:
+    """Summed correct top-1/top-5, summed cross-entropy and sample count of this process's batches.
+
+    `model` may be a plain module or a DeepSpeed engine (its forward gathers ZeRO-3 weights);
+    `dtype` runs the forward under autocast in that dtype (None: as the model is). Train mode is restored.
+    """
+    device = torch.device(device)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # on device: one sync at the end, not per batch
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast:
+            for images, targets in batches:
+                images = images.to(device, dtype or images.dtype, non_blocking=True)
+                targets = targets.to(device, non_blocking=True)
+                logits = model(images).float()
+                top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+                totals += torch.stack([
+                    (top[:, 0] == targets).sum().double(),
+                    (top == targets[:, None]).any(dim=-1).sum().double(),
+                    nn.functional.cross_entropy(logits, targets, reduction="sum").double(),
+                    torch.tensor(targets.numel(), dtype=torch.float64, device=device)])
+    finally:
+        model.train(was_training)
+    correct1, correct5, loss_sum, count = totals.tolist()
+    return {"correct1": correct1, "correct5": correct5, "loss_sum": loss_sum, "count": int(count)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Which images
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """An evaluation split: a shard manifest or an ImageFolder root, with its classes in label order."""
+    kind: Literal["shards", "imagefolder"]
+    path: Path
+    classes: tuple[str, ...]
+
+
+def resolve_eval_data(data: str | Path, split: str = "val") -> EvalData:
+    """A manifest path, a folder holding `<split>.json` (shards), or an ImageFolder (`<split>/` inside, or itself)."""
+    data = Path(data)
+    manifest = data if data.suffix == ".json" else data / f"{split}.json"
+    if manifest.is_file() or data.suffix == ".json":
+        m = load_manifest(manifest)
+        return EvalData("shards", manifest, tuple(c["wnid"] for c in m["classes"]))
+    root = data / split if (data / split).is_dir() else data
+    if not root.is_dir():
+        raise FileNotFoundError(f"no evaluation data at {data}: give a shard folder holding {split}.json, a "
+                                f"manifest, or an ImageFolder root (with {split}/<class>/<image> inside).")
+    from torchvision.datasets.folder import find_classes
+    try:
+        classes, _ = find_classes(str(root))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{data} holds neither {split}.json (shards) nor class folders of images "
+                                f"({split}/<class>/<image>): check --data and --split.") from None
+    return EvalData("imagefolder", root, tuple(classes))
+
+
+class _ImageFolderBatches:
+    """This rank's contiguous slice of an ImageFolder, batched in order: every image on exactly one rank."""
+
+    def __init__(self, root: Path, augment: AugmentConfig, batch_size: int, rank: int, world_size: int,
+                 num_workers: int) -> None:
+        from torchvision.datasets import ImageFolder
+        # allow_empty: empty class folders keep their label index, as in the shard builder's listing.
+        dataset = ImageFolder(str(root), transform=eval_transform(augment), allow_empty=True)
+        lo, hi = len(dataset) * rank // world_size, len(dataset) * (rank + 1) // world_size
+        self.loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch_size, shuffle=False,
+            num_workers=num_workers, persistent_workers=False)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def eval_batches(data: EvalData, augment: AugmentConfig, batch_size: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 4) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's evaluation batches (with len()), from shards or an ImageFolder, same transform either way."""
+    if data.kind == "shards":
+        return build_eval_stream(str(data.path), batch_size, rank, world_size, num_workers, augment).loader()
+    return _ImageFolderBatches(data.path, augment, batch_size, rank, world_size, num_workers)
+
+
+# ----------------------------------------------------------------------------------------------
+# Which model, and the transform it expects
+
+
+def model_data_config(model: nn.Module, meta: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """The evaluation data config: the one stored with the weights, else timm's for the model; the
+    input size is always the model's own (timm's pretrained_cfg keeps 224 for img_size=32)."""
+    config = dict((meta or {}).get("data_config") or resolve_model_data_config(model))
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        config["input_size"] = (3, *img_size)
+    return config
+
+
+def augment_from_data_config(data_config: Mapping[str, Any]) -> AugmentConfig:
+    """The AugmentConfig whose evaluation transform is the one a timm data config describes."""
+    _, height, width = data_config["input_size"]
+    defaults = AugmentConfig()
+    return AugmentConfig(input_size=height if height == width else (height, width),
+                         interpolation=data_config.get("interpolation", defaults.interpolation),
+                         eval_crop_pct=data_config.get("crop_pct", defaults.eval_crop_pct),
+                         mean=tuple(data_config.get("mean", defaults.mean)),
+                         std=tuple(data_config.get("std", defaults.std)))
+
+
+def build_eval_model(weights: str | Path, model: Optional[str] = None, num_classes: Optional[int] = None,
+                     img_size: Optional[int] = None,
+                     default_num_classes: Optional[int] = None) -> tuple[nn.Module, Optional[dict[str, Any]]]:
+    """The model a weights file describes (or `model`, for files without a description), weights loaded.
+    `default_num_classes` (the data's class count) serves files without a description and no num_classes."""
+    meta = read_export_meta(weights)
+    if meta is not None and model is not None and model != meta["model"]:
+        raise ValueError(f"{weights} holds {meta['model']} (its metadata says so), not {model}: drop --model.")
+    if meta is None and num_classes is None:
+        num_classes = default_num_classes
+    overrides = {k: v for k, v in (("num_classes", num_classes), ("img_size", img_size)) if v is not None}
+    return create_model_from_weights(weights, None if meta is not None else model, **overrides)
+
+
+def check_classes(model: nn.Module, model_classes: Optional[Sequence[str]], data: EvalData) -> None:
+    """The model's outputs must mean the data's labels: same classes, same order."""
+    if model_classes is not None and list(model_classes) != list(data.classes):
+        diff = next((i for i, (a, b) in enumerate(zip(model_classes, data.classes)) if a != b),
+                    min(len(model_classes), len(data.classes)))
+        raise ValueError(f"the weights were trained on {len(model_classes)} classes and {data.path} has "
+                         f"{len(data.classes)}, differing from label {diff} on; evaluate on the dataset the "
+                         "model was trained for (its classes are in the weights' metadata).")
+    if getattr(model, "num_classes", len(data.classes)) != len(data.classes):
+        raise ValueError(f"the model has {model.num_classes} outputs but {data.path} has {len(data.classes)} "
+                         "classes; pass --num-classes to match the weights, or evaluate on their dataset.")

@@ -1,0 +1,112 @@
+"""Top-1, top-5 and loss of exported (or official) weights on a validation split.
+
+    python tools/eval.py --weights as24.safetensors --data shards/imagenet
+    torchrun --nproc_per_node 2 tools/eval.py --weights as24.safetensors --data /data/imagenet --json eval.json
+    python tools/eval.py --weights deit_small_patch16_224-cd65a155.pth --model attnscale_small_12 --data shards/imagenet
+
+The model, its kwargs, classes and evaluation transform come from the weights file's metadata
+(tools/export.py writes them); --model (with --num-classes / --img-size) serves files without it.
+--data is a shard folder holding <split>.json, a manifest, or an ImageFolder root (<split>/<class>/<img>).
+Under torchrun every image is evaluated on exactly one rank (gloo on CPU, nccl on GPU) and the counts
+are summed. The work is antismooth.evaluate's; this file parses flags, shows progress and prints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from antismooth.data.pipeline import reduce_eval_metrics
+from antismooth.evaluate import (augment_from_data_config, build_eval_model, check_classes, eval_batches, evaluate,
+                                 model_data_config, resolve_eval_data)
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", required=True, help="weights file: .safetensors or .pth (read with weights_only=True)")
+    p.add_argument("--data", required=True, help="shard folder or manifest (.json), or an ImageFolder root")
+    p.add_argument("--split", default="val", help="split to evaluate (default: %(default)s)")
+    p.add_argument("--model", help="timm model name, for weights files that do not name their model")
+    p.add_argument("--num-classes", type=int,
+                   help="model outputs, for files without metadata (default: the data's class count)")
+    p.add_argument("--img-size", type=int, help="model input size, for files without metadata (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per batch and process (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=4, help="loader processes per rank (default: %(default)s)")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="fp32",
+                   help="autocast dtype of the forward pass (default: %(default)s)")
+    p.add_argument("--device", help="default: cuda (this rank's GPU) when there is one, else cpu")
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    return p.parse_args(argv)
+
+
+def setup_distributed(device_flag: str | None) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether this call started the process group): joins torchrun's group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_flag:
+        device = torch.device(device_flag)
+    else:
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    started = world > 1 and not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device, started
+
+
+def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
+    """Evaluate and return the figures (the same on every rank)."""
+    data = resolve_eval_data(args.data, args.split)
+    model, meta = build_eval_model(args.weights, args.model, args.num_classes, args.img_size,
+                                   default_num_classes=len(data.classes))
+    check_classes(model, (meta or {}).get("classes"), data)
+    augment = augment_from_data_config(model_data_config(model, meta))
+    batches = eval_batches(data, augment, args.batch_size, rank, world, args.workers)
+    model.to(device)
+    name = (meta or {}).get("model") or args.model
+    bar = tqdm(batches, total=len(batches), desc=f"eval {name}", unit="batch", dynamic_ncols=True,
+               disable=rank != 0 or not sys.stderr.isatty())
+    start = time.perf_counter()
+    counts = evaluate(model, bar, device, AMP_DTYPES[args.amp])
+    metrics = reduce_eval_metrics(**counts)
+    seconds = time.perf_counter() - start
+    bar.close()
+    return {**metrics, "images_per_s": metrics["count"] / seconds, "seconds": seconds, "model": name,
+            "weights": str(args.weights), "data": str(data.path), "split": args.split, "world_size": world}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 a problem with the weights, the data or the flags)."""
+    args = parse_args(argv)
+    rank, world, device, started = setup_distributed(args.device)
+    try:
+        figures = run(args, rank, world, device)
+    except (OSError, ValueError) as e:  # WeightsMismatchError is a ValueError
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if started:
+            dist.destroy_process_group()
+    if rank == 0:
+        print(f"{figures['model']} on {figures['data']}: top-1 {figures['top1']:.2f} %  top-5 {figures['top5']:.2f} %  "
+              f"loss {figures['loss']:.4f}  ({figures['count']} images, {figures['images_per_s']:.1f} img/s on "
+              f"{world} process{'es' if world > 1 else ''})")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
