@@ -1,0 +1,314 @@
+"""tools/export.py and tools/eval.py on real DeepSpeed checkpoints and real shards.
+
+The checkpoints come from real DeepSpeed processes (tests/jobs/make_checkpoints.py: a 24-block
+AttnScale ViT trained a few steps under ZeRO-0/1/2/3, fp32 and bf16, on 1 and on 2 ranks), made
+once per module by the `ds_runs` fixture, which also recorded each live engine's logits on a fixed
+input. An export must reproduce those logits through plain timm, load with strict=True, and fail
+on damaged or incomplete checkpoints with one sentence and no file left behind. Evaluation must give
+the same figures from shards, from an ImageFolder, on one process or two, as a direct loop.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from timm.data import create_transform
+
+import antismooth  # noqa: F401  (registers the zoo)
+from antismooth.data.pipeline import reduce_eval_metrics
+from antismooth.evaluate import evaluate
+from antismooth.export import (create_model_from_weights, read_export_meta, read_model_meta, save_weights,
+                               write_model_meta)
+from antismooth.models import read_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "tests" / "jobs" / "make_checkpoints.py"
+sys.path.insert(0, str(REPO / "tools"))
+import eval as eval_tool  # noqa: E402  (tools/ is not a package: the front ends are tested in-process)
+import export as export_tool  # noqa: E402
+
+# Configs each launch trains (one launch per world size; see tests/jobs/make_checkpoints.py).
+LAUNCHES = {1: ("zero0", "zero1", "zero2", "zero3"), 2: ("zero1", "zero2", "zero3", "zero2-bf16", "zero3-bf16")}
+TAG = "step00000002"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ds_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], Path]:
+    """{(config, world size): run folder} of real DeepSpeed runs; both launches run side by side."""
+    out = tmp_path_factory.mktemp("ds-runs")
+    bindir = Path(sys.executable).parent
+    commands = {
+        1: [sys.executable, str(JOB), "--out", str(out / "w1"), "--configs", ",".join(LAUNCHES[1])],
+        2: [str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), str(JOB),
+            "--out", str(out / "w2"), "--configs", ",".join(LAUNCHES[2])],
+    }
+    procs = {w: subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for w, cmd in commands.items()}
+    for world, proc in procs.items():
+        log, _ = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            pytest.fail(f"the world-size-{world} DeepSpeed job failed ({proc.returncode}):\n{log[-4000:]}")
+    return {(name, w): out / f"w{w}" / name for w, names in LAUNCHES.items() for name in names}
+
+
+def _export(capsys, *argv: str) -> tuple[int, str]:
+    """Run tools/export.py in-process; (exit status, what it printed to stderr)."""
+    status = export_tool.main([str(a) for a in argv])
+    return status, capsys.readouterr().err
+
+
+def _live(run: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    recorded = torch.load(run / "logits.pt", weights_only=True)
+    return recorded["input"], recorded["logits"]
+
+
+# --- exports reproduce the live model -------------------------------------------------------------------
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("config", ["zero1", "zero2", "zero3"])
+def test_export_reproduces_the_live_engine(ds_runs, tmp_path, capsys, config, world):
+    run = ds_runs[config, world]
+    out = tmp_path / "model.safetensors"
+    status, err = _export(capsys, run, "--out", out)  # the run folder itself; the tag is `latest`'s
+    assert status == 0, err
+    meta = read_export_meta(out)
+    assert meta["model"] == "attnscale_tiny_24" and meta["tag"] == TAG and meta["world_size"] == world
+    assert meta["zero_stage"] == int(config[-1]) and meta["classes"][0] == "n00000000"
+
+    model, _ = create_model_from_weights(out)  # strict=True, from the file's own description
+    images, live = _live(run)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images), live, rtol=1e-5, atol=1e-5)
+        untrained = timm.create_model(meta["model"], **meta["model_kwargs"]).eval()
+        assert not torch.allclose(untrained(images), live, atol=1e-3)  # the check above is not vacuous
+
+
+@pytest.mark.parametrize("config", ["zero2-bf16", "zero3-bf16"])
+def test_bf16_training_exports_its_fp32_masters_in_any_dtype(ds_runs, tmp_path, capsys, config):
+    run = ds_runs[config, 2]
+    fp32, bf16 = tmp_path / "fp32.safetensors", tmp_path / "bf16.safetensors"
+    assert _export(capsys, run / "checkpoints", "--out", fp32)[0] == 0
+    assert _export(capsys, run / "checkpoints", "--tag", TAG, "--out", bf16, "--dtype", "bf16")[0] == 0
+    full, half = read_checkpoint(fp32), read_checkpoint(bf16)
+    assert {t.dtype for t in full.values()} == {torch.float32} and {t.dtype for t in half.values()} == {torch.bfloat16}
+    assert all(torch.equal(full[k].bfloat16(), half[k]) for k in full)
+    assert read_export_meta(bf16)["dtype"] == "bf16" and bf16.stat().st_size < 0.55 * fp32.stat().st_size
+
+    # The engine trained with bf16 copies of these masters: the bf16 export is exactly those weights.
+    model, _ = create_model_from_weights(bf16)
+    images, live = _live(run)
+    with torch.no_grad():
+        logits = model.to(torch.bfloat16).eval()(images.bfloat16()).float()
+    torch.testing.assert_close(logits, live, rtol=0, atol=2e-2)  # a few bf16 ulps: CPU kernels by thread count
+
+
+def test_pth_export_with_sidecar_loads_in_timm_and_with_weights_only(ds_runs, tmp_path, capsys):
+    run = ds_runs["zero3", 2]
+    pth, st = tmp_path / "as24.pth", tmp_path / "as24.safetensors"
+    assert _export(capsys, run, "--out", pth)[0] == 0
+    assert _export(capsys, run, "--out", st)[0] == 0
+    assert read_export_meta(pth) == read_export_meta(st) and (tmp_path / "as24.pth.json").is_file()
+    state_dict = torch.load(pth, weights_only=True)
+    assert not any(k.startswith("module.") for k in state_dict)
+    images, live = _live(run)
+    meta = read_export_meta(pth)
+    for path in (pth, st):  # timm's own loader (strict=True) takes both
+        model = timm.create_model(meta["model"], checkpoint_path=str(path), **meta["model_kwargs"]).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(images), live, rtol=1e-5, atol=1e-5)
+
+
+# --- failures: one sentence, exit 2, nothing left behind --------------------------------------------------
+
+@pytest.fixture
+def broken(ds_runs, tmp_path) -> Path:
+    """A private copy of the 2-rank ZeRO-3 run's checkpoints/ to damage."""
+    return Path(shutil.copytree(ds_runs["zero3", 2] / "checkpoints", tmp_path / "checkpoints"))
+
+
+def _listing(folder: Path) -> set[Path] | None:
+    return set(folder.iterdir()) if folder.is_dir() else None
+
+
+def _assert_fails_cleanly(capsys, args: list, out: Path, *phrases: str) -> None:
+    before = _listing(out.parent)
+    status, err = _export(capsys, *args, "--out", out)
+    assert status == 2
+    assert err.startswith("error: ") and "Traceback" not in err
+    for phrase in phrases:
+        assert phrase in err, err
+    assert _listing(out.parent) == before  # no output, no temporary, not even its folder
+
+
+def test_missing_rank_file(broken, tmp_path, capsys):
+    (broken / TAG / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    _assert_fails_cleanly(capsys, [broken], tmp_path / "out" / "x.safetensors", "lacks the files of rank(s) 1",
+                          "copy all ranks' files")
+
+
+def test_no_latest_lists_the_tags(broken, tmp_path, capsys):
+    (broken / "latest").unlink()
+    _assert_fails_cleanly(capsys, [broken], tmp_path / "x.safetensors", "no 'latest' file", TAG, "--tag")
+
+
+def test_unknown_tag_lists_the_tags(broken, tmp_path, capsys):
+    _assert_fails_cleanly(capsys, [broken, "--tag", "step99999999"], tmp_path / "x.pth",
+                          "no checkpoint 'step99999999'", f"the tags there are {TAG}")
+
+
+def test_tag_newer_than_latest_is_refused(broken, tmp_path, capsys):
+    newer = broken / "step00000009"
+    shutil.copytree(broken / TAG, newer)
+    meta = read_model_meta(newer)
+    write_model_meta(newer, dict(meta, step=9))
+    _assert_fails_cleanly(capsys, [broken, "--tag", newer.name], tmp_path / "x.safetensors",
+                          "newer than the checkpoint 'latest' names", f"export {TAG}")
+
+
+def test_stage0_checkpoint(ds_runs, tmp_path, capsys):
+    _assert_fails_cleanly(capsys, [ds_runs["zero0", 1]], tmp_path / "x.safetensors", "stage-0",
+                          "ZeRO stage 1-3")
+
+
+def test_damaged_partition(broken, tmp_path, capsys):
+    optim = broken / TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    optim.write_bytes(optim.read_bytes()[: optim.stat().st_size // 2])
+    _assert_fails_cleanly(capsys, [broken], tmp_path / "x.safetensors", "could not consolidate",
+                          "export another tag")
+
+
+def test_no_such_folder(tmp_path, capsys):
+    _assert_fails_cleanly(capsys, [tmp_path / "runs" / "nope"], tmp_path / "x.safetensors", "no checkpoint folder")
+
+
+def test_existing_output_needs_overwrite(ds_runs, tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    out.write_bytes(b"precious")
+    _assert_fails_cleanly(capsys, [ds_runs["zero2", 1]], out, "already exists", "--overwrite")
+    assert out.read_bytes() == b"precious"
+    assert _export(capsys, ds_runs["zero2", 1], "--out", out, "--overwrite")[0] == 0
+    assert read_export_meta(out)["model"] == "attnscale_tiny_24"
+
+
+# --- evaluation ---------------------------------------------------------------------------------------
+
+EVAL_KWARGS = dict(num_classes=103, img_size=32, patch_size=8, embed_dim=64, num_heads=4)
+DATA_CONFIG = {"input_size": [3, 32, 32], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+               "crop_pct": 0.875, "interpolation": "bicubic"}
+
+
+@pytest.fixture(scope="module")
+def classifier(imagenet_sample, tmp_path_factory) -> tuple[Path, dict, tuple[torch.Tensor, torch.Tensor]]:
+    """A 103-class model that gets every third sample image right (its head fitted by least squares on
+    those images' features), saved with its description; its figures from a direct loop over the files,
+    and the transformed images with their labels."""
+    root = imagenet_sample / "train"
+    classes = sorted(p.name for p in root.iterdir())
+    transform = create_transform(DATA_CONFIG["input_size"], is_training=False, crop_pct=DATA_CONFIG["crop_pct"],
+                                 interpolation=DATA_CONFIG["interpolation"], mean=DATA_CONFIG["mean"],
+                                 std=DATA_CONFIG["std"])
+    images = torch.stack([transform(Image.open(next((root / c).iterdir())).convert("RGB")) for c in classes])
+    labels = torch.arange(len(classes))
+    torch.manual_seed(0)
+    model = timm.create_model("attnscale_tiny_24", **EVAL_KWARGS).eval()
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(images), pre_logits=True).double()
+        fit = labels % 3 == 0
+        design = torch.cat([features[fit], torch.ones(int(fit.sum()), 1, dtype=torch.float64)], dim=1)
+        solution = torch.linalg.lstsq(design, 10.0 * torch.eye(len(classes), dtype=torch.float64)[labels[fit]]).solution
+        model.head.weight.copy_(solution[:-1].T)
+        model.head.bias.copy_(solution[-1])
+        logits = model(images)
+    top5 = logits.topk(5, dim=-1).indices
+    direct = {"top1": 100 * (top5[:, 0] == labels).float().mean().item(),
+              "top5": 100 * (top5 == labels[:, None]).any(-1).float().mean().item(),
+              "loss": torch.nn.functional.cross_entropy(logits, labels).item(), "count": len(classes)}
+    assert 30 < direct["top1"] < 40  # the fitted third, give or take: figures that can disagree
+    path = tmp_path_factory.mktemp("classifier") / "as24.safetensors"
+    save_weights(model.state_dict(), path, {"model": "attnscale_tiny_24", "model_kwargs": EVAL_KWARGS,
+                                            "classes": classes, "data_config": DATA_CONFIG})
+    return path, direct, (images, labels)
+
+
+def _eval(tmp_path, capsys, *argv) -> dict:
+    out = tmp_path / "eval.json"
+    assert eval_tool.main([*map(str, argv), "--json", str(out)]) == 0, capsys.readouterr().err
+    return json.loads(out.read_text())
+
+
+def _same_figures(a: dict, b: dict) -> None:
+    assert a["count"] == b["count"]
+    assert a["top1"] == pytest.approx(b["top1"]) and a["top5"] == pytest.approx(b["top5"])
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_eval_on_shards_and_imagefolder_match_a_direct_loop(classifier, sample_shards, imagenet_sample, tmp_path,
+                                                            capsys):
+    weights, direct, _ = classifier
+    shards = _eval(tmp_path, capsys, "--weights", weights, "--data", sample_shards.parent, "--split", "train",
+                   "--workers", "2", "--batch-size", "16")
+    _same_figures(shards, direct)
+    folder = _eval(tmp_path, capsys, "--weights", weights, "--data", imagenet_sample, "--split", "train",
+                   "--workers", "0", "--batch-size", "16")
+    _same_figures(folder, direct)
+    assert folder["images_per_s"] > 0 and "top-1 33.98 %" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("source", ["shards", "imagefolder"])
+def test_eval_on_two_processes_counts_every_image_once(classifier, sample_shards, imagenet_sample, tmp_path, source):
+    weights, direct, _ = classifier
+    data = sample_shards if source == "shards" else imagenet_sample  # the manifest itself / an ImageFolder root
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(REPO / "tools" / "eval.py"), "--weights", str(weights), "--data", str(data), "--split", "train",
+           "--workers", "1", "--batch-size", "8", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["world_size"] == 2
+    _same_figures(figures, direct)
+
+
+def test_eval_says_what_does_not_match(classifier, ds_runs, sample_shards, tmp_path, capsys):
+    weights, _, _ = classifier
+    plain = tmp_path / "plain.pth"  # like an official checkpoint: no description
+    save_weights(read_checkpoint(weights), plain)
+    assert read_export_meta(plain) is None
+    base = ["--data", str(sample_shards), "--workers", "0"]
+    assert eval_tool.main(["--weights", str(plain), *base]) == 2
+    assert "does not say which model" in capsys.readouterr().err
+    assert eval_tool.main(["--weights", str(plain), "--model", "attnscale_small_12", *base]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: The checkpoint does not match model attnscale_small_12") and "Traceback" not in err
+    assert "shape mismatch" in err and "unexpected (" in err and "blocks.12." in err  # 24 blocks into 12
+
+    exported = tmp_path / "ten.safetensors"  # the DeepSpeed run's 10-class model on 103-class data
+    assert _export(capsys, ds_runs["zero2", 1], "--out", exported)[0] == 0
+    assert eval_tool.main(["--weights", str(exported), *base]) == 2
+    assert "trained on 10 classes" in capsys.readouterr().err
+
+
+def test_evaluate_sums_counts_over_batches_and_restores_train_mode(classifier):
+    weights, direct, (images, labels) = classifier
+    model, _ = create_model_from_weights(weights)
+    model.train()
+    batches = [(images[:40], labels[:40]), (images[40:], labels[40:])]
+    counts = evaluate(model, batches, "cpu")
+    assert model.training and counts["count"] == 103
+    _same_figures(reduce_eval_metrics(**counts), direct)  # no process group: this process's figures
+    autocast = reduce_eval_metrics(**evaluate(model, batches, "cpu", dtype=torch.bfloat16))
+    assert model.training and autocast["top1"] == pytest.approx(direct["top1"], abs=100 * 3 / 103)
