@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import difflib
 import itertools
-import json
 import logging
 import os
 import random
 import socket
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -36,12 +36,16 @@ from antismooth.config import ConfigError, DeepSpeedSettings, Derived, TrainConf
 from antismooth.data.pipeline import (AugmentConfig, StreamConfig, build_eval_stream, build_train_stream,
                                       reduce_eval_metrics, seed_for)
 from antismooth.data.shards import load_manifest
+from antismooth.evaluate import evaluate
+from antismooth.export import write_model_meta
 from antismooth.engine import (RunFolder, TrainState, apply_activation_checkpointing, build_scheduler,
                                checkpoint_tag, param_groups)
 from antismooth.models import WeightsMismatchError, load_weights
 from antismooth.spectral import measure, write_spectral
 
 log = logging.getLogger("pretrain")
+# DeepSpeed 0.19.8's ZeRO calls a torch.distributed function that torch 2.14 deprecates, once per rank and run.
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 SPECTRAL_PROBE_IMAGES = 16
 THROUGHPUT_WARMUP_STEPS = 3
@@ -267,7 +271,7 @@ def run(config: TrainConfig):
 
     if config.eval_only:
         load_weights(model, config.finetune)
-        metrics = evaluate(model.to(env.device), val_manifest, ds.micro_batch, env, augment, config.workers, None)
+        metrics = evaluate_split(model.to(env.device), val_manifest, ds.micro_batch, env, augment, config.workers, None)
         if env.rank == 0:
             print(f"eval {config.finetune}: top-1 {metrics['top1']:.2f} %  top-5 {metrics['top5']:.2f} %  "
                   f"loss {metrics['loss']:.4f}  ({metrics['count']} images)")
@@ -348,26 +352,13 @@ def log_start(config: TrainConfig, ds: DeepSpeedSettings, derived: Derived, meta
                                "model": meta, "resumed_from": resume_tag})
 
 
-def evaluate(model_or_engine, manifest: Path, batch_size: int, env: Dist, augment: AugmentConfig, workers: int,
-             dtype: Optional[torch.dtype]) -> dict[str, float]:
+def evaluate_split(model_or_engine, manifest: Path, batch_size: int, env: Dist, augment: AugmentConfig,
+                   workers: int, dtype: Optional[torch.dtype]) -> dict[str, float]:
     """Top-1/top-5/loss over the validation shards, every sample exactly once across ranks."""
     stream = build_eval_stream(str(manifest), batch_size, env.rank, env.world_size, num_workers=workers,
                                augment=augment)
-    was_training = model_or_engine.training
-    model_or_engine.eval()
-    correct1 = correct5 = loss_sum = 0.0
-    count = 0
-    with torch.no_grad():
-        for images, targets in stream.loader():
-            images, targets = images.to(env.device, dtype), targets.to(env.device)
-            logits = model_or_engine(images).float()
-            loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-            top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-            correct1 += (top5[:, 0] == targets).sum().item()
-            correct5 += (top5 == targets[:, None]).any(dim=-1).sum().item()
-            count += targets.numel()
-    model_or_engine.train(was_training)
-    return reduce_eval_metrics(correct1, correct5, loss_sum, count)
+    counts = evaluate(model_or_engine, stream.loader(), env.device, None if dtype == torch.float32 else dtype)
+    return reduce_eval_metrics(**counts)
 
 
 def measure_throughput(engine, env: Dist, ds: DeepSpeedSettings, dtype: torch.dtype, img_size, num_classes: int) -> None:
@@ -430,7 +421,7 @@ class Trainer:
         return min(total, self.config.max_steps) if self.config.max_steps else total
 
     def train(self) -> None:
-        state, derived = self.state, self.derived
+        state = self.state
         self.engine.train()
         self.timer = StepTimer(self.stop_step() - state.global_step)
         while state.epoch < self.config.epochs and state.global_step < self.stop_step():
@@ -450,7 +441,6 @@ class Trainer:
 
     def train_epoch(self) -> None:
         state, derived, engine = self.state, self.derived, self.engine
-        per_micro = derived.micro_batch * derived.world_size
         steps_left = derived.steps_per_epoch - state.samples_in_epoch // derived.global_batch
         batches = self.stream.loader(state.epoch, samples_consumed=state.samples_in_epoch)
         losses = []
@@ -467,7 +457,7 @@ class Trainer:
             if micro + 1 < self.micro_per_step:
                 continue
             state.global_step += 1
-            state.samples_in_epoch += per_micro * self.micro_per_step
+            state.samples_in_epoch += derived.global_batch
             state.samples_seen += derived.global_batch
             state.corrupt_skipped = self.stream.corrupt_skipped
             self.scheduler.step_update(state.global_step)
@@ -518,10 +508,9 @@ class Trainer:
     def save(self) -> None:
         """A checkpoint on every rank (DeepSpeed needs all of them), the model meta beside it, old ones pruned."""
         tag = checkpoint_tag(self.state.global_step)
-        if self.env.rank == 0:
-            tag_dir = self.run_folder.checkpoints / tag
-            tag_dir.mkdir(parents=True, exist_ok=True)
-            write_json(tag_dir / "antismooth.json", dict(self.meta, step=self.state.global_step, epoch=self.state.epoch))
+        if self.env.rank == 0:  # the model's description, for tools/export.py and tools/eval.py
+            write_model_meta(self.run_folder.checkpoints / tag,
+                             dict(self.meta, step=self.state.global_step, epoch=self.state.epoch))
         self.engine.save_checkpoint(str(self.run_folder.checkpoints), tag=tag, save_latest=False,
                                     client_state={"antismooth": self.state.state_dict()})
         self.last_saved_step = self.state.global_step
@@ -531,7 +520,7 @@ class Trainer:
             log.info("saved checkpoint %s%s", tag, f" (removed {', '.join(removed)})" if removed else "")
 
     def evaluate(self) -> None:
-        metrics = evaluate(self.engine, self.val_manifest, self.derived.micro_batch, self.env, self.augment,
+        metrics = evaluate_split(self.engine, self.val_manifest, self.derived.micro_batch, self.env, self.augment,
                            self.config.workers, self.dtype)
         if self.env.rank == 0:
             log.info("eval epoch %d: top-1 %.2f %% | top-5 %.2f %% | loss %.4f | %d images", self.state.epoch,
@@ -558,10 +547,6 @@ def technique_param_stats(model: nn.Module, zero_stage: int) -> dict[str, float]
             value = param.detach().float()
             stats[f"{tag}/block_{int(name.split('.')[1]):02d}"] = float((value.abs() if absolute else value).mean())
     return stats
-
-
-def write_json(path: Path, content: dict[str, Any]) -> None:
-    path.write_text(json.dumps(content, indent=2) + "\n")
 
 
 def _mean_over_ranks(value: torch.Tensor) -> float:

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--work", default="runs/demo", help="run folder (replaced)")
     parser.add_argument("--shards", default="shards/demo", help="shard folder (rebuilt)")
+    parser.add_argument("--eval-json", help="also write the final evaluation's figures to this JSON file")
     args = parser.parse_args(argv)
     from antismooth.data.shards import ShardOptions, build
 
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
          "--lr", str(args.lr), "--warmup-epochs", str(args.warmup_epochs), *RECIPE])
     weights = work / f"{args.model}.safetensors"
     run([sys.executable, "tools/export.py", str(work / "checkpoints"), "--out", str(weights)])
-    run([sys.executable, "tools/eval.py", "--weights", str(weights), "--data", str(shards), "--workers", "1"])
+    run([sys.executable, "tools/eval.py", "--weights", str(weights), "--data", str(shards), "--workers", "1",
+         *(["--json", args.eval_json] if args.eval_json else [])])
     print(f"demo finished in {time.time() - start:.0f} s", flush=True)
     return 0
 
