@@ -280,7 +280,7 @@ def run(config: TrainConfig):
     resume_tag = run_folder.latest_tag()
     if config.finetune and resume_tag is None:
         load_finetune_weights(model, config.finetune)
-    apply_activation_checkpointing(model, ds.blocks_per_checkpoint)
+    apply_activation_checkpointing(model, ds.blocks_per_checkpoint, ds.offload_checkpoints)
     num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
 
     import deepspeed

@@ -19,9 +19,10 @@ __all__ = ["TrainConfig", "DeepSpeedSettings", "Derived", "ConfigError", "derive
 
 # DeiT's learning-rate rule: the base lr is for a global batch of 512 (Touvron et al. 2021, Sec. 6).
 LR_REFERENCE_BATCH = 512
-# DeepSpeed's own activation-checkpointing features that need DeepSpeed's checkpoint function;
-# antismooth checkpoints whole transformer blocks with torch.utils.checkpoint instead.
-UNSUPPORTED_ACTIVATION_KEYS = ("partition_activations", "cpu_checkpointing", "contiguous_memory_optimization")
+# DeepSpeed's own activation-checkpointing features that need DeepSpeed's checkpoint function and
+# model parallelism; antismooth checkpoints whole transformer blocks with torch.utils.checkpoint
+# instead (and honours `cpu_checkpointing` itself: segment inputs kept in host memory).
+UNSUPPORTED_ACTIVATION_KEYS = ("partition_activations", "contiguous_memory_optimization")
 
 
 class ConfigError(ValueError):
@@ -102,6 +103,7 @@ class DeepSpeedSettings:
     dtype: str                   # "float32", "bfloat16" or "float16"
     weight_decay: float
     blocks_per_checkpoint: int   # 0: activation checkpointing off
+    offload_checkpoints: bool = False  # activation_checkpointing.cpu_checkpointing: block inputs in host memory
 
     @classmethod
     def load(cls, path: str | Path, world_size: int) -> "DeepSpeedSettings":
@@ -132,20 +134,22 @@ class DeepSpeedSettings:
                               '{"type": "AdamW", "params": {"betas": [0.9, 0.999], "weight_decay": 0.05}}.')
         micro, accum = cls._batch(raw, world_size, name)
         activation = raw.get("activation_checkpointing")
-        blocks = 0
+        blocks, offload = 0, False
         if activation is not None:
             bad = [k for k in UNSUPPORTED_ACTIVATION_KEYS if activation.get(k)]
             if bad:
                 raise ConfigError(f"{name} turns on DeepSpeed's {', '.join(bad)}, which antismooth does not use "
-                                  "(it checkpoints whole blocks with torch.utils.checkpoint): set them to false.")
+                                  "(it checkpoints whole blocks with torch.utils.checkpoint): set it to false.")
             blocks = int(activation.get("blocks_per_checkpoint", 1))
             if blocks < 0:
                 raise ConfigError(f"{name}: activation_checkpointing.blocks_per_checkpoint must be 0 (off) or more.")
+            offload = bool(activation.get("cpu_checkpointing", False))
         dtype = ("bfloat16" if (raw.get("bf16") or {}).get("enabled")
                  else "float16" if (raw.get("fp16") or {}).get("enabled") else "float32")
         return cls(raw=raw, micro_batch=micro, grad_accum=accum,
                    zero_stage=int((raw.get("zero_optimization") or {}).get("stage", 0)),
-                   dtype=dtype, weight_decay=float(params.get("weight_decay", 0.0)), blocks_per_checkpoint=blocks)
+                   dtype=dtype, weight_decay=float(params.get("weight_decay", 0.0)), blocks_per_checkpoint=blocks,
+                   offload_checkpoints=offload)
 
     @staticmethod
     def _batch(raw: dict[str, Any], world_size: int, name: str) -> tuple[int, int]:

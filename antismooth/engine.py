@@ -43,8 +43,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, deriv
     for group in optimizer.param_groups:
         group["lr"] = derived.peak_lr
         group.pop("initial_lr", None)
-    scheduler = CosineLRScheduler(optimizer, t_initial=derived.total_steps, lr_min=config.min_lr,
-                                  warmup_t=derived.warmup_steps, warmup_lr_init=config.warmup_lr, t_in_epochs=False)
+    # warmup_prefix: the cosine starts at the peak when warmup ends (timm's default lets it start at step 0
+    # under the warmup, so a short run never reaches the peak lr it logs).
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, derived.total_steps - derived.warmup_steps),
+                                  lr_min=config.min_lr, warmup_t=derived.warmup_steps, warmup_lr_init=config.warmup_lr,
+                                  warmup_prefix=True, t_in_epochs=False)
     scheduler.step_update(0)
     return scheduler
 
@@ -58,24 +61,32 @@ class CheckpointedBlocks(nn.Sequential):
     recompute, and works with ZeRO-3's gathered parameters.
     """
 
-    def __init__(self, blocks: nn.Sequential, every: int) -> None:
+    def __init__(self, blocks: nn.Sequential, every: int, offload: bool = False) -> None:
         super().__init__(*blocks)
         self.every = every
+        self.offload = offload
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return super().forward(x)
-        return checkpoint_seq(self, x, every=self.every, use_reentrant=False)
+        if not self.offload:
+            return checkpoint_seq(self, x, every=self.every, use_reentrant=False)
+        # The segment inputs are the only tensors kept through the saved-tensor hooks here (what a
+        # segment saves inside is the checkpoint's own business), so this moves exactly them to host
+        # memory: the device then holds no per-block activations, whatever the depth.
+        with torch.autograd.graph.save_on_cpu(pin_memory=x.is_cuda):
+            return checkpoint_seq(self, x, every=self.every, use_reentrant=False)
 
 
-def apply_activation_checkpointing(model: nn.Module, blocks_per_checkpoint: int) -> nn.Module:
-    """Checkpoint `model.blocks` (ViT blocks, CaiT's self-attention stage) every `blocks_per_checkpoint` blocks."""
+def apply_activation_checkpointing(model: nn.Module, blocks_per_checkpoint: int, offload: bool = False) -> nn.Module:
+    """Checkpoint `model.blocks` (ViT blocks, CaiT's self-attention stage) every `blocks_per_checkpoint` blocks,
+    keeping the segment inputs in host memory with `offload` (DeepSpeed's `cpu_checkpointing`)."""
     if blocks_per_checkpoint <= 0:
         return model
     if not isinstance(getattr(model, "blocks", None), nn.Sequential):
         raise ValueError(f"{type(model).__name__} has no `blocks` sequence to checkpoint: turn "
                          "activation_checkpointing off in the DeepSpeed config.")
-    model.blocks = CheckpointedBlocks(model.blocks, blocks_per_checkpoint)
+    model.blocks = CheckpointedBlocks(model.blocks, blocks_per_checkpoint, offload)
     return model
 
 
