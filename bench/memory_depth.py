@@ -333,6 +333,9 @@ def _print_report(rows: dict, args: argparse.Namespace, seconds: float) -> None:
     print("\nactivation MiB: exact allocator peak of the step above the memory held before it "
           f"({'c10 CPU allocator events from the profiler' if cpu else 'torch.cuda.max_memory_allocated'}); "
           f"the peak fell in the {', '.join(sorted({r['peak_phase'] for r in rows.values()}))}.")
+    worst = max(abs(r["kept_bytes"] - r["forward_end_bytes"]) / r["forward_end_bytes"] for r in rows.values())
+    print("kept for backward (saved-tensor hooks ∪ block inputs, by storage) against the allocator's live bytes at "
+          f"the end of the forward: within {worst:.1%} in every configuration.")
 
     deep, shallow = DEPTHS[-1], DEPTHS[0]
     on48, on12 = rows[(deep, True)], rows[(shallow, True)]

@@ -11,8 +11,12 @@ gradients alive too, which ZeRO-1/2 free after each step). What is measured:
   - RSS Δ (CPU): resident memory after the step minus before the model was built, the heap trimmed
     both times. Pages of a torch.empty buffer that were never written are not resident, so RSS can
     stay below the live-tensor bytes.
-Both are taken relative to the same process before the engine was built, so imports, the process
-group and earlier stages' leftovers do not count. The theoretical figure is Ψ parameters × bytes of
+  - peak in a step: the allocator's peak during a third step (CUDA's max_memory_allocated; on CPU
+    the running sum of the c10 allocations the profiler records) plus what was held when it began:
+    includes that step's activations (batch --batch, no activation checkpointing) and DeepSpeed's
+    gradient buckets, which ZeRO-1/2 allocate at reduce_bucket_size for each backward and free after.
+All are taken relative to the same process before the engine was built, so imports, the process
+group and earlier runs' leftovers do not count. The theoretical figure is Ψ parameters × bytes of
 weights, gradients and Adam's m and v, partitioned as each stage does (ZeRO paper, Rajbhandari et
 al. 2020, Fig. 1): ZeRO-1 w + g + (m + v)/N, ZeRO-2 w + (g + m + v)/N, ZeRO-3 (w + g + m + v)/N.
 
@@ -73,8 +77,11 @@ def engine_config(stage: int, variant: str, batch: int, cuda: bool) -> dict:
     return DeepSpeedSettings.from_dict(raw, world).for_deepspeed()
 
 
-def live_tensor_storages(device_type: str) -> dict[int, int]:
-    """{storage pointer: bytes} of every tensor object alive on `device_type` (found by the garbage collector)."""
+def live_tensor_storages(device_type: str, hold: list | None = None) -> dict[int, int]:
+    """{storage pointer: bytes} of every tensor object alive on `device_type` (found by the garbage collector).
+
+    With `hold`, the storages are also appended to it: held, none can be freed and its address reused by a
+    new tensor, so "new since then" can be told by address alone."""
     import torch
 
     gc.collect()
@@ -88,6 +95,8 @@ def live_tensor_storages(device_type: str) -> dict[int, int]:
             continue
         if storage.nbytes():
             storages[storage.data_ptr()] = storage.nbytes()
+            if hold is not None:
+                hold.append(storage)
     return storages
 
 
@@ -176,7 +185,8 @@ def measure_stage(model_name: str, stage: int, variant: str, batch: int, device_
 
     cuda = device_type == "cuda"
     config = engine_config(stage, variant, batch, cuda)
-    live_before = live_tensor_storages(device_type)
+    held_before: list = []
+    live_before = live_tensor_storages(device_type, held_before)
     rss_before = None if cuda else rss_bytes()
     cuda_before = torch.cuda.memory_allocated() if cuda else None
 
@@ -243,8 +253,11 @@ def worker(args: argparse.Namespace) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", 1))))
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     results = []
-    for variant in args.variants:
-        for stage in args.stages:
+    # DeepSpeed 0.19.8's ZeRO-3 engine stays alive after destroy() (its state, ~20 bytes per parameter
+    # here, is never freed in-process), so the ZeRO-3 runs come last; every figure counts only the
+    # storages that are new to its own run.
+    for stage in sorted(args.stages):
+        for variant in args.variants:
             results.append(measure_stage(args.model, stage, variant, args.batch, "cuda" if cuda else "cpu"))
             dist.barrier()
     everyone = [None] * dist.get_world_size()
@@ -363,6 +376,8 @@ def report(rows: list[dict], args: argparse.Namespace, launches: dict, seconds: 
                       f"{ratio(g, w1 and w1['with_grads']['live_bytes'])} | {r['with_grads'][second] / MIB:.1f} | "
                       f"{theory_bytes(r) / MIB:.1f} | {theory_bytes(r, master=True) / MIB:.1f} | "
                       f"{r['step_peak_bytes'] / MIB:.1f} |")
+        print(f"\npeak in a step: held before the step + the allocator's peak during forward, backward and "
+              f"optimizer step (batch {args.batch} per rank, its activations included).")
         print("\nwhat the live bytes with gradients are (MiB):\n")
         names = list(first["with_grads"]["breakdown"])
         print("| stage | world | " + " | ".join(names) + " |")
