@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     _print_report(rows, args, time.perf_counter() - start)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"args": vars(args), **{f"{d}/{'on' if ac else 'off'}": row
-                                                               for (d, ac), row in rows.items()}}, indent=2, default=str) + "\n")
+        figures = {f"{d}/{'on' if ac else 'off'}": row for (d, ac), row in rows.items()}
+        args.json.write_text(json.dumps({"args": vars(args), **figures}, indent=2, default=str) + "\n")
     return 0
 
 

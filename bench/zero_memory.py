@@ -303,14 +303,16 @@ def theory_bytes(r: dict, master: bool = False) -> float:
     even when the weights are fp32)."""
     psi, n, w = r["num_params"], r["world"], r["weight_bytes"]
     weights, grads, state = w * psi, w * psi, (12 if master else 8) * psi
-    return {1: weights + grads + state / n, 2: weights + (grads + state) / n, 3: (weights + grads + state) / n}[r["stage"]]
+    partitioned = {1: weights + grads + state / n, 2: weights + (grads + state) / n, 3: (weights + grads + state) / n}
+    return partitioned[r["stage"]]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="attnscale_small_24")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=1, help="images per rank and step (only the step time depends on it)")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="images per rank and step (only the step time and the step peak depend on it)")
     parser.add_argument("--stages", type=int, nargs="+", default=list(STAGES))
     parser.add_argument("--worlds", type=int, nargs="+", default=list(WORLDS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
