@@ -24,8 +24,11 @@ Step time: the median of the timed steps of all rounds, in other processes (glib
 training), the configurations interleaved round by round (order reversed every other round); each
 ratio is against the unchecked step at the same depth measured in the same run.
 
-    python bench/memory_depth.py                       # CPU, batch 4, float32
-    python bench/memory_depth.py --device cuda         # batch 64, bf16 autocast
+With --offload a third setting runs: checkpointing with the block inputs kept in host memory
+(apply_activation_checkpointing(model, 1, offload=True)); it lowers device memory on CUDA only.
+
+    python bench/memory_depth.py                             # CPU, batch 4, float32
+    python bench/memory_depth.py --device cuda --offload     # batch 64, bf16 autocast
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ import time
 from pathlib import Path
 
 DEPTHS = (12, 24, 48)
-CONFIGS = [(depth, ac) for depth in DEPTHS for ac in (False, True)]
+MODES = ("off", "on")             # activation checkpointing; "offload" (--offload) also keeps block inputs on the host
 MIB = 2**20
 # glibc keeps freed blocks below its mmap threshold (which it raises at run time, up to 32 MiB) in the
 # heap and reuses them imperfectly: so a step's RSS grew by ~2x the bytes it allocated (depth 12, AC on,
@@ -53,7 +56,7 @@ TARGET_DEPTH_RATIO = 1.2      # AC on: activation memory at depth 48 <= 1.2x tha
 TARGET_TIME_RATIO = 1.35      # AC on: step time <= 1.35x the unchecked step
 
 
-def measure(depth: int, ac: bool, batch: int, steps: int, device: str, dtype: str, drop_path: float,
+def measure(depth: int, ac: str, batch: int, steps: int, device: str, dtype: str, drop_path: float,
             threads: int, memory: bool) -> dict:
     """Build attnscale_small_{depth} and warm up one step; then time `steps` steps, or (memory) measure one
     step with RSS and saved-tensor counts and one under the profiler (CPU) or the allocator's stats (CUDA)."""
@@ -69,8 +72,8 @@ def measure(depth: int, ac: bool, batch: int, steps: int, device: str, dtype: st
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = timm.create_model(f"attnscale_small_{depth}", drop_path_rate=drop_path).to(device).train()
-    if ac:
-        apply_activation_checkpointing(model, 1)
+    if ac != "off":
+        apply_activation_checkpointing(model, 1, **({"offload": True} if ac == "offload" else {}))
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
     size = model.patch_embed.img_size
     x = torch.randn(batch, 3, *size, device=device)
@@ -240,13 +243,13 @@ def _profiled_step(step) -> dict:
     return {"phase_peak_bytes": phase_peak, "forward_end_bytes": forward_end, "alloc_events": len(allocations)}
 
 
-def _run_in_subprocess(depth: int, ac: bool, memory: bool, args: argparse.Namespace) -> dict:
+def _run_in_subprocess(depth: int, ac: str, memory: bool, args: argparse.Namespace) -> dict:
     job = json.dumps(dict(depth=depth, ac=ac, batch=args.batch, steps=args.steps, device=args.device,
                           dtype=args.dtype, drop_path=args.drop_path, threads=args.threads, memory=memory))
     env = dict(os.environ, **(MEMORY_ENV if memory else {}))
     out = subprocess.run([sys.executable, __file__, "--child", job], capture_output=True, text=True, env=env)
     if out.returncode != 0:
-        raise SystemExit(f"depth {depth}, AC {'on' if ac else 'off'} failed:\n{out.stderr[-3000:]}")
+        raise SystemExit(f"depth {depth}, AC {ac} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -259,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth (pretrain.py's default)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration and round")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds (median across them)")
+    parser.add_argument("--offload", action="store_true",
+                        help="also AC with the block inputs in host memory (apply_activation_checkpointing's offload; "
+                             "meaningful on CUDA only)")
     parser.add_argument("--threads", type=int,
                         help="torch threads per process (default on CPU: 1; 0: torch's default)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -270,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     # On a CPU shared with other busy processes, OpenMP's 2 threads spin at barriers against them: a
     # ViT-S/12 step took 4x longer with 2 threads than with 1 here, and varied more. One thread is steadier.
     args.threads = (0 if cuda else 1) if args.threads is None else args.threads
+    args.modes = MODES + (("offload",) if args.offload else ())
 
     if args.child:
         print(json.dumps(measure(**json.loads(args.child))))
@@ -279,22 +286,23 @@ def main(argv: list[str] | None = None) -> int:
     # Memory first, once per configuration (the allocator counts are exact, the same in any round), in
     # processes with MEMORY_ENV; then the timing rounds, with glibc's defaults as in training.
     memory = {}
-    for depth, ac in CONFIGS:
+    configs = [(depth, ac) for depth in DEPTHS for ac in args.modes]
+    for depth, ac in configs:
         memory[(depth, ac)] = _run_in_subprocess(depth, ac, True, args)
-        _progress(f"memory: depth {depth} AC {'on' if ac else 'off'} "
+        _progress(f"memory: depth {depth} AC {ac} "
                   f"{memory[(depth, ac)]['activation_bytes'] / MIB:.1f} MiB", start)
-    times: dict[tuple[int, bool], list[float]] = {config: [] for config in CONFIGS}
+    times: dict[tuple[int, str], list[float]] = {config: [] for config in configs}
     for r in range(args.rounds):
-        for depth, ac in (CONFIGS if r % 2 == 0 else CONFIGS[::-1]):
+        for depth, ac in (configs if r % 2 == 0 else configs[::-1]):
             times[(depth, ac)] += _run_in_subprocess(depth, ac, False, args)["times"]
-            _progress(f"round {r + 1}/{args.rounds}: depth {depth} AC {'on' if ac else 'off'} "
+            _progress(f"round {r + 1}/{args.rounds}: depth {depth} AC {ac} "
                       f"{times[(depth, ac)][-1] * 1e3:.0f} ms", start)
     rows = {config: dict(memory[config], seconds=statistics.median(times[config]), times=times[config])
-            for config in CONFIGS}
+            for config in configs}
     _print_report(rows, args, time.perf_counter() - start)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        figures = {f"{d}/{'on' if ac else 'off'}": row for (d, ac), row in rows.items()}
+        figures = {f"{d}/{ac}": row for (d, ac), row in rows.items()}
         args.json.write_text(json.dumps({"args": vars(args), **figures}, indent=2, default=str) + "\n")
     return 0
 
@@ -321,9 +329,9 @@ def _print_report(rows: dict, args: argparse.Namespace, seconds: float) -> None:
     rule += "---:|---:|---:|"
     print(head)
     print(rule)
-    for depth, ac in CONFIGS:
-        r, off, d12 = rows[(depth, ac)], rows[(depth, False)], rows[(DEPTHS[0], ac)]
-        line = (f"| {depth} | {'on' if ac else 'off'} | {r['seconds'] * 1e3:.0f} | {r['seconds'] / off['seconds']:.2f} | "
+    for depth, ac in rows:
+        r, off, d12 = rows[(depth, ac)], rows[(depth, "off")], rows[(DEPTHS[0], ac)]
+        line = (f"| {depth} | {ac} | {r['seconds'] * 1e3:.0f} | {r['seconds'] / off['seconds']:.2f} | "
                 f"{r['activation_bytes'] / MIB:.1f} | {r['activation_bytes'] / d12['activation_bytes']:.2f} |")
         if cpu:
             line += f" {r['rss_bytes'] / MIB:.1f} | {r['rss_bytes'] / d12['rss_bytes']:.2f} |"
@@ -338,33 +346,42 @@ def _print_report(rows: dict, args: argparse.Namespace, seconds: float) -> None:
           f"the end of the forward: within {worst:.1%} in every configuration.")
 
     deep, shallow = DEPTHS[-1], DEPTHS[0]
-    on48, on12 = rows[(deep, True)], rows[(shallow, True)]
+    on48, on12 = rows[(deep, "on")], rows[(shallow, "on")]
     print("\nTargets:")
     print(f"- AC on, activation memory depth {deep} / depth {shallow}: "
           + _fmt_ratio(on48["activation_bytes"] / on12["activation_bytes"], TARGET_DEPTH_RATIO)
           + (f"; by peak RSS {on48['rss_bytes'] / on12['rss_bytes']:.2f}×" if cpu else ""))
     for depth in DEPTHS:
         print(f"- AC on, step time / unchecked step at depth {depth}: "
-              + _fmt_ratio(rows[(depth, True)]["seconds"] / rows[(depth, False)]["seconds"], TARGET_TIME_RATIO))
+              + _fmt_ratio(rows[(depth, "on")]["seconds"] / rows[(depth, "off")]["seconds"], TARGET_TIME_RATIO))
+    if "offload" in args.modes:
+        off48, off12 = rows[(deep, "offload")], rows[(shallow, "offload")]
+        print(f"- AC on with block inputs offloaded, activation memory depth {deep} / depth {shallow}: "
+              + _fmt_ratio(off48["activation_bytes"] / off12["activation_bytes"], TARGET_DEPTH_RATIO)
+              + f"; step time / unchecked step at depth {deep}: "
+              + _fmt_ratio(off48["seconds"] / rows[(deep, "off")]["seconds"], TARGET_TIME_RATIO)
+              + ("" if not cpu else " (on CPU the host is the device: offloading cannot lower this memory)"))
 
     # What grows with depth under per-block checkpointing: one stored input per block.
+    measured = "offload" in args.modes
     print("\nAC on, where the activation memory goes (at the peak every block input is still stored):")
     print("| depth | activation MiB | stored block inputs MiB | share | rest: one-block recompute working set "
-          "+ stem/head MiB | expected with inputs offloaded to host MiB |")
-    print("|---:|---:|---:|---:|---:|---:|")
+          "+ stem/head MiB | expected with inputs offloaded to host MiB |" + (" measured with offload MiB |" if measured else ""))
+    print("|---:|---:|---:|---:|---:|---:|" + ("---:|" if measured else ""))
     offload = {}
     for depth in DEPTHS:
-        r = rows[(depth, True)]
+        r = rows[(depth, "on")]
         stored = r["input_bytes"]
         rest = r["activation_bytes"] - stored
         # Offloaded, a block's input comes back to the device only for its own recompute: one stays resident.
         offload[depth] = rest + r["block_input_bytes"]
         print(f"| {depth} | {r['activation_bytes'] / MIB:.1f} | {stored / MIB:.1f} | {stored / r['activation_bytes']:.0%} "
-              f"| {rest / MIB:.1f} | {offload[depth] / MIB:.1f} |")
+              f"| {rest / MIB:.1f} | {offload[depth] / MIB:.1f} |"
+              + (f" {rows[(depth, 'offload')]['activation_bytes'] / MIB:.1f} |" if measured else ""))
     per_block = on12["block_input_bytes"]
     print(f"\nOne block input is {per_block / MIB:.2f} MiB (batch {args.batch} × 197 tokens × 384 × "
           f"{per_block / (args.batch * 197 * 384):.0f} bytes); the stored inputs grow by that per block, the rest "
-          f"stays {rows[(shallow, True)]['activation_bytes'] / MIB - rows[(shallow, True)]['input_bytes'] / MIB:.1f} → "
+          f"stays {on12['activation_bytes'] / MIB - on12['input_bytes'] / MIB:.1f} → "
           f"{on48['activation_bytes'] / MIB - on48['input_bytes'] / MIB:.1f} MiB from depth {shallow} to {deep}.")
     print(f"With the block inputs offloaded to host memory (DeepSpeed's cpu_checkpointing idea), depth {deep} / "
           f"depth {shallow} would be {offload[deep] / offload[shallow]:.2f}× "
