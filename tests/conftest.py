@@ -83,7 +83,8 @@ def free_port() -> int:
 
 
 def ds_config(path: Path, stage: int, batch: int = FULL_BATCH_SIZE, **extra) -> Path:
-    """A CPU DeepSpeed JSON: fp32, torch's AdamW (no fused_adam build), activation checkpointing every 2 blocks."""
+    """A CPU DeepSpeed JSON: fp32 (unless `extra` sets bf16), torch's AdamW (no fused_adam build), activation
+    checkpointing every 2 blocks."""
     config = {"train_batch_size": batch, "zero_optimization": {"stage": stage}, "gradient_clipping": 1.0,
               "optimizer": {"type": "AdamW", "params": {"weight_decay": 0.05, "torch_adam": True}},
               "activation_checkpointing": {"blocks_per_checkpoint": 2}, "steps_per_print": 10**9, **extra}
@@ -134,25 +135,35 @@ def tiny_shards(imagenet_sample: Path, tmp_path_factory: pytest.TempPathFactory)
 @dataclass(frozen=True)
 class TrainedRun:
     output: Path          # the run folder (--output)
-    probe: Path           # the live engine's logits on tests/jobs/train_plan.py's probe batch
+    probe: Path           # the live engine's fp32 logits on tests/jobs/train_plan.py's probe_images(img_size)
     log: str              # the launch's console output
 
 
+# The runs of each launch besides fp32 ZeRO-1/2/3, for the export tests: (key name, ZeRO stage, extra DeepSpeed
+# JSON, flags after FULL_BATCH). A ZeRO-0 checkpoint (which export refuses): one step; bf16 engines (exported
+# from their fp32 masters): 3 steps, the last with spectral diagnostics (each step with its save and eval: ~2.5 s).
+BF16 = {"bf16": {"enabled": True}}
+EXTRA_RUNS = {1: [("zero0", 0, {}, ["--epochs", "1"])],
+              2: [("zero2-bf16", 2, BF16, ["--epochs", "3"]), ("zero3-bf16", 3, BF16, ["--epochs", "3"])]}
+
+
 @pytest.fixture(scope="session")
-def zero_runs(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int], TrainedRun]:
+def zero_runs(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int | str, int], TrainedRun]:
     """attnscale_tiny_24 trained full-batch for 6 steps with ZeRO-1, -2 and -3 at world size 1 and 2:
-    {(stage, world): TrainedRun}. Two launches in all."""
+    {(stage, world): TrainedRun}; in the same two launches, EXTRA_RUNS under {(name, world): TrainedRun}:
+    ("zero0", 1), ("zero2-bf16", 2), ("zero3-bf16", 2)."""
     work = tmp_path_factory.mktemp("zero-runs")
     runs = {}
     for world in (2, 1):
-        plan = []
-        for stage in (1, 2, 3):
-            out = work / f"zero{stage}-world{world}"
-            argv = ["--deepspeed_config", str(ds_config(work / f"zero{stage}.json", stage)), "--data", str(tiny_shards),
-                    "--output", str(out), *TINY_MODEL, *FULL_BATCH, "--save-every", "4"]
+        configs = [(stage, f"zero{stage}", stage, {}, []) for stage in (1, 2, 3)]
+        configs += [(name, name, *rest) for name, *rest in EXTRA_RUNS[world]]
+        plan, outputs = [], {}
+        for key, name, stage, extra, flags in configs:
+            out = outputs[key] = work / f"{name}-world{world}"
+            argv = ["--deepspeed_config", str(ds_config(work / f"{name}.json", stage, **extra)), "--data",
+                    str(tiny_shards), "--output", str(out), *TINY_MODEL, *FULL_BATCH, *flags, "--save-every", "4"]
             plan.append({"argv": argv, "probe": str(out / "probe.pt")})
         log = launch_plan(plan, world, work)
-        for stage in (1, 2, 3):
-            out = work / f"zero{stage}-world{world}"
-            runs[stage, world] = TrainedRun(out, out / "probe.pt", log)
+        for key, out in outputs.items():
+            runs[key, world] = TrainedRun(out, out / "probe.pt", log)
     return runs

@@ -1,11 +1,12 @@
 """tools/export.py and tools/eval.py on real DeepSpeed checkpoints and real shards.
 
-The checkpoints come from real DeepSpeed processes (tests/jobs/make_checkpoints.py: a 24-block
-AttnScale ViT trained a few steps under ZeRO-0/1/2/3, fp32 and bf16, on 1 and on 2 ranks), made
-once per module by the `ds_runs` fixture, which also recorded each live engine's logits on a fixed
-input. An export must reproduce those logits through plain timm, load with strict=True, and fail
-on damaged or incomplete checkpoints with one sentence and no file left behind. Evaluation must give
-the same figures from shards, from an ImageFolder, on one process or two, as a direct loop.
+The checkpoints are the training tests' runs (conftest.py `zero_runs`: real pretrain.py runs of a
+24-block AttnScale ViT, trained full-batch on 16 real JPEGs under ZeRO-1/2/3 on 1 and on 2 ranks,
+plus a ZeRO-0 run and bf16 ZeRO-2/3 runs; two DeepSpeed launches for the whole suite), each with
+the live engine's logits on tests/jobs/train_plan.py's probe images. An export must reproduce those
+logits through plain timm, load with strict=True, and fail on damaged or incomplete checkpoints
+with one sentence and no file left behind. Evaluation must give the same figures from shards, from
+an ImageFolder, on one process or two, as a direct loop.
 """
 from __future__ import annotations
 
@@ -28,16 +29,18 @@ from antismooth.evaluate import evaluate
 from antismooth.export import (create_model_from_weights, read_export_meta, read_model_meta, save_weights,
                                write_model_meta)
 from antismooth.models import read_checkpoint
+from conftest import FULL_BATCH_SIZE, TINY_MODEL, TrainedRun
 
 REPO = Path(__file__).resolve().parents[1]
-JOB = REPO / "tests" / "jobs" / "make_checkpoints.py"
 sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "tests" / "jobs"))
 import eval as eval_tool  # noqa: E402  (tools/ is not a package: the front ends are tested in-process)
 import export as export_tool  # noqa: E402
+from train_plan import probe_images  # noqa: E402  (the batch each run's probe logits were taken on)
 
-# Configs each launch trains (one launch per world size; see tests/jobs/make_checkpoints.py).
-LAUNCHES = {1: ("zero0", "zero1", "zero2", "zero3"), 2: ("zero1", "zero2", "zero3", "zero2-bf16", "zero3-bf16")}
-TAG = "step00000002"
+IMG_SIZE = int(TINY_MODEL[TINY_MODEL.index("--input-size") + 1])
+LAST_TAG = "step00000006"  # the 6-step runs' last checkpoint; --keep 3 leaves steps 4, 5 and 6
+KEPT_TAGS = ["step00000004", "step00000005", "step00000006"]
 
 
 def _free_port() -> int:
@@ -46,48 +49,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ds_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], Path]:
-    """{(config, world size): run folder} of real DeepSpeed runs; both launches run side by side."""
-    out = tmp_path_factory.mktemp("ds-runs")
-    bindir = Path(sys.executable).parent
-    commands = {
-        1: [sys.executable, str(JOB), "--out", str(out / "w1"), "--configs", ",".join(LAUNCHES[1])],
-        2: [str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), str(JOB),
-            "--out", str(out / "w2"), "--configs", ",".join(LAUNCHES[2])],
-    }
-    procs = {w: subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for w, cmd in commands.items()}
-    for world, proc in procs.items():
-        log, _ = proc.communicate(timeout=600)
-        if proc.returncode != 0:
-            pytest.fail(f"the world-size-{world} DeepSpeed job failed ({proc.returncode}):\n{log[-4000:]}")
-    return {(name, w): out / f"w{w}" / name for w, names in LAUNCHES.items() for name in names}
-
-
 def _export(capsys, *argv: str) -> tuple[int, str]:
     """Run tools/export.py in-process; (exit status, what it printed to stderr)."""
     status = export_tool.main([str(a) for a in argv])
     return status, capsys.readouterr().err
 
 
-def _live(run: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    recorded = torch.load(run / "logits.pt", weights_only=True)
-    return recorded["input"], recorded["logits"]
+def _live(run: TrainedRun) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probe images (fp32) and the live engine's fp32 logits on them."""
+    return probe_images(IMG_SIZE), torch.load(run.probe, weights_only=True)
+
+
+def _latest(run: TrainedRun) -> str:
+    return (run.output / "checkpoints" / "latest").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def wnids(imagenet_sample) -> list[str]:
+    """tiny_shards' classes: the first 16 class folders of the sample images, in label order."""
+    return sorted(p.name for p in (imagenet_sample / "train").iterdir())[:FULL_BATCH_SIZE]
 
 
 # --- exports reproduce the live model -------------------------------------------------------------------
 
 @pytest.mark.parametrize("world", [1, 2])
-@pytest.mark.parametrize("config", ["zero1", "zero2", "zero3"])
-def test_export_reproduces_the_live_engine(ds_runs, tmp_path, capsys, config, world):
-    run = ds_runs[config, world]
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_export_reproduces_the_live_engine(zero_runs, wnids, tmp_path, capsys, stage, world):
+    run = zero_runs[stage, world]
+    assert _latest(run) == LAST_TAG
     out = tmp_path / "model.safetensors"
-    status, err = _export(capsys, run, "--out", out)  # the run folder itself; the tag is `latest`'s
+    status, err = _export(capsys, run.output, "--out", out)  # the run folder itself; the tag is `latest`'s
     assert status == 0, err
     meta = read_export_meta(out)
-    assert meta["model"] == "attnscale_tiny_24" and meta["tag"] == TAG and meta["world_size"] == world
-    assert meta["zero_stage"] == int(config[-1]) and meta["classes"][0] == "n00000000"
+    assert meta["model"] == "attnscale_tiny_24" and meta["tag"] == LAST_TAG and meta["world_size"] == world
+    assert meta["zero_stage"] == stage and meta["classes"] == wnids
 
     model, _ = create_model_from_weights(out)  # strict=True, from the file's own description
     images, live = _live(run)
@@ -98,29 +93,34 @@ def test_export_reproduces_the_live_engine(ds_runs, tmp_path, capsys, config, wo
 
 
 @pytest.mark.parametrize("config", ["zero2-bf16", "zero3-bf16"])
-def test_bf16_training_exports_its_fp32_masters_in_any_dtype(ds_runs, tmp_path, capsys, config):
-    run = ds_runs[config, 2]
+def test_bf16_training_exports_its_fp32_masters_in_any_dtype(zero_runs, tmp_path, capsys, config):
+    run = zero_runs[config, 2]
+    tag = _latest(run)
     fp32, bf16 = tmp_path / "fp32.safetensors", tmp_path / "bf16.safetensors"
-    assert _export(capsys, run / "checkpoints", "--out", fp32)[0] == 0
-    assert _export(capsys, run / "checkpoints", "--tag", TAG, "--out", bf16, "--dtype", "bf16")[0] == 0
+    assert _export(capsys, run.output / "checkpoints", "--out", fp32)[0] == 0
+    assert _export(capsys, run.output / "checkpoints", "--tag", tag, "--out", bf16, "--dtype", "bf16")[0] == 0
     full, half = read_checkpoint(fp32), read_checkpoint(bf16)
     assert {t.dtype for t in full.values()} == {torch.float32} and {t.dtype for t in half.values()} == {torch.bfloat16}
     assert all(torch.equal(full[k].bfloat16(), half[k]) for k in full)
+    assert not all(torch.equal(full[k], half[k].float()) for k in full)  # the masters are finer than bf16
+    assert read_export_meta(fp32)["tag"] == read_export_meta(bf16)["tag"] == tag
     assert read_export_meta(bf16)["dtype"] == "bf16" and bf16.stat().st_size < 0.55 * fp32.stat().st_size
 
     # The engine trained with bf16 copies of these masters: the bf16 export is exactly those weights.
-    model, _ = create_model_from_weights(bf16)
+    model, meta = create_model_from_weights(bf16)
     images, live = _live(run)
     with torch.no_grad():
         logits = model.to(torch.bfloat16).eval()(images.bfloat16()).float()
-    torch.testing.assert_close(logits, live, rtol=0, atol=2e-2)  # a few bf16 ulps: CPU kernels by thread count
+        torch.testing.assert_close(logits, live, rtol=0, atol=2e-2)  # a few bf16 ulps: CPU kernels by thread count
+        untrained = timm.create_model(meta["model"], **meta["model_kwargs"]).to(torch.bfloat16).eval()
+        assert not torch.allclose(untrained(images.bfloat16()).float(), live, rtol=0, atol=2e-2)  # not vacuous
 
 
-def test_pth_export_with_sidecar_loads_in_timm_and_with_weights_only(ds_runs, tmp_path, capsys):
-    run = ds_runs["zero3", 2]
+def test_pth_export_with_sidecar_loads_in_timm_and_with_weights_only(zero_runs, tmp_path, capsys):
+    run = zero_runs[3, 2]
     pth, st = tmp_path / "as24.pth", tmp_path / "as24.safetensors"
-    assert _export(capsys, run, "--out", pth)[0] == 0
-    assert _export(capsys, run, "--out", st)[0] == 0
+    assert _export(capsys, run.output, "--out", pth)[0] == 0
+    assert _export(capsys, run.output, "--out", st)[0] == 0
     assert read_export_meta(pth) == read_export_meta(st) and (tmp_path / "as24.pth.json").is_file()
     state_dict = torch.load(pth, weights_only=True)
     assert not any(k.startswith("module.") for k in state_dict)
@@ -135,9 +135,12 @@ def test_pth_export_with_sidecar_loads_in_timm_and_with_weights_only(ds_runs, tm
 # --- failures: one sentence, exit 2, nothing left behind --------------------------------------------------
 
 @pytest.fixture
-def broken(ds_runs, tmp_path) -> Path:
-    """A private copy of the 2-rank ZeRO-3 run's checkpoints/ to damage."""
-    return Path(shutil.copytree(ds_runs["zero3", 2] / "checkpoints", tmp_path / "checkpoints"))
+def broken(zero_runs, tmp_path) -> Path:
+    """A private copy of the 2-rank ZeRO-3 run's checkpoints/ (steps 4, 5 and 6; `latest`: 6) to damage."""
+    checkpoints = Path(shutil.copytree(zero_runs[3, 2].output / "checkpoints", tmp_path / "checkpoints"))
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == KEPT_TAGS
+    assert (checkpoints / "latest").read_text() == LAST_TAG
+    return checkpoints
 
 
 def _listing(folder: Path) -> set[Path] | None:
@@ -155,37 +158,39 @@ def _assert_fails_cleanly(capsys, args: list, out: Path, *phrases: str) -> None:
 
 
 def test_missing_rank_file(broken, tmp_path, capsys):
-    (broken / TAG / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    (broken / LAST_TAG / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     _assert_fails_cleanly(capsys, [broken], tmp_path / "out" / "x.safetensors", "lacks the files of rank(s) 1",
                           "copy all ranks' files")
 
 
 def test_no_latest_lists_the_tags(broken, tmp_path, capsys):
     (broken / "latest").unlink()
-    _assert_fails_cleanly(capsys, [broken], tmp_path / "x.safetensors", "no 'latest' file", TAG, "--tag")
+    _assert_fails_cleanly(capsys, [broken], tmp_path / "x.safetensors", "no 'latest' file",
+                          f"the tags there are {', '.join(KEPT_TAGS)}", "--tag")
 
 
 def test_unknown_tag_lists_the_tags(broken, tmp_path, capsys):
     _assert_fails_cleanly(capsys, [broken, "--tag", "step99999999"], tmp_path / "x.pth",
-                          "no checkpoint 'step99999999'", f"the tags there are {TAG}")
+                          "no checkpoint 'step99999999'", f"the tags there are {', '.join(KEPT_TAGS)}")
 
 
 def test_tag_newer_than_latest_is_refused(broken, tmp_path, capsys):
     newer = broken / "step00000009"
-    shutil.copytree(broken / TAG, newer)
+    shutil.copytree(broken / LAST_TAG, newer)
     meta = read_model_meta(newer)
     write_model_meta(newer, dict(meta, step=9))
     _assert_fails_cleanly(capsys, [broken, "--tag", newer.name], tmp_path / "x.safetensors",
-                          "newer than the checkpoint 'latest' names", f"export {TAG}")
+                          "newer than the checkpoint 'latest' names", f"export {LAST_TAG}")
 
 
-def test_stage0_checkpoint(ds_runs, tmp_path, capsys):
-    _assert_fails_cleanly(capsys, [ds_runs["zero0", 1]], tmp_path / "x.safetensors", "stage-0",
-                          "ZeRO stage 1-3")
+def test_stage0_checkpoint(zero_runs, tmp_path, capsys):
+    run = zero_runs["zero0", 1]
+    assert any((run.output / "checkpoints" / _latest(run)).glob("*_model_states.pt"))  # a real, complete save
+    _assert_fails_cleanly(capsys, [run.output], tmp_path / "x.safetensors", "stage-0", "ZeRO stage 1-3")
 
 
 def test_damaged_partition(broken, tmp_path, capsys):
-    optim = broken / TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    optim = broken / LAST_TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     optim.write_bytes(optim.read_bytes()[: optim.stat().st_size // 2])
     _assert_fails_cleanly(capsys, [broken], tmp_path / "x.safetensors", "could not consolidate",
                           "export another tag")
@@ -195,12 +200,12 @@ def test_no_such_folder(tmp_path, capsys):
     _assert_fails_cleanly(capsys, [tmp_path / "runs" / "nope"], tmp_path / "x.safetensors", "no checkpoint folder")
 
 
-def test_existing_output_needs_overwrite(ds_runs, tmp_path, capsys):
+def test_existing_output_needs_overwrite(zero_runs, tmp_path, capsys):
     out = tmp_path / "x.safetensors"
     out.write_bytes(b"precious")
-    _assert_fails_cleanly(capsys, [ds_runs["zero2", 1]], out, "already exists", "--overwrite")
+    _assert_fails_cleanly(capsys, [zero_runs[2, 1].output], out, "already exists", "--overwrite")
     assert out.read_bytes() == b"precious"
-    assert _export(capsys, ds_runs["zero2", 1], "--out", out, "--overwrite")[0] == 0
+    assert _export(capsys, zero_runs[2, 1].output, "--out", out, "--overwrite")[0] == 0
     assert read_export_meta(out)["model"] == "attnscale_tiny_24"
 
 
@@ -283,7 +288,7 @@ def test_eval_on_two_processes_counts_every_image_once(classifier, sample_shards
     _same_figures(figures, direct)
 
 
-def test_eval_says_what_does_not_match(classifier, ds_runs, sample_shards, tmp_path, capsys):
+def test_eval_says_what_does_not_match(classifier, zero_runs, sample_shards, tmp_path, capsys):
     weights, _, _ = classifier
     plain = tmp_path / "plain.pth"  # like an official checkpoint: no description
     save_weights(read_checkpoint(weights), plain)
@@ -296,10 +301,10 @@ def test_eval_says_what_does_not_match(classifier, ds_runs, sample_shards, tmp_p
     assert err.startswith("error: The checkpoint does not match model attnscale_small_12") and "Traceback" not in err
     assert "shape mismatch" in err and "unexpected (" in err and "blocks.12." in err  # 24 blocks into 12
 
-    exported = tmp_path / "ten.safetensors"  # the DeepSpeed run's 10-class model on 103-class data
-    assert _export(capsys, ds_runs["zero2", 1], "--out", exported)[0] == 0
+    exported = tmp_path / "sixteen.safetensors"  # the DeepSpeed run's 16-class model on 103-class data
+    assert _export(capsys, zero_runs[2, 1].output, "--out", exported)[0] == 0
     assert eval_tool.main(["--weights", str(exported), *base]) == 2
-    assert "trained on 10 classes" in capsys.readouterr().err
+    assert "trained on 16 classes" in capsys.readouterr().err
 
 
 def test_evaluate_sums_counts_over_batches_and_restores_train_mode(classifier):

@@ -1,5 +1,7 @@
 """Train a model (by default a tiny 24-block AttnScale ViT) a few steps under several ZeRO configs and
-save a checkpoint each, on random data.
+save a checkpoint each, on random data, without pretrain.py: bench/export_memory.py's job, which makes
+real-size checkpoints with it. (The tests train through pretrain.py instead: tests/jobs/train_plan.py,
+conftest.py's `zero_runs`.)
 
     python tests/jobs/make_checkpoints.py --out DIR                         # world size 1
     deepspeed --num_gpus 2 tests/jobs/make_checkpoints.py --out DIR         # world size 2

@@ -4,7 +4,8 @@
     deepspeed --num_gpus 2 tests/jobs/train_plan.py plan.json      (or: python tests/jobs/train_plan.py plan.json)
 
 plan.json is a list of {"argv": [...pretrain.py flags...], "probe": "logits.pt" or null}. After a
-run, the trained engine's logits on a fixed batch (eval mode, fp32) are saved to `probe`, so
+run, the trained engine's logits on a fixed batch, probe_images(img_size), are saved to `probe` (eval
+mode; the images cast to the engine's parameter dtype, bf16 engines included; the logits in fp32), so
 tests can compare runs and exports with the live model. With ANTISMOOTH_TEST_KILL_DURING_SAVE=TAG,
 the last rank SIGKILLs itself while saving checkpoint TAG, after its model files and before its
 optimizer shard: a crash in the middle of writing a checkpoint.
@@ -26,6 +27,7 @@ PROBE_BATCH = 4
 
 
 def probe_images(img_size: int) -> torch.Tensor:
+    """The fixed fp32 batch the probe logits are taken on; tests rebuild it to check exports."""
     return torch.randn(PROBE_BATCH, 3, img_size, img_size, generator=torch.Generator().manual_seed(1234))
 
 
@@ -50,7 +52,8 @@ def main(plan_path: str) -> None:
         engine = pretrain.run(pretrain.parse_config(entry["argv"]))
         if entry.get("probe") and engine is not None:
             engine.eval()
-            images = probe_images(engine.module.patch_embed.img_size[0]).to(engine.device)
+            dtype = next(engine.module.parameters()).dtype  # bf16 under a bf16 engine (ZeRO-3: the partitions')
+            images = probe_images(engine.module.patch_embed.img_size[0]).to(engine.device, dtype)
             with torch.no_grad():
                 logits = engine(images).float().cpu()
             if int(os.environ.get("RANK", 0)) == 0:
