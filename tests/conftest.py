@@ -93,11 +93,14 @@ def ds_config(path: Path, stage: int, batch: int = FULL_BATCH_SIZE, **extra) -> 
 
 
 def launch_plan(plan: list[dict], world: int, workdir: Path, env: dict | None = None, check: bool = True,
-                popen: bool = False):
-    """Run a plan with `deepspeed --num_gpus world` (world > 1) or plain python (world 1)."""
+                popen: bool = False, torchrun: bool = False):
+    """Run a plan with `deepspeed --num_gpus world` (world > 1), `torchrun`, or plain python (world 1)."""
     plan_file = workdir / f"plan-{len(list(workdir.glob('plan-*.json')))}.json"
     plan_file.write_text(json.dumps(plan))
-    if world == 1:
+    if torchrun:
+        cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(world), "--master_port", str(free_port()),
+               str(TRAIN_PLAN), str(plan_file)]
+    elif world == 1:
         cmd = [sys.executable, str(TRAIN_PLAN), str(plan_file)]
     else:
         cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()),
@@ -143,7 +146,8 @@ class TrainedRun:
 # JSON, flags after FULL_BATCH). A ZeRO-0 checkpoint (which export refuses): one step; bf16 engines (exported
 # from their fp32 masters): 3 steps, the last with spectral diagnostics (each step with its save and eval: ~2.5 s).
 BF16 = {"bf16": {"enabled": True}}
-EXTRA_RUNS = {1: [("zero0", 0, {}, ["--epochs", "1"])],
+EXTRA_RUNS = {1: [("zero0", 0, {}, ["--epochs", "1"]),
+                  ("zero2-accum2", 2, {"gradient_accumulation_steps": 2}, [])],  # 2 micro-batches of 8 per step
               2: [("zero2-bf16", 2, BF16, ["--epochs", "3"]), ("zero3-bf16", 3, BF16, ["--epochs", "3"])]}
 
 

@@ -56,6 +56,15 @@ def test_runs_agree_with_the_one_process_zero1_run_at_the_same_global_batch(zero
     torch.testing.assert_close(torch.load(run.probe), torch.load(reference.probe), rtol=1e-3, atol=1e-4)
 
 
+def test_gradient_accumulation_agrees_with_one_micro_batch_per_step(zero_runs):
+    """Two micro-batches of 8 per optimizer step on one process: the same steps as one batch of 16."""
+    reference, accumulated = zero_runs[2, 1], zero_runs["zero2-accum2", 1]
+    config = json.loads((accumulated.output / "run.json").read_text())["derived"]
+    assert (config["micro_batch"], config["grad_accum"], config["global_batch"]) == (8, 2, 16)
+    assert scalars(accumulated.output, "train/loss") == pytest.approx(scalars(reference.output, "train/loss"), rel=1e-4)
+    torch.testing.assert_close(torch.load(accumulated.probe), torch.load(reference.probe), rtol=1e-3, atol=1e-4)
+
+
 def test_run_folder_describes_the_run(zero_runs):
     run = zero_runs[2, 2].output
     config = json.loads((run / "run.json").read_text())
@@ -156,7 +165,7 @@ def test_a_checkpoint_cut_short_is_never_resumed_from(resume_runs):
     assert _latest(resume_runs["killed"]) == "step00000012"
 
 
-# --- fine-tuning, eval-only, throughput (one process) ---------------------------------------------------------
+# --- fine-tuning, eval-only, throughput (one process, under torchrun) ------------------------------------------
 
 @pytest.fixture(scope="module")
 def one_process_runs(tiny_shards, tmp_path_factory):
@@ -176,7 +185,7 @@ def one_process_runs(tiny_shards, tmp_path_factory):
                   "--finetune", str(matching)]},
         {"argv": [*common, "--output", str(work / "throughput"), "--throughput"]},
     ]
-    log = launch_plan(plan, 1, work)
+    log = launch_plan(plan, 1, work, torchrun=True)
     return {"work": work, "source": plain.state_dict(), "log": log}
 
 
