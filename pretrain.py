@@ -157,6 +157,16 @@ def check_model_name(name: str) -> None:
         raise ConfigError(f"Unknown model {name!r}.{hint}")
 
 
+def check_resumable(run_folder: RunFolder, world_size: int) -> None:
+    """A ZeRO checkpoint is sharded per process: resuming it needs the world size that saved it."""
+    tag = run_folder.latest_tag()
+    saved = run_folder.saved_world_size(tag) if tag else None
+    if saved is not None and saved != world_size:
+        raise ConfigError(f"{run_folder.checkpoints / tag} was saved by {saved} processes and this run has "
+                          f"{world_size}: resume with {saved} processes, or start a new --output with --finetune "
+                          f"from `python tools/export.py {run_folder.root} --out weights.safetensors`.")
+
+
 def find_manifest(data: str, split: str, required: bool) -> Optional[Path]:
     path = Path(data) / f"{split}.json"
     if path.is_file():
@@ -260,6 +270,7 @@ def run(config: TrainConfig):
     derived = derive(config, ds, world_size, manifest["num_samples"]) if train_manifest else None
     if config.finetune and not Path(config.finetune).is_file():
         raise ConfigError(f"--finetune {config.finetune} does not exist: give the path of a .pth or .safetensors file.")
+    check_resumable(RunFolder(config.output), world_size)
 
     env = init_distributed()
     run_folder = RunFolder(config.output)

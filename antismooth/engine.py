@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -110,6 +111,10 @@ class TrainState:
                 setattr(self, key, value)
 
 
+# DeepSpeed's per-rank optimizer shard: zero_pp_rank_{rank}_mp_rank_00_optim_states.pt (bf16_ prefixed under bf16).
+_ZERO_SHARD = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
 def checkpoint_tag(global_step: int) -> str:
     return f"step{global_step:08d}"
 
@@ -148,6 +153,12 @@ class RunFolder:
         tmp = self.checkpoints / "latest.tmp"
         tmp.write_text(tag)
         os.replace(tmp, self.checkpoints / "latest")
+
+    def saved_world_size(self, tag: str) -> Optional[int]:
+        """How many processes wrote checkpoint `tag` (its ZeRO optimizer shards); None without ZeRO files."""
+        ranks = {int(m.group(1)) for p in (self.checkpoints / tag).iterdir()
+                 if (m := _ZERO_SHARD.search(p.name))}
+        return len(ranks) or None
 
     def write_run_json(self, content: dict[str, Any]) -> None:
         """The resolved configuration, rewritten atomically at each start (a resume may change the world size)."""
