@@ -314,8 +314,9 @@ def run(config: TrainConfig):
                                 StreamConfig(batch_size=ds.micro_batch, mode=config.stream_mode, seed=config.seed,
                                              num_workers=config.workers),
                                 env.rank, env.world_size, augment)
-    trainer = Trainer(config, ds, derived, env, engine, scheduler, stream, state, run_folder, meta, dtype,
-                      val_manifest, augment)
+    trainer = Trainer(config=config, ds=ds, derived=derived, env=env, engine=engine, scheduler=scheduler,
+                      stream=stream, state=state, run_folder=run_folder, meta=meta, dtype=dtype,
+                      val_manifest=val_manifest, augment=augment)
     trainer.train()
     return engine
 
@@ -398,19 +399,28 @@ def _sync(env: Dist) -> None:
     dist.barrier()
 
 
+@dataclass
 class Trainer:
-    """The training loop: steps, logging, checkpoints, evaluation. State lives in `state` (saved) alone."""
+    """The training loop: steps, logging, checkpoints, evaluation. What a restart needs lives in `state` alone."""
+    config: TrainConfig
+    ds: DeepSpeedSettings
+    derived: Derived
+    env: Dist
+    engine: Any                      # deepspeed.DeepSpeedEngine
+    scheduler: Any                   # timm CosineLRScheduler, stepped per optimizer step
+    stream: Any                      # antismooth.data.pipeline.TrainStream
+    state: TrainState
+    run_folder: RunFolder
+    meta: dict[str, Any]             # the model's description, saved beside every checkpoint
+    dtype: torch.dtype
+    val_manifest: Optional[Path]
+    augment: AugmentConfig
 
-    def __init__(self, config, ds, derived, env, engine, scheduler, stream, state, run_folder, meta, dtype,
-                 val_manifest, augment) -> None:
-        self.config, self.ds, self.derived, self.env = config, ds, derived, env
-        self.engine, self.scheduler, self.stream, self.state = engine, scheduler, stream, state
-        self.run_folder, self.meta, self.dtype = run_folder, meta, dtype
-        self.val_manifest, self.augment = val_manifest, augment
-        self.criterion = criterion_for(augment, stream.mixup is not None)
-        self.writer = self._writer() if env.rank == 0 else None
-        self.last_saved_step = state.global_step if state.global_step else -1
-        self.probe = self._probe_images() if config.spectral_every else None
+    def __post_init__(self) -> None:
+        self.criterion = criterion_for(self.augment, self.stream.mixup is not None)
+        self.writer = self._writer() if self.env.rank == 0 else None
+        self.last_saved_step = self.state.global_step if self.state.global_step else -1
+        self.probe = self._probe_images() if self.config.spectral_every else None
 
     def _probe_images(self) -> torch.Tensor:
         """A fixed batch for the spectral diagnostics: the first validation (else training) images, eval transform."""
@@ -422,10 +432,6 @@ class Trainer:
     def _writer(self):
         from torch.utils.tensorboard import SummaryWriter
         return SummaryWriter(str(self.run_folder.tensorboard))
-
-    @property
-    def micro_per_step(self) -> int:
-        return self.ds.grad_accum
 
     def stop_step(self) -> int:
         total = self.derived.total_steps
@@ -455,8 +461,8 @@ class Trainer:
         steps_left = derived.steps_per_epoch - state.samples_in_epoch // derived.global_batch
         batches = self.stream.loader(state.epoch, samples_consumed=state.samples_in_epoch)
         losses = []
-        for i, (images, targets) in enumerate(itertools.islice(batches, steps_left * self.micro_per_step)):
-            micro = i % self.micro_per_step
+        for i, (images, targets) in enumerate(itertools.islice(batches, steps_left * self.ds.grad_accum)):
+            micro = i % self.ds.grad_accum
             seed_step(self.config.seed, state.global_step, micro, self.env.rank)
             images, targets = images.to(self.env.device), targets.to(self.env.device)
             if self.stream.mixup is not None:
@@ -465,7 +471,7 @@ class Trainer:
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach())
-            if micro + 1 < self.micro_per_step:
+            if micro + 1 < self.ds.grad_accum:
                 continue
             state.global_step += 1
             state.samples_in_epoch += derived.global_batch
