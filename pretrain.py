@@ -41,7 +41,8 @@ from antismooth.export import write_model_meta
 from antismooth.engine import (RunFolder, TrainState, apply_activation_checkpointing, build_scheduler,
                                checkpoint_tag, param_groups)
 from antismooth.models import WeightsMismatchError, load_weights
-from antismooth.spectral import measure, write_spectral
+from antismooth.models.weights import ANTI_OVERSMOOTHING_PARAMS
+from antismooth.spectral import measure, paper_parameters, write_spectral
 
 log = logging.getLogger("pretrain")
 # DeepSpeed 0.19.8's ZeRO calls a torch.distributed function that torch 2.14 deprecates, once per rank and run.
@@ -546,8 +547,9 @@ class Trainer:
                 self.writer.add_scalar(f"eval/{key}", metrics[key], self.state.global_step)
 
 
-TECHNIQUE_STATS = {"lamb": ("attnscale/lambda_abs_mean", True), "lamb1": ("featscale/s_dc_mean", False),
-                   "lamb2": ("featscale/s_hc_mean", False)}
+# TensorBoard tags of antismooth.spectral.paper_parameters' per-block curves.
+TECHNIQUE_TAGS = {"attnscale_lambda": "attnscale/lambda_abs_mean", "featscale_s_d": "featscale/s_dc_mean",
+                  "featscale_s_h": "featscale/s_hc_mean"}
 
 
 def technique_param_stats(model: nn.Module, zero_stage: int) -> dict[str, float]:
@@ -555,15 +557,11 @@ def technique_param_stats(model: nn.Module, zero_stage: int) -> dict[str, float]
     are gathered first, which every rank must join."""
     import deepspeed
 
-    named = [(n, p) for n, p in model.named_parameters()
-             if n.startswith("blocks.") and n.rsplit(".", 1)[1] in TECHNIQUE_STATS]
-    stats = {}
-    with deepspeed.zero.GatheredParameters([p for _, p in named], enabled=zero_stage == 3):
-        for name, param in named:
-            tag, absolute = TECHNIQUE_STATS[name.rsplit(".", 1)[1]]
-            value = param.detach().float()
-            stats[f"{tag}/block_{int(name.split('.')[1]):02d}"] = float((value.abs() if absolute else value).mean())
-    return stats
+    params = [p for n, p in model.named_parameters() if n.endswith(ANTI_OVERSMOOTHING_PARAMS)]
+    with deepspeed.zero.GatheredParameters(params, enabled=zero_stage == 3):
+        curves = paper_parameters(model)
+    return {f"{TECHNIQUE_TAGS[name]}/block_{block:02d}": value
+            for name, values in curves.items() for block, value in enumerate(values)}
 
 
 def _mean_over_ranks(value: torch.Tensor) -> float:
