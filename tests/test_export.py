@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from antismooth.evaluate import evaluate
 from antismooth.export import (create_model_from_weights, read_export_meta, read_model_meta, save_weights,
                                write_model_meta)
 from antismooth.models import read_checkpoint
-from conftest import FULL_BATCH_SIZE, TINY_MODEL, TrainedRun
+from conftest import FULL_BATCH_SIZE, TINY_MODEL, TrainedRun, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -41,12 +40,6 @@ from train_plan import probe_images  # noqa: E402  (the batch each run's probe l
 IMG_SIZE = int(TINY_MODEL[TINY_MODEL.index("--input-size") + 1])
 LAST_TAG = "step00000006"  # the 6-step runs' last checkpoint; --keep 3 leaves steps 4, 5 and 6
 KEPT_TAGS = ["step00000004", "step00000005", "step00000006"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _export(capsys, *argv: str) -> tuple[int, str]:
@@ -278,7 +271,7 @@ def test_eval_on_two_processes_counts_every_image_once(classifier, sample_shards
     weights, direct, _ = classifier
     data = sample_shards if source == "shards" else imagenet_sample  # the manifest itself / an ImageFolder root
     out = tmp_path / "eval.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(REPO / "tools" / "eval.py"), "--weights", str(weights), "--data", str(data), "--split", "train",
            "--workers", "1", "--batch-size", "8", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
