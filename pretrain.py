@@ -15,7 +15,6 @@ import itertools
 import logging
 import os
 import random
-import socket
 import sys
 import time
 import warnings
@@ -36,6 +35,8 @@ from antismooth.config import ConfigError, DeepSpeedSettings, Derived, TrainConf
 from antismooth.data.pipeline import (AugmentConfig, StreamConfig, build_eval_stream, build_train_stream,
                                       reduce_eval_metrics, seed_for)
 from antismooth.data.shards import load_manifest
+from antismooth.distributed import (DistEnv, all_reduce, barrier, broadcast_object, check_shared_folder, detect_launch,
+                                    init_distributed, log_world)
 from antismooth.evaluate import evaluate
 from antismooth.export import write_model_meta
 from antismooth.engine import (RunFolder, TrainState, apply_activation_checkpointing, build_scheduler,
@@ -111,45 +112,6 @@ def parse_config(argv: Optional[list[str]]) -> TrainConfig:
 
 
 # --- start-up ------------------------------------------------------------------------------------------
-
-@dataclass
-class Dist:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-
-def init_distributed() -> Dist:
-    """Join the process group that the launcher (deepspeed, torchrun) describes, or make one of one process."""
-    import deepspeed
-
-    if "RANK" not in os.environ:  # plain `python pretrain.py`: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
-        if "OMP_NUM_THREADS" not in os.environ:  # ranks on one CPU share its cores instead of fighting over them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", 1))
-
 
 def check_model_name(name: str) -> None:
     if not timm.is_model(name):
@@ -261,7 +223,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 def run(config: TrainConfig):
     """Train (or evaluate, or measure); returns the DeepSpeed engine after training, else None."""
     # Everything a user can get wrong is checked here, before processes talk or models are built.
-    world_size = world_size_from_env()
+    world_size = detect_launch().world_size
     ds = DeepSpeedSettings.load(config.deepspeed_config, world_size)
     check_model_name(config.model)
     train_manifest = find_manifest(config.data, "train", required=not config.eval_only)
@@ -275,7 +237,10 @@ def run(config: TrainConfig):
 
     env = init_distributed()
     run_folder = RunFolder(config.output)
+    if not config.eval_only:
+        check_shared_folder(run_folder.root)
     setup_logging(run_folder, env.rank)
+    log_world(env)
     torch.manual_seed(config.seed)  # the same initial weights on every rank and at every world size
     model = build_model(config, len(classes))
     augment = augment_config(config, model.patch_embed.img_size[0])
@@ -289,7 +254,8 @@ def run(config: TrainConfig):
                   f"loss {metrics['loss']:.4f}  ({metrics['count']} images)")
         return None
 
-    resume_tag = run_folder.latest_tag()
+    # One decision for all ranks: a rank that saw another `latest` would load alone and hang the others.
+    resume_tag = broadcast_object(run_folder.latest_tag() if env.rank == 0 else None)
     if config.finetune and resume_tag is None:
         load_finetune_weights(model, config.finetune)
     apply_activation_checkpointing(model, ds.blocks_per_checkpoint, ds.offload_checkpoints)
@@ -338,7 +304,7 @@ def load_finetune_weights(model: nn.Module, path: str) -> None:
     log.info("Fine-tuning from %s.", path)
 
 
-def resume(engine, run_folder: RunFolder, tag: str, state: TrainState, env: Dist, config: TrainConfig) -> None:
+def resume(engine, run_folder: RunFolder, tag: str, state: TrainState, env: DistEnv, config: TrainConfig) -> None:
     load_path, client_state = engine.load_checkpoint(str(run_folder.checkpoints), tag)
     if load_path is None:
         raise ConfigError(f"Checkpoint {run_folder.checkpoints / tag} could not be loaded: move it away to "
@@ -365,16 +331,21 @@ def log_start(config: TrainConfig, ds: DeepSpeedSettings, derived: Derived, meta
                                "model": meta, "resumed_from": resume_tag})
 
 
-def evaluate_split(model_or_engine, manifest: Path, batch_size: int, env: Dist, augment: AugmentConfig,
-                   workers: int, dtype: Optional[torch.dtype]) -> dict[str, float]:
-    """Top-1/top-5/loss over the validation shards, every sample exactly once across ranks."""
+def evaluate_split(model_or_engine, manifest: Path, batch_size: int, env: DistEnv, augment: AugmentConfig,
+                   workers: int, dtype: Optional[torch.dtype], zero_stage: int = 0) -> dict[str, float]:
+    """Top-1/top-5/loss over the validation shards, every sample exactly once across ranks.
+
+    Under ZeRO-3 each forward is a collective: every rank runs as many as the rank with the most batches.
+    """
     stream = build_eval_stream(str(manifest), batch_size, env.rank, env.world_size, num_workers=workers,
                                augment=augment)
-    counts = evaluate(model_or_engine, stream.loader(), env.device, None if dtype == torch.float32 else dtype)
+    batches = stream.loader()
+    forwards = int(all_reduce([len(batches)], op="max")[0]) if zero_stage == 3 else None
+    counts = evaluate(model_or_engine, batches, env.device, None if dtype == torch.float32 else dtype, forwards)
     return reduce_eval_metrics(**counts)
 
 
-def measure_throughput(engine, env: Dist, ds: DeepSpeedSettings, dtype: torch.dtype, img_size, num_classes: int) -> None:
+def measure_throughput(engine, env: DistEnv, ds: DeepSpeedSettings, dtype: torch.dtype, img_size, num_classes: int) -> None:
     """Images/s of full training steps (forward, backward, optimizer) on random data: the model, not the loader."""
     images = torch.randn(ds.micro_batch, 3, *img_size, device=env.device, dtype=dtype)
     targets = torch.randint(0, num_classes, (ds.micro_batch,), device=env.device)
@@ -394,10 +365,10 @@ def measure_throughput(engine, env: Dist, ds: DeepSpeedSettings, dtype: torch.dt
               f"{elapsed / THROUGHPUT_STEPS * 1000:.0f} ms per step of {ds.micro_batch * ds.grad_accum * env.world_size})")
 
 
-def _sync(env: Dist) -> None:
+def _sync(env: DistEnv) -> None:
     if env.device.type == "cuda":
         torch.cuda.synchronize()
-    dist.barrier()
+    barrier()
 
 
 @dataclass
@@ -406,7 +377,7 @@ class Trainer:
     config: TrainConfig
     ds: DeepSpeedSettings
     derived: Derived
-    env: Dist
+    env: DistEnv
     engine: Any                      # deepspeed.DeepSpeedEngine
     scheduler: Any                   # timm CosineLRScheduler, stepped per optimizer step
     stream: Any                      # antismooth.data.pipeline.TrainStream
@@ -495,7 +466,7 @@ class Trainer:
         self.timer.tick()
         if state.global_step % self.config.log_every and state.global_step != self.stop_step():
             return
-        loss_value = _mean_over_ranks(loss)          # collective: every rank takes part
+        loss_value = all_reduce([loss.item()])[0] / self.env.world_size   # collective: every rank takes part
         technique = technique_param_stats(self.engine.module, self.ds.zero_stage)
         if self.env.rank != 0:
             return
@@ -539,7 +510,7 @@ class Trainer:
 
     def evaluate(self) -> None:
         metrics = evaluate_split(self.engine, self.val_manifest, self.derived.micro_batch, self.env, self.augment,
-                           self.config.workers, self.dtype)
+                                 self.config.workers, self.dtype, self.ds.zero_stage)
         if self.env.rank == 0:
             log.info("eval epoch %d: top-1 %.2f %% | top-5 %.2f %% | loss %.4f | %d images", self.state.epoch,
                      metrics["top1"], metrics["top5"], metrics["loss"], metrics["count"])
@@ -562,12 +533,6 @@ def technique_param_stats(model: nn.Module, zero_stage: int) -> dict[str, float]
         curves = paper_parameters(model)
     return {f"{TECHNIQUE_TAGS[name]}/block_{block:02d}": value
             for name, values in curves.items() for block, value in enumerate(values)}
-
-
-def _mean_over_ranks(value: torch.Tensor) -> float:
-    value = value.detach().float().cpu().reshape(1)
-    dist.all_reduce(value)
-    return float(value) / dist.get_world_size()
 
 
 class StepTimer:

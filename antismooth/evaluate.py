@@ -30,33 +30,50 @@ _logger = logging.getLogger(__name__)
 
 
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device | str,
-             dtype: Optional[torch.dtype] = None) -> dict[str, float]:
+             dtype: Optional[torch.dtype] = None, forwards: Optional[int] = None) -> dict[str, float]:
     """Summed correct top-1/top-5, summed cross-entropy and sample count of this process's batches.
 
     `model` may be a plain module or a DeepSpeed engine (its forward gathers ZeRO-3 weights);
     `dtype` runs the forward under autocast in that dtype (None: as the model is). Train mode is restored.
+    `forwards`: run exactly this many forward passes, repeating the last input uncounted once this
+    rank's batches run out. Under ZeRO-3 every forward gathers parameters collectively, so ranks with
+    fewer batches (uneven splits, skipped samples) must keep joining until the busiest one is done.
     """
     device = torch.device(device)
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # on device: one sync at the end, not per batch
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     was_training = model.training
     model.eval()
+    done, images = 0, None
     try:
         with torch.no_grad(), autocast:
             for images, targets in batches:
                 images = images.to(device, dtype or images.dtype, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
                 logits = model(images).float()
+                done += 1
                 top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
                 totals += torch.stack([
                     (top[:, 0] == targets).sum().double(),
                     (top == targets[:, None]).any(dim=-1).sum().double(),
                     nn.functional.cross_entropy(logits, targets, reduction="sum").double(),
                     torch.tensor(targets.numel(), dtype=torch.float64, device=device)])
+            for _ in range(done, forwards or 0):
+                model(_idle_input(model, images, device, dtype))
     finally:
         model.train(was_training)
     correct1, correct5, loss_sum, count = totals.tolist()
     return {"correct1": correct1, "correct5": correct5, "loss_sum": loss_sum, "count": int(count)}
+
+
+def _idle_input(model: nn.Module, last: Optional[torch.Tensor], device: torch.device,
+                dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """One image for a forward whose result is discarded: the last batch's first, or zeros of the model's size."""
+    if last is not None:
+        return last[:1]
+    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    height, width = module.patch_embed.img_size
+    return torch.zeros(1, 3, height, width, device=device, dtype=dtype or torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import time
 from tqdm import tqdm
 
 from antismooth.data import shards
+from antismooth.distributed import usable_cpus
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,9 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="JPEG quality of images re-encoded by --max-size (default: %(default)s)")
     p.add_argument("--decode-check", action="store_true",
                    help="decode every image while building instead of the structural check (slower)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--workers", type=int, default=usable_cpus(),
                    help="processes writing shards; the output is the same for any number "
-                        "(default: the number of CPUs, here %(default)s)")
+                        "(default: the CPUs this process may use, cgroup and SLURM limits included: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace shards built with other options or input")
     p.add_argument("--verify", action="store_true",
                    help="check the shards in --out against their manifests instead of building; exit 1 on mismatch")

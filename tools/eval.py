@@ -13,8 +13,8 @@ are summed. The work is antismooth.evaluate's; this file parses flags, shows pro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from antismooth.data.pipeline import reduce_eval_metrics
+from antismooth.distributed import DistEnv, LaunchError, detect_launch, init_distributed
 from antismooth.evaluate import (augment_from_data_config, build_eval_model, check_classes, eval_batches, evaluate,
                                  model_data_config, resolve_eval_data)
 
@@ -43,25 +44,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=4, help="loader processes per rank (default: %(default)s)")
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="fp32",
                    help="autocast dtype of the forward pass (default: %(default)s)")
-    p.add_argument("--device", help="default: cuda (this rank's GPU) when there is one, else cpu")
+    p.add_argument("--device", help="cpu or cuda (each process takes its local rank's GPU; cuda:N in a single "
+                                    "process); default: cuda when there is one, else cpu")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     return p.parse_args(argv)
 
 
-def setup_distributed(device_flag: str | None) -> tuple[int, int, torch.device, bool]:
-    """(rank, world size, device, whether this call started the process group): joins torchrun's group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device_flag:
-        device = torch.device(device_flag)
-    else:
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    started = world > 1 and not dist.is_initialized()
-    if started:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device, started
+def setup_distributed(device_flag: str | None) -> tuple[DistEnv, bool]:
+    """This process's place in the world its launcher describes (torchrun, srun, mpirun or none), and whether
+    this call joined the process group (and so must leave it)."""
+    device_type, _, index = (device_flag or "").partition(":")
+    if device_type not in ("", "cpu", "cuda"):
+        raise LaunchError(f"--device {device_flag} is not a device this tool runs on: pass cpu or cuda.")
+    local_world = detect_launch().local_world_size
+    if index and local_world > 1:
+        raise LaunchError(f"--device {device_flag} would put all {local_world} processes of this node on one device: "
+                          f"pass --device {device_type}, and each process takes its local rank's.")
+    joined_before = dist.is_initialized()
+    env = init_distributed(use_deepspeed=False, device_type=device_type or None)
+    if index and device_type == "cuda":
+        env = dataclasses.replace(env, device=torch.device("cuda", int(index)))
+        torch.cuda.set_device(env.device)
+    return env, dist.is_initialized() and not joined_before
 
 
 def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
@@ -88,9 +92,14 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 a problem with the weights, the data or the flags)."""
     args = parse_args(argv)
-    rank, world, device, started = setup_distributed(args.device)
     try:
-        figures = run(args, rank, world, device)
+        env, started = setup_distributed(args.device)
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rank, world = env.rank, env.world_size
+    try:
+        figures = run(args, rank, world, env.device)
     except (OSError, ValueError) as e:  # WeightsMismatchError is a ValueError
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)

@@ -29,12 +29,12 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequenc
 import braceexpand
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import webdataset as wds
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 
+from ..distributed import all_reduce
 from .shards import load_manifest
 
 __all__ = ["AugmentConfig", "StreamConfig", "ShardSource", "TrainStream", "EvalStream",
@@ -437,9 +437,5 @@ def build_eval_stream(shards: str | Path | Sequence[str], batch_size: int, rank:
 
 def reduce_eval_metrics(correct1: float, correct5: float, loss_sum: float, count: int) -> dict[str, float]:
     """Sum the per-rank counts over all ranks (exact top-1: no padded duplicates) and form the metrics."""
-    totals = torch.tensor([correct1, correct5, loss_sum, count], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals)
-    c1, c5, loss, n = totals.tolist()
-    n = max(n, 1)
-    return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "loss": loss / n, "count": int(totals[3])}
+    c1, c5, loss, n = all_reduce([correct1, correct5, loss_sum, count])
+    return {"top1": 100 * c1 / max(n, 1), "top5": 100 * c5 / max(n, 1), "loss": loss / max(n, 1), "count": int(n)}

@@ -1,0 +1,384 @@
+"""The launcher's environment → rank, world, node and device; collectives on the backend's device.
+
+The one place that knows about launchers and backends. Launchers describe a process in different
+variables: DeepSpeed's launcher (pdsh, or `--hostfile … --no_ssh --node_rank N` on each node) and
+torchrun set RANK/WORLD_SIZE/LOCAL_RANK; srun sets SLURM_*; Open MPI OMPI_COMM_WORLD_*; MPICH and
+Intel MPI PMI_* with MPI_LOCALRANKID; MVAPICH MV2_COMM_WORLD_*. `detect_launch` reads them all into
+one `Launch`; a process none of them describes is a world of one, and a process whose variables
+say there are others but not who it is stops with one sentence (never N silent worlds of one).
+
+NCCL groups serve CUDA tensors only ("No backend type associated with device type cpu"), so every
+collective here builds its tensor on `DistEnv.device`: callers pass numbers, never tensors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+
+__all__ = ["Launch", "DistEnv", "LaunchError", "detect_launch", "init_distributed", "log_world", "collective_device",
+           "all_reduce", "broadcast_object", "barrier", "check_shared_folder", "usable_cpus", "first_host",
+           "tasks_on_node"]
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_MASTER_PORT = 29500           # torch.distributed's and DeepSpeed's default
+SHARED_FOLDER_WAIT_SECONDS = 5.0      # network filesystems may show another node's new file a little late
+
+
+class LaunchError(ConfigError):
+    """The launcher's variables do not describe a usable process group; the message says what to set."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What the launcher's environment variables say about this process, before any process group exists."""
+    launcher: str                     # "torchrun", "deepspeed", "env", "slurm", "openmpi", "mpich", "mvapich", "none"
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node_rank: int
+    master_addr: Optional[str]        # None: unknown (only an MPI launch across nodes without MASTER_ADDR)
+    master_port: Optional[int]        # None: pick a free one (a world of one)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the joined world, and the device its work and its collectives run on."""
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node_rank: int
+    device: torch.device
+    launcher: str = "none"
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device.type == "cuda" else "gloo"
+
+
+# --- reading the launcher's variables ----------------------------------------------------------------------
+
+def _int(environ: Mapping[str, str], *names: str, default: Optional[int] = None) -> Optional[int]:
+    """The first of `names` that is set, as an int; `default` when none is."""
+    for name in names:
+        value = environ.get(name)
+        if value not in (None, ""):
+            try:
+                return int(value)
+            except ValueError:
+                raise LaunchError(f"{name}={value!r} is not a number: fix or unset it.") from None
+    return default
+
+
+def detect_launch(environ: Mapping[str, str] = os.environ) -> Launch:
+    """Rank, world, local rank and rendezvous address from whichever launcher started this process."""
+    if "RANK" in environ:
+        return _from_torch_variables(environ)
+    if "WORLD_SIZE" in environ and _int(environ, "WORLD_SIZE") != 1:
+        raise LaunchError(f"WORLD_SIZE={environ['WORLD_SIZE']} is set but RANK is not: start the processes with "
+                          "torchrun or deepspeed (they set both), or set RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT "
+                          "for every process.")
+    if "SLURM_PROCID" in environ and "SLURM_STEP_NUM_TASKS" in environ:
+        return _from_slurm(environ)
+    for launcher, rank, size, local_rank, local_size in _MPI_VARIABLES:
+        if rank in environ:
+            return _from_mpi(environ, launcher, rank, size, local_rank, local_size)
+    tasks = _int(environ, "SLURM_NTASKS", default=1)
+    if tasks > 1:
+        _logger.warning("SLURM allocated %d tasks, but this process was not started by srun: it trains alone. "
+                        "Start it with `srun python pretrain.py …`, or torchrun/deepspeed once per node.", tasks)
+    return Launch("none", 0, 1, 0, 1, 0, "127.0.0.1", _int(environ, "MASTER_PORT"))
+
+
+def _from_torch_variables(environ: Mapping[str, str]) -> Launch:
+    """torchrun, DeepSpeed's launcher, or variables set by hand."""
+    rank = _int(environ, "RANK")
+    world = _int(environ, "WORLD_SIZE")
+    if world is None:
+        raise LaunchError(f"RANK={rank} is set but WORLD_SIZE is not: set WORLD_SIZE to the number of processes "
+                          "(torchrun and deepspeed set both).")
+    local_rank = _int(environ, "LOCAL_RANK", default=0 if world == 1 else None)
+    if local_rank is None:
+        raise LaunchError(f"RANK={rank} of WORLD_SIZE={world} is set but LOCAL_RANK is not: set it to the process's "
+                          "index on its node (torchrun and deepspeed set it).")
+    # torchrun: LOCAL_WORLD_SIZE, GROUP_RANK; DeepSpeed's launcher: LOCAL_SIZE, CROSS_RANK.
+    local_world = _int(environ, "LOCAL_WORLD_SIZE", "LOCAL_SIZE", default=world)
+    node_rank = _int(environ, "GROUP_RANK", "CROSS_RANK", "NODE_RANK", default=rank // max(local_world, 1))
+    launcher = ("torchrun" if "TORCHELASTIC_RUN_ID" in environ or "GROUP_RANK" in environ
+                else "deepspeed" if "CROSS_RANK" in environ or "LOCAL_SIZE" in environ else "env")
+    master = environ.get("MASTER_ADDR") or ("127.0.0.1" if local_world >= world else None)
+    if master is None:
+        raise LaunchError(f"RANK={rank} of WORLD_SIZE={world} spans several nodes but MASTER_ADDR is not set: set it "
+                          "(and MASTER_PORT) to the address of the node that runs rank 0.")
+    _check_rank(rank, world, local_rank, local_world, "RANK", "LOCAL_RANK")
+    return Launch(launcher, rank, world, local_rank, local_world, node_rank, master,
+                  _int(environ, "MASTER_PORT", default=DEFAULT_MASTER_PORT if world > 1 else None))
+
+
+def _from_slurm(environ: Mapping[str, str]) -> Launch:
+    """srun: one task per process; the rendezvous is the first node of the step unless MASTER_ADDR says otherwise."""
+    rank, world = _int(environ, "SLURM_PROCID"), _int(environ, "SLURM_STEP_NUM_TASKS")
+    local_rank, node_rank = _int(environ, "SLURM_LOCALID", default=0), _int(environ, "SLURM_NODEID", default=0)
+    per_node = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE") or ""
+    local_world = tasks_on_node(per_node, node_rank) if per_node else _int(environ, "SLURM_NTASKS_PER_NODE",
+                                                                           default=world)
+    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or ""
+    master = environ.get("MASTER_ADDR") or (first_host(nodelist) if nodelist else None)
+    if master is None:
+        master = "127.0.0.1" if local_world >= world else None
+    if master is None:
+        raise LaunchError("srun started this process on several nodes but neither MASTER_ADDR nor SLURM_JOB_NODELIST "
+                          "is set: export MASTER_ADDR=<first node's hostname> before srun.")
+    # Every task of a job must agree on the port without talking: derive it from the job id.
+    job = _int(environ, "SLURM_JOB_ID", "SLURM_JOBID")
+    port = _int(environ, "MASTER_PORT", default=DEFAULT_MASTER_PORT if job is None else 20000 + job % 20000)
+    _check_rank(rank, world, local_rank, local_world, "SLURM_PROCID", "SLURM_LOCALID")
+    return Launch("slurm", rank, world, local_rank, local_world, node_rank, master, port)
+
+
+# (launcher, rank, size, local rank, local size) variables of the MPI launchers.
+_MPI_VARIABLES = [
+    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+     "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("mvapich", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_SIZE"),
+    ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+]
+
+
+def _from_mpi(environ: Mapping[str, str], launcher: str, rank_var: str, size_var: str, local_rank_var: str,
+              local_size_var: str) -> Launch:
+    """mpirun / mpiexec: ranks from the MPI variables; MASTER_ADDR must be exported when there are several nodes."""
+    rank, world = _int(environ, rank_var), _int(environ, size_var)
+    if world is None:
+        raise LaunchError(f"{rank_var} is set but {size_var} is not: start the processes with mpirun, which sets both.")
+    local_rank = _int(environ, local_rank_var, default=rank if world == 1 else None)
+    local_world = _int(environ, local_size_var, default=world)
+    if local_rank is None:
+        raise LaunchError(f"{launcher} set {rank_var} but not {local_rank_var}: set LOCAL_RANK for each process "
+                          "(its index on its node).")
+    master = environ.get("MASTER_ADDR") or ("127.0.0.1" if local_world >= world else None)
+    _check_rank(rank, world, local_rank, local_world, rank_var, local_rank_var)
+    return Launch(launcher, rank, world, local_rank, local_world, rank // max(local_world, 1), master,
+                  _int(environ, "MASTER_PORT", default=DEFAULT_MASTER_PORT))
+
+
+def _check_rank(rank: int, world: int, local_rank: int, local_world: int, rank_var: str, local_var: str) -> None:
+    if world < 1 or not 0 <= rank < world:
+        raise LaunchError(f"{rank_var}={rank} is not a rank of a world of {world} processes: check the launcher's "
+                          "variables.")
+    if not 0 <= local_rank < max(local_world, 1):
+        raise LaunchError(f"{local_var}={local_rank} is not a local rank among {local_world} processes on this node: "
+                          "check the launcher's variables.")
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[07-09,12],login1' → 'gpu07' (what `scontrol show hostnames`
+    would print first; scontrol is not on every compute node's PATH)."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise LaunchError(f"SLURM node list {nodelist!r} is not in SLURM's format: export MASTER_ADDR instead.")
+    prefix, ranges = match.groups()
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
+
+
+def tasks_on_node(tasks_per_node: str, node: int) -> int:
+    """Tasks on node `node` from SLURM's compressed count list: '4(x2),2' → 4, 4, 2."""
+    counts = []
+    for part in tasks_per_node.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not match:
+            raise LaunchError(f"SLURM task count {tasks_per_node!r} is not in SLURM's format: check SLURM_TASKS_PER_NODE.")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts[min(node, len(counts) - 1)]
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: cgroup/SLURM/taskset limits included, unlike os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# --- joining ---------------------------------------------------------------------------------------------------
+
+def _device_for(launch: Launch, device_type: Optional[str]) -> torch.device:
+    """This process's GPU from its local rank; with a per-task binding (one visible GPU per process), that one.
+    The CPU when there is no GPU or `device_type` asks for it."""
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise LaunchError("no GPU is visible to this process: run on the CPU (--device cpu), or check "
+                          "CUDA_VISIBLE_DEVICES.")
+    if device_type == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    visible = torch.cuda.device_count()
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if launch.local_rank >= visible:
+        raise LaunchError(f"local rank {launch.local_rank} has no GPU: {visible} are visible to this process for "
+                          f"{launch.local_world_size} processes on the node. Start one process per GPU, or check "
+                          "CUDA_VISIBLE_DEVICES.")
+    return torch.device("cuda", launch.local_rank)
+
+
+def _export(launch: Launch) -> None:
+    """The variables torch's env:// rendezvous and DeepSpeed read, from whichever launcher described this process."""
+    port = launch.master_port or _free_port()
+    os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank),
+                      LOCAL_WORLD_SIZE=str(launch.local_world_size), MASTER_ADDR=str(launch.master_addr),
+                      MASTER_PORT=str(port))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _master_from_mpi(launch: Launch) -> Launch:
+    """An MPI launch across nodes without MASTER_ADDR: rank 0's hostname, broadcast with mpi4py if installed."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise LaunchError(f"{launch.launcher} started {launch.world_size} processes on several nodes but MASTER_ADDR "
+                          "is not set: export it to the first node's address (mpirun -x MASTER_ADDR=…), or install "
+                          "mpi4py.") from None
+    master = MPI.COMM_WORLD.bcast(socket.gethostname() if launch.rank == 0 else None, root=0)
+    return dataclasses.replace(launch, master_addr=master)
+
+
+def init_distributed(use_deepspeed: bool = True, device_type: Optional[str] = None) -> DistEnv:
+    """Join the process group the launcher describes (a world of one when none does) on this process's device.
+
+    DeepSpeed's init for training (it also sets up DeepSpeed's communication layer, and its engine needs a
+    group even for one process); torch's own for tools, which need none for a world of one.
+    """
+    launch = detect_launch(os.environ)
+    if launch.master_addr is None:
+        launch = _master_from_mpi(launch)
+    device = _device_for(launch, device_type)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in os.environ:  # ranks on one machine share its cores instead of fighting over them
+        torch.set_num_threads(max(1, usable_cpus() // max(launch.local_world_size, 1)))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if use_deepspeed and not dist.is_initialized():  # DeepSpeed's engine wants its group even for one process
+        _export(launch)
+        import deepspeed
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    elif launch.world_size > 1 and not dist.is_initialized():
+        _export(launch)
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return DistEnv(rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank,
+                   local_world_size=launch.local_world_size, node_rank=launch.node_rank, device=device,
+                   launcher=launch.launcher)
+
+
+def log_world(env: DistEnv) -> None:
+    """One line per node on rank 0 (every rank must call it): which ranks run where, on which devices."""
+    me = (env.node_rank, socket.gethostname(), env.rank, str(env.device))
+    everyone: list[Any] = [me]
+    if _joined():
+        everyone = [None] * env.world_size
+        dist.all_gather_object(everyone, me)
+    if env.rank != 0:
+        return
+    nodes = sorted({node for node, *_ in everyone})
+    _logger.info("%d process%s on %d node%s (%s launch, %s backend)", env.world_size, "es" * (env.world_size > 1),
+                 len(nodes), "s" * (len(nodes) > 1), env.launcher, env.backend)
+    for node in nodes:
+        members = [(rank, host, device) for n, host, rank, device in everyone if n == node]
+        _logger.info("node %d (%s): ranks %s on %s", node, members[0][1], ",".join(str(r) for r, _, _ in members),
+                     ",".join(d for *_, d in members))
+
+
+# --- collectives on the backend's device --------------------------------------------------------------------------
+
+def collective_device() -> torch.device:
+    """The device the world group's backend serves: the CPU under gloo, this process's GPU under NCCL.
+
+    Derived from the group itself, so a helper can never hand a CPU tensor to an NCCL group.
+    """
+    served = getattr(dist.group.WORLD, "_device_types", None) or [torch.device("cpu")]
+    if any(d.type == "cpu" for d in served):
+        return torch.device("cpu")
+    device = served[0]
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device.type)
+
+
+def _joined() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def all_reduce(values: Sequence[float], op: str = "sum") -> list[float]:
+    """`values` reduced over all ranks in float64 on the backend's device; as they are without a group."""
+    if not _joined():
+        return [float(v) for v in values]
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(tensor, op=_OPS[op])
+    return tensor.tolist()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank (pickled through a tensor on the backend's device)."""
+    if not _joined():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=collective_device())
+    return box[0]
+
+
+def barrier() -> None:
+    if not _joined():
+        return
+    device = collective_device()
+    if device.type == "cuda":
+        dist.barrier(device_ids=[device.index])
+    else:
+        dist.barrier()
+
+
+def check_shared_folder(folder: str | Path, what: str = "--output") -> None:
+    """Every rank must see the folder rank 0 writes in: checkpoints, `latest` and pruning are rank 0's.
+
+    Rank 0 writes a uniquely named file, every rank looks for it, and all agree on the verdict, so either
+    every rank goes on or every rank stops with the same sentence.
+    """
+    if not _joined():
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    name = broadcast_object(f".shared-check-{uuid.uuid4().hex}" if rank == 0 else None)
+    marker = Path(folder) / name
+    if rank == 0:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(name)
+    barrier()
+    deadline = time.monotonic() + SHARED_FOLDER_WAIT_SECONDS
+    while not marker.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    blind = int(all_reduce([0.0 if marker.is_file() else 1.0])[0])
+    barrier()
+    if rank == 0:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise ConfigError(f"{what} {folder} is not the same folder on every process ({blind} of {world} do not see "
+                          f"what rank 0 writes there): put {what} on storage that every node shares.")
