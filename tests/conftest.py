@@ -58,6 +58,7 @@ def sample_shards(imagenet_sample: Path, tmp_path_factory: pytest.TempPathFactor
 
 import json  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -92,11 +93,73 @@ def ds_config(path: Path, stage: int, batch: int = FULL_BATCH_SIZE, **extra) -> 
     return path
 
 
+# The variables by which launchers describe a process: a test's processes get only those it sets.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                      "GROUP_RANK", "CROSS_RANK", "TORCHELASTIC_RUN_ID")
+LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "MPI_LOCAL", "MV2_")
+
+
+def clean_env(extra: dict | None = None) -> dict:
+    """This process's environment without any launcher's variables, plus `extra`."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCHER_VARIABLES and not k.startswith(LAUNCHER_PREFIXES)}
+    return dict(env, PYTHONUNBUFFERED="1", **(extra or {}))
+
+
+def write_plan(plan: list[dict], workdir: Path) -> Path:
+    """A plan file for tests/jobs/train_plan.py, named after the plans already in `workdir`."""
+    plan_file = workdir / f"plan-{len(list(workdir.glob('plan-*.json')))}.json"
+    plan_file.write_text(json.dumps(plan))
+    return plan_file
+
+
+def start_processes(commands: list[tuple[list[str], dict]], workdir: Path, name: str) -> list[subprocess.Popen]:
+    """Start each (command, extra environment) in its own session ("node"), logging to workdir/name-i.log."""
+    procs = []
+    for i, (cmd, env) in enumerate(commands):
+        log = open(workdir / f"{name}-{i}.log", "w")
+        procs.append(subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=clean_env(env), stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+        log.close()
+    return procs
+
+
+def wait_processes(procs: list[subprocess.Popen], workdir: Path, name: str, check: bool = True) -> list[str]:
+    """Wait for every process started by start_processes; their logs (a failure shows them all)."""
+    for proc in procs:
+        proc.wait(timeout=900)
+    logs = [(workdir / f"{name}-{i}.log").read_text() for i in range(len(procs))]
+    if check and any(p.returncode for p in procs):
+        codes = [p.returncode for p in procs]
+        pytest.fail(f"{name} failed (exits {codes}):\n" + "\n".join(f"--- {i}:\n{log[-4000:]}" for i, log in enumerate(logs)))
+    return logs
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, as losing their node would: torchrun starts its workers
+    in sessions of their own, so killing the launcher's process group leaves them running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    doomed, queue = [], [pid]
+    while queue:
+        doomed.append(queue.pop())
+        queue += children.get(doomed[-1], [])
+    for victim in doomed:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def launch_plan(plan: list[dict], world: int, workdir: Path, env: dict | None = None, check: bool = True,
                 popen: bool = False, torchrun: bool = False):
     """Run a plan with `deepspeed --num_gpus world` (world > 1), `torchrun`, or plain python (world 1)."""
-    plan_file = workdir / f"plan-{len(list(workdir.glob('plan-*.json')))}.json"
-    plan_file.write_text(json.dumps(plan))
+    plan_file = write_plan(plan, workdir)
     if torchrun:
         cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(world), "--master_port", str(free_port()),
                str(TRAIN_PLAN), str(plan_file)]
@@ -105,9 +168,7 @@ def launch_plan(plan: list[dict], world: int, workdir: Path, env: dict | None = 
     else:
         cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()),
                str(TRAIN_PLAN), str(plan_file)]
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        full_env.pop(key, None)
+    full_env = clean_env(env)
     log_file = open(workdir / f"{plan_file.stem}.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -151,16 +212,51 @@ EXTRA_RUNS = {1: [("zero0", 0, {}, ["--epochs", "1"]),
               2: [("zero2-bf16", 2, BF16, ["--epochs", "3"]), ("zero3-bf16", 3, BF16, ["--epochs", "3"])]}
 
 
+# ZeRO-3 that re-gathers every parameter in every forward, as for a model past DeepSpeed's reuse thresholds:
+# small test models otherwise stay gathered (or are never partitioned) and hide collective mismatches.
+ZERO3_REGATHER = {"zero_optimization": {"stage": 3, "stage3_max_reuse_distance": 0, "stage3_max_live_parameters": 0,
+                                        "stage3_prefetch_bucket_size": 0, "stage3_param_persistence_threshold": 0}}
+UNEVEN_VAL_IMAGES = 3  # readable validation images of uneven_val_shards (plus one corrupt sample)
+
+
 @pytest.fixture(scope="session")
-def zero_runs(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int | str, int], TrainedRun]:
+def uneven_val_shards(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_shards' training split beside a validation split of 4 samples whose last is corrupt: on 2 ranks ×
+    2 loader workers, rank 0 evaluates 2 batches and rank 1 one (its second worker's only sample is skipped)."""
+    import webdataset as wds
+
+    out = tmp_path_factory.mktemp("uneven-val")
+    for path in tiny_shards.glob("train*"):
+        shutil.copy(path, out / path.name)
+    manifest = json.loads((tiny_shards / "val.json").read_text())
+    urls = [str(tiny_shards / shard["name"]) for shard in manifest["shards"]]
+    raw = [{k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
+           for sample in wds.WebDataset(urls, shardshuffle=False)]
+    samples = raw[:UNEVEN_VAL_IMAGES] + [dict(raw[0], __key__="val_corrupt", jpg=b"not an image")]
+    with wds.TarWriter(str(out / "val-000000.tar"), encoder=False) as sink:
+        for sample in samples:
+            sink.write(sample)
+    manifest["shards"] = [dict(manifest["shards"][0], name="val-000000.tar", num_samples=len(samples))]
+    manifest["num_samples"] = len(samples)
+    (out / "val.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture(scope="session")
+def zero_runs(tiny_shards: Path, uneven_val_shards: Path,
+              tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int | str, int], TrainedRun]:
     """attnscale_tiny_24 trained full-batch for 6 steps with ZeRO-1, -2 and -3 at world size 1 and 2:
     {(stage, world): TrainedRun}; in the same two launches, EXTRA_RUNS under {(name, world): TrainedRun}:
-    ("zero0", 1), ("zero2-bf16", 2), ("zero3-bf16", 2)."""
+    ("zero0", 1), ("zero2-bf16", 2), ("zero3-bf16", 2), and ("zero3-uneven-eval", 2): one step of ZeRO-3
+    re-gathering its parameters in every forward, then an evaluation on uneven_val_shards."""
     work = tmp_path_factory.mktemp("zero-runs")
     runs = {}
     for world in (2, 1):
         configs = [(stage, f"zero{stage}", stage, {}, []) for stage in (1, 2, 3)]
         configs += [(name, name, *rest) for name, *rest in EXTRA_RUNS[world]]
+        if world == 2:
+            configs.append(("zero3-uneven-eval", "zero3-uneven-eval", 3, ZERO3_REGATHER,
+                            ["--epochs", "1", "--data", str(uneven_val_shards)]))
         plan, outputs = [], {}
         for key, name, stage, extra, flags in configs:
             out = outputs[key] = work / f"{name}-world{world}"
@@ -171,3 +267,27 @@ def zero_runs(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         for key, out in outputs.items():
             runs[key, world] = TrainedRun(out, out / "probe.pt", log)
     return runs
+
+
+# --- resume: one uninterrupted reference for the kill/resume tests -------------------------------------------
+
+# 103 images, global batch 16: 6 steps per epoch, 12 in all; full DeiT augmentation with Mixup/CutMix,
+# repeated augmentation and drop path; checkpoints at steps 4, 6, 8 and 12.
+RESUME_FLAGS = [*TINY_MODEL, "--epochs", "2", "--warmup-epochs", "1", "--lr", "0.01", "--workers", "2",
+                "--save-every", "4", "--keep", "2", "--log-every", "1", "--drop-path", "0.1"]
+
+
+def resume_plan(config: Path, shards: Path, out: Path) -> list[dict]:
+    argv = ["--deepspeed_config", str(config), "--data", str(shards), "--output", str(out), *RESUME_FLAGS]
+    return [{"argv": argv, "probe": str(out / "probe.pt")}]
+
+
+@pytest.fixture(scope="session")
+def resume_reference(sample_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(ZeRO-2 config, run folder) of the 12-step resume run on 2 processes, uninterrupted: what every
+    interrupted and resumed copy of it must end with, bit for bit."""
+    work = tmp_path_factory.mktemp("resume-reference")
+    config = ds_config(work / "zero2.json", 2)
+    reference = work / "uninterrupted"
+    launch_plan(resume_plan(config, sample_shards.parent, reference), 2, work)
+    return config, reference

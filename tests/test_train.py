@@ -17,7 +17,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import antismooth  # noqa: F401
-from conftest import FULL_BATCH_SIZE, TINY_MODEL, ds_config, launch_plan
+from conftest import FULL_BATCH_SIZE, TINY_MODEL, ds_config, launch_plan, resume_plan
 
 import pretrain
 
@@ -104,30 +104,20 @@ def test_tensorboard_has_training_eval_and_technique_curves(zero_runs):
 
 # --- kill and resume ---------------------------------------------------------------------------------------
 
-RESUME_FLAGS = [*TINY_MODEL, "--epochs", "2", "--warmup-epochs", "1", "--lr", "0.01", "--workers", "2",
-                "--save-every", "4", "--keep", "2", "--log-every", "1", "--drop-path", "0.1"]  # DeiT augmentation on
-
-
 def _latest(run: Path) -> str | None:
     latest = run / "checkpoints" / "latest"
     return latest.read_text() if latest.is_file() else None
 
 
 @pytest.fixture(scope="module")
-def resume_runs(sample_shards, tmp_path_factory):
-    """The same 12-step ZeRO-2 run on 2 processes (103 images, global batch 16: 6 steps per epoch, full DeiT
-    augmentation with Mixup/CutMix, repeated augmentation, drop path) uninterrupted, and interrupted twice:
-    SIGKILL from outside once a checkpoint exists, then SIGKILL of one rank in the middle of writing one."""
+def resume_runs(sample_shards, resume_reference, tmp_path_factory):
+    """The 12-step ZeRO-2 resume run on 2 processes (conftest.resume_reference) interrupted twice: SIGKILL
+    from outside once a checkpoint exists, then SIGKILL of one rank in the middle of writing one."""
     work = tmp_path_factory.mktemp("resume")
-    config = ds_config(work / "zero2.json", 2)
+    config, reference = resume_reference
 
     def plan(out: Path) -> list[dict]:
-        argv = ["--deepspeed_config", str(config), "--data", str(sample_shards.parent), "--output", str(out),
-                *RESUME_FLAGS]
-        return [{"argv": argv, "probe": str(out / "probe.pt")}]
-
-    reference = work / "uninterrupted"
-    launch_plan(plan(reference), 2, work)
+        return resume_plan(config, sample_shards.parent, out)
 
     killed = work / "killed"
     proc = launch_plan(plan(killed), 2, work, popen=True)
@@ -233,7 +223,8 @@ GOOD_JSON = {"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"t
     ("partition_activations", "partition_activations"),
 ])
 def test_bad_startup_inputs_stop_with_one_clear_sentence(case, expected, tiny_shards, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)  # rank 0 of a 2-process launch
     data, model = str(tiny_shards), "attnscale_tiny_24"
     config = _write(tmp_path / "ok.json", GOOD_JSON)
     extra = []
