@@ -29,7 +29,7 @@ import torch.distributed as dist
 from .config import ConfigError
 
 __all__ = ["Launch", "DistEnv", "LaunchError", "detect_launch", "init_distributed", "log_world", "collective_device",
-           "all_reduce", "broadcast_object", "barrier", "check_shared_folder", "usable_cpus", "first_host",
+           "all_reduce", "all_gather_object", "broadcast_object", "barrier", "check_shared_folder", "usable_cpus", "first_host",
            "tasks_on_node"]
 
 _logger = logging.getLogger(__name__)
@@ -290,11 +290,7 @@ def init_distributed(use_deepspeed: bool = True, device_type: Optional[str] = No
 
 def log_world(env: DistEnv) -> None:
     """One line per node on rank 0 (every rank must call it): which ranks run where, on which devices."""
-    me = (env.node_rank, socket.gethostname(), env.rank, str(env.device))
-    everyone: list[Any] = [me]
-    if _joined():
-        everyone = [None] * env.world_size
-        dist.all_gather_object(everyone, me)
+    everyone = all_gather_object((env.node_rank, socket.gethostname(), env.rank, str(env.device)))
     if env.rank != 0:
         return
     nodes = sorted({node for node, *_ in everyone})
@@ -345,6 +341,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src, device=collective_device())
     return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (pickled through tensors on the backend's device)."""
+    if not _joined():
+        return [obj]
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, obj)  # NCCL: on torch.cuda.current_device(), which init_distributed set
+    return everyone
 
 
 def barrier() -> None:
