@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import itertools
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -35,12 +37,12 @@ from antismooth.config import ConfigError, DeepSpeedSettings, Derived, TrainConf
 from antismooth.data.pipeline import (AugmentConfig, StreamConfig, build_eval_stream, build_train_stream,
                                       reduce_eval_metrics, seed_for)
 from antismooth.data.shards import load_manifest
-from antismooth.distributed import (DistEnv, all_reduce, barrier, broadcast_object, check_shared_folder, detect_launch,
-                                    init_distributed, log_world)
+from antismooth.distributed import (DistEnv, all_gather_object, all_reduce, barrier, broadcast_object,
+                                    check_shared_folder, detect_launch, init_distributed, log_world)
 from antismooth.evaluate import evaluate
 from antismooth.export import write_model_meta
-from antismooth.engine import (RunFolder, TrainState, apply_activation_checkpointing, build_scheduler,
-                               checkpoint_tag, param_groups)
+from antismooth.engine import (RunFolder, TrainingStopped, TrainState, apply_activation_checkpointing,
+                               build_scheduler, checkpoint_tag, param_groups)
 from antismooth.models import WeightsMismatchError, load_weights
 from antismooth.models.weights import ANTI_OVERSMOOTHING_PARAMS
 from antismooth.spectral import measure, paper_parameters, write_spectral
@@ -100,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-eval", dest="eval_every_epoch", action="store_false", help="skip the per-epoch evaluation")
     g.add_argument("--eval-only", action="store_true", help="evaluate --finetune weights on val and exit")
     g.add_argument("--throughput", action="store_true", help="measure training images/s and exit")
+    g.add_argument("--skip-nonfinite", type=int, default=d.skip_nonfinite,
+                   help="steps with a non-finite loss or gradients to skip (no update) before stopping (default 0)")
     return p
 
 
@@ -218,6 +222,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, WeightsMismatchError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
 
 
 def run(config: TrainConfig):
@@ -254,8 +261,7 @@ def run(config: TrainConfig):
                   f"loss {metrics['loss']:.4f}  ({metrics['count']} images)")
         return None
 
-    # One decision for all ranks: a rank that saw another `latest` would load alone and hang the others.
-    resume_tag = broadcast_object(run_folder.latest_tag() if env.rank == 0 else None)
+    resume_tag = choose_resume_tag(run_folder, env)
     if config.finetune and resume_tag is None:
         load_finetune_weights(model, config.finetune)
     apply_activation_checkpointing(model, ds.blocks_per_checkpoint, ds.offload_checkpoints)
@@ -304,6 +310,33 @@ def load_finetune_weights(model: nn.Module, path: str) -> None:
     log.info("Fine-tuning from %s.", path)
 
 
+def choose_resume_tag(run_folder: RunFolder, env: DistEnv) -> Optional[str]:
+    """The newest complete checkpoint that every rank can read back, one decision for all ranks (a rank that
+    chose alone could load while the others start fresh, and hang them). Newer damaged ones are renamed
+    `<tag>.damaged`, never deleted, and `latest` names the one the run continues from."""
+    tags = broadcast_object(run_folder.complete_tags() if env.rank == 0 else None)
+    damaged: dict[str, list[str]] = {}
+    for tag in reversed(tags):
+        files = [name for names in all_gather_object(run_folder.damaged_files(tag, env.rank)) for name in names]
+        if not files:
+            break
+        damaged[tag] = files
+    else:
+        if tags:
+            listing = "; ".join(f"{bad}: " + ", ".join(files) for bad, files in damaged.items())
+            raise ConfigError(f"No checkpoint in {run_folder.checkpoints} can be read back ({listing}): restore "
+                              "them from a backup, or start a new --output (--finetune from an export of an older run).")
+        return None
+    if damaged and env.rank == 0:
+        for bad, files in damaged.items():
+            aside = run_folder.set_aside(bad)
+            log.warning("Checkpoint %s cannot be read back (%s): moved to %s; going on from %s.", bad,
+                        ", ".join(files), aside.name, tag)
+        run_folder.commit(tag)
+    barrier()
+    return tag
+
+
 def resume(engine, run_folder: RunFolder, tag: str, state: TrainState, env: DistEnv, config: TrainConfig) -> None:
     load_path, client_state = engine.load_checkpoint(str(run_folder.checkpoints), tag)
     if load_path is None:
@@ -327,6 +360,10 @@ def log_start(config: TrainConfig, ds: DeepSpeedSettings, derived: Derived, meta
     log.info("global batch %d = %d per process × %d accumulation × %d processes; %d steps/epoch, %d steps, "
              "warmup %d, peak lr %.3g", derived.global_batch, derived.micro_batch, derived.grad_accum,
              derived.world_size, derived.steps_per_epoch, derived.total_steps, derived.warmup_steps, derived.peak_lr)
+    if derived.warmup_steps >= derived.total_steps:
+        log.warning("--warmup-epochs %g is as long as the whole run (--epochs %d): the learning rate only warms up and "
+                    "never reaches its peak %.3g; lower --warmup-epochs or train longer.", config.warmup_epochs,
+                    config.epochs, derived.peak_lr)
     run_folder.write_run_json({"flags": config.to_dict(), "deepspeed": ds.raw, "derived": derived.to_dict(),
                                "model": meta, "resumed_from": resume_tag})
 
@@ -392,6 +429,8 @@ class Trainer:
         self.criterion = criterion_for(self.augment, self.stream.mixup is not None)
         self.writer = self._writer() if self.env.rank == 0 else None
         self.last_saved_step = self.state.global_step if self.state.global_step else -1
+        self.skipped_updates = self.engine.skipped_steps   # DeepSpeed's count of updates it dropped
+        self.nonfinite_steps = 0
         self.probe = self._probe_images() if self.config.spectral_every else None
 
     def _probe_images(self) -> torch.Tensor:
@@ -450,6 +489,7 @@ class Trainer:
             state.samples_seen += derived.global_batch
             state.corrupt_skipped = self.stream.corrupt_skipped
             self.scheduler.step_update(state.global_step)
+            self.check_finite(torch.stack(losses).mean())
             self.after_step(torch.stack(losses).mean())
             self.log_spectral()
             losses = []
@@ -494,19 +534,69 @@ class Trainer:
         if self.writer:
             write_spectral(self.writer, report, self.state.global_step)
 
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop a diverged run before it saves anything: a non-finite loss on any rank, or an update DeepSpeed
+        dropped for non-finite gradients (under fp16 the loss scaler drops overflows by design: left alone).
+        With --skip-nonfinite N, up to N such steps go by without an update instead."""
+        dropped = self.engine.skipped_steps - self.skipped_updates
+        self.skipped_updates = self.engine.skipped_steps
+        loss_bad = all_reduce([0.0 if bool(torch.isfinite(loss)) else 1.0], op="max")[0] > 0
+        if not loss_bad and (dropped == 0 or self.ds.dtype == "float16"):
+            return
+        self.nonfinite_steps += 1
+        what = "the loss" if loss_bad else "the gradient norm"
+        if dropped and self.nonfinite_steps <= self.config.skip_nonfinite:
+            log.warning("step %d: %s is not finite; the update was skipped (%d of --skip-nonfinite %d).",
+                        self.state.global_step, what, self.nonfinite_steps, self.config.skip_nonfinite)
+            return
+        raise TrainingStopped(f"Step {self.state.global_step}: {what} is not finite, so the run stopped without "
+                              f"saving; its newest checkpoint, {self.run_folder.latest_tag()} in "
+                              f"{self.run_folder.checkpoints}, holds finite weights: lower --lr or lengthen "
+                              "--warmup-epochs and run the same command to resume from it (or from an older one, by "
+                              "writing its tag into `latest`), or let such steps pass without an update with "
+                              "--skip-nonfinite N.")
+
+    def check_parameters_finite(self, tag: str) -> None:
+        """Never save non-finite weights: each rank checks what it holds (its partition under ZeRO-3)."""
+        held = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
+        bad = not all(bool(torch.isfinite(t).all()) for t in held if t.numel())
+        if all_reduce([float(bad)], op="max")[0] > 0:
+            raise TrainingStopped(f"The weights at step {self.state.global_step} hold non-finite values, so "
+                                  f"checkpoint {tag} was not saved; the newest checkpoint, {self.run_folder.latest_tag()} "
+                                  f"in {self.run_folder.checkpoints}, holds finite weights: lower --lr and run the same "
+                                  "command to resume from it.")
+
     def save(self) -> None:
-        """A checkpoint on every rank (DeepSpeed needs all of them), the model meta beside it, old ones pruned."""
+        """A checkpoint on every rank (DeepSpeed needs all of them), the model meta beside it, every file flushed
+        to the disk before rank 0 names it `latest`, old ones pruned."""
         tag = checkpoint_tag(self.state.global_step)
-        if self.env.rank == 0:  # the model's description, for tools/export.py and tools/eval.py
-            write_model_meta(self.run_folder.checkpoints / tag,
-                             dict(self.meta, step=self.state.global_step, epoch=self.state.epoch))
-        self.engine.save_checkpoint(str(self.run_folder.checkpoints), tag=tag, save_latest=False,
-                                    client_state={"antismooth": self.state.state_dict()})
+        self.check_parameters_finite(tag)
+        try:
+            if self.env.rank == 0:  # the model's description, for tools/export.py and tools/eval.py
+                write_model_meta(self.run_folder.checkpoints / tag,
+                                 dict(self.meta, step=self.state.global_step, epoch=self.state.epoch))
+            self.engine.save_checkpoint(str(self.run_folder.checkpoints), tag=tag, save_latest=False,
+                                        client_state={"antismooth": self.state.state_dict()})
+            self.run_folder.sync_files(tag, self.env.rank)
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+            self.abandon_save(tag, err)
+        barrier()  # every rank's files are on the disk
         self.last_saved_step = self.state.global_step
-        if self.env.rank == 0:  # save_checkpoint ends in a barrier: every rank's files are written
+        if self.env.rank == 0:
             self.run_folder.commit(tag)
             removed = self.run_folder.prune(self.config.keep)
             log.info("saved checkpoint %s%s", tag, f" (removed {', '.join(removed)})" if removed else "")
+
+    def abandon_save(self, tag: str, err: BaseException) -> None:
+        """A checkpoint that could not be written: its partial folder removed (it was never `latest`), the run
+        stopped with what is kept. The other ranks are ended by the launcher when this one exits."""
+        full = isinstance(err, OSError) and err.errno == errno.ENOSPC or "write failed" in str(err) \
+            or "No space left" in str(err)
+        reason = "the disk is full" if full else f"{type(err).__name__}: {err}".splitlines()[0][:200]
+        shutil.rmtree(self.run_folder.checkpoints / tag, ignore_errors=True)
+        raise TrainingStopped(f"Checkpoint {tag} could not be written to {self.run_folder.checkpoints} ({reason}); "
+                              f"{self.run_folder.latest_tag()} is still the newest checkpoint, intact: free space there "
+                              "(or lower --keep) and run the same command to resume from it.") from err
 
     def evaluate(self) -> None:
         metrics = evaluate_split(self.engine, self.val_manifest, self.derived.micro_batch, self.env, self.augment,

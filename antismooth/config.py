@@ -69,6 +69,7 @@ class TrainConfig:
     eval_only: bool = False
     throughput: bool = False
     max_steps: Optional[int] = None           # stop early (smoke runs, tests); the schedule still spans epochs
+    skip_nonfinite: int = 0                   # optimizer steps with non-finite loss/gradients to skip before stopping
 
     def __post_init__(self) -> None:
         checks = [
@@ -84,6 +85,7 @@ class TrainConfig:
              f"--stream-mode must be 'exact' or 'resampled', got {self.stream_mode!r}."),
             (not self.eval_only or self.finetune, "--eval-only evaluates given weights: add --finetune PATH."),
             (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}."),
+            (self.skip_nonfinite >= 0, f"--skip-nonfinite must be 0 or more, got {self.skip_nonfinite}."),
         ]
         for ok, message in checks:
             if not ok:
@@ -181,6 +183,10 @@ class DeepSpeedSettings:
         raw = json.loads(json.dumps(self.raw))
         if "activation_checkpointing" in raw:
             raw["activation_checkpointing"].pop("blocks_per_checkpoint", None)
+        if (raw.get("bf16") or {}).get("enabled"):
+            # DeepSpeed skips an update whose gradients are not finite under fp32 and fp16, under bf16 only when
+            # asked: without it a NaN gradient would reach the weights before the run could stop.
+            raw["bf16"].setdefault("check_grad_overflow", True)
         raw["train_micro_batch_size_per_gpu"] = self.micro_batch
         raw["gradient_accumulation_steps"] = self.grad_accum
         raw.pop("train_batch_size", None)

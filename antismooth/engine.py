@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -23,9 +24,14 @@ from timm.scheduler import CosineLRScheduler
 from .config import Derived, TrainConfig
 
 __all__ = ["param_groups", "build_scheduler", "apply_activation_checkpointing", "CheckpointedBlocks",
-           "TrainState", "RunFolder", "checkpoint_tag"]
+           "TrainState", "RunFolder", "checkpoint_tag", "TrainingStopped"]
 
 _logger = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on safely (it diverged, a checkpoint could not be written); the message says which
+    checkpoint is kept and what to do."""
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -46,9 +52,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, deriv
         group.pop("initial_lr", None)
     # warmup_prefix: the cosine starts at the peak when warmup ends (timm's default lets it start at step 0
     # under the warmup, so a short run never reaches the peak lr it logs).
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, derived.total_steps - derived.warmup_steps),
-                                  lr_min=config.min_lr, warmup_t=derived.warmup_steps, warmup_lr_init=config.warmup_lr,
-                                  warmup_prefix=True, t_in_epochs=False)
+    # timm warns "Cosine annealing scheduler will have no effect" when the cosine is a single step (a run no
+    # longer than its warmup); pretrain's start-up summary says what that means for the run instead.
+    timm_logger = logging.getLogger("timm.scheduler.cosine_lr")
+    level = timm_logger.level
+    timm_logger.setLevel(logging.ERROR)
+    try:
+        scheduler = CosineLRScheduler(optimizer, t_initial=max(1, derived.total_steps - derived.warmup_steps),
+                                      lr_min=config.min_lr, warmup_t=derived.warmup_steps,
+                                      warmup_lr_init=config.warmup_lr, warmup_prefix=True, t_in_epochs=False)
+    finally:
+        timm_logger.setLevel(level)
     scheduler.step_update(0)
     return scheduler
 
@@ -113,10 +127,22 @@ class TrainState:
 
 # DeepSpeed's per-rank optimizer shard: zero_pp_rank_{rank}_mp_rank_00_optim_states.pt (bf16_ prefixed under bf16).
 _ZERO_SHARD = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+# Any file of one rank's (ZeRO-3 also writes zero_pp_rank_{rank}_mp_rank_00_model_states.pt).
+_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
+_TAG = re.compile(r"step\d{8}")
 
 
 def checkpoint_tag(global_step: int) -> str:
     return f"step{global_step:08d}"
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (new names, renames) to the disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class RunFolder:
@@ -148,11 +174,75 @@ class RunFolder:
             return None
         return tag
 
+    def complete_tags(self) -> list[str]:
+        """Every complete checkpoint, oldest first: the tags `latest` named when they were saved."""
+        latest = self.latest_tag()
+        if latest is None:
+            return []
+        return sorted(p.name for p in self.checkpoints.iterdir()
+                      if p.is_dir() and _TAG.fullmatch(p.name) and p.name <= latest)
+
     def commit(self, tag: str) -> None:
-        """Name `tag` the newest complete checkpoint: call on rank 0 after every rank's save returned."""
+        """Name `tag` the newest complete checkpoint: call on rank 0 after every rank's files are on disk.
+
+        Written to a temporary file, flushed to the disk, renamed over `latest`, and the rename itself
+        flushed (the folder's fsync), so neither a crash nor a power loss leaves `latest` half-written
+        or naming files the disk never received.
+        """
         tmp = self.checkpoints / "latest.tmp"
-        tmp.write_text(tag)
+        with open(tmp, "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.checkpoints / "latest")
+        _fsync_folder(self.checkpoints)
+
+    def sync_files(self, tag: str, rank: int) -> None:
+        """Flush the files this rank wrote for checkpoint `tag` (rank 0: also the shared ones) to the disk."""
+        folder = self.checkpoints / tag
+        for path in self.rank_files(tag, rank):
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        if rank == 0:
+            _fsync_folder(folder)
+            _fsync_folder(self.checkpoints)
+
+    def rank_files(self, tag: str, rank: int) -> list[Path]:
+        """The files of checkpoint `tag` that rank `rank` reads and writes: its own ZeRO shards; rank 0
+        also every file no rank owns (model states, antismooth.json)."""
+        files = []
+        for path in sorted((self.checkpoints / tag).iterdir()):
+            owner = _RANK_FILE.search(path.name)
+            if path.is_file() and (int(owner.group(1)) == rank if owner else rank == 0):
+                files.append(path)
+        return files
+
+    def damaged_files(self, tag: str, rank: int) -> list[str]:
+        """This rank's files of checkpoint `tag` that cannot be read back: a truncated or corrupted zip
+        archive (torch.save's format, checked to the last CRC) or unreadable JSON; [] when all are sound."""
+        damaged = []
+        for path in self.rank_files(tag, rank):
+            try:
+                if path.suffix == ".pt":
+                    with zipfile.ZipFile(path) as archive:
+                        if archive.testzip() is not None:
+                            raise zipfile.BadZipFile("CRC mismatch")
+                elif path.suffix == ".json":
+                    json.loads(path.read_text())
+            except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+                damaged.append(path.name)
+        if self.saved_world_size(tag) and not any(_ZERO_SHARD.search(p.name) for p in self.rank_files(tag, rank)):
+            damaged.append(f"zero_pp_rank_{rank}_…_optim_states.pt (missing)")
+        return damaged
+
+    def set_aside(self, tag: str) -> Path:
+        """Rename a damaged checkpoint out of the way (never deleted: its files may still be worth a look)."""
+        target = self.checkpoints / f"{tag}.damaged"
+        suffix = 1
+        while target.exists():
+            target, suffix = self.checkpoints / f"{tag}.damaged-{suffix}", suffix + 1
+        os.replace(self.checkpoints / tag, target)
+        return target
 
     def saved_world_size(self, tag: str) -> Optional[int]:
         """How many processes wrote checkpoint `tag` (its ZeRO optimizer shards); None without ZeRO files."""
@@ -172,7 +262,8 @@ class RunFolder:
         latest = self.latest_tag()
         if latest is None:
             return []
-        tags = sorted(p.name for p in self.checkpoints.iterdir() if p.is_dir() and p.name <= latest)
+        tags = sorted(p.name for p in self.checkpoints.iterdir()
+                      if p.is_dir() and _TAG.fullmatch(p.name) and p.name <= latest)
         doomed = tags[:-keep]
         for tag in doomed:
             shutil.rmtree(self.checkpoints / tag, ignore_errors=True)

@@ -2,6 +2,8 @@
 policy, the run folder's checkpoint bookkeeping, and the DeepSpeed JSON's batch arithmetic."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import timm
 import torch
@@ -53,6 +55,23 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine_to_min_lr():
     assert {g["lr"] for g in optimizer.param_groups} == {lrs[-1]}               # every group alike
 
 
+def test_a_run_no_longer_than_its_warmup_is_named_in_the_start_up_summary_not_by_timm(tmp_path, caplog):
+    import pretrain
+
+    model = _model("vit_tiny_12")
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05))
+    config = TrainConfig(epochs=1, warmup_epochs=5, deepspeed_config="x.json")     # DeiT's 5 warmup epochs, 1 epoch
+    ds = DeepSpeedSettings.from_dict({"train_micro_batch_size_per_gpu": 64, "optimizer": {"type": "AdamW"}}, 1)
+    derived = derive(config, ds, world_size=1, num_samples=128)
+    with caplog.at_level(logging.INFO):
+        build_scheduler(optimizer, config, derived)
+        pretrain.log_start(config, ds, derived, {}, RunFolder(tmp_path), 1, 12, None)
+    assert "will have no effect" not in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["--warmup-epochs 5 is as long as the whole run (--epochs 1): the learning rate only warms up "
+                        f"and never reaches its peak {derived.peak_lr:.3g}; lower --warmup-epochs or train longer."]
+
+
 def _grads(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     torch.manual_seed(1)  # drop path draws: the recompute must draw them again identically
     torch.nn.functional.cross_entropy(model(images), labels).backward()
@@ -101,6 +120,39 @@ def test_run_folder_commits_latest_atomically_and_prunes_complete_checkpoints(tm
                                                                                "step00000040"]
     (run.checkpoints / "latest").write_text("")  # as DeepSpeed's own non-atomic write can leave it
     assert run.latest_tag() is None
+
+
+def _checkpoint(run: RunFolder, tag: str, world: int) -> None:
+    """Files named as DeepSpeed's ZeRO-2 writes them, real torch.save archives (their format: zip)."""
+    folder = run.checkpoints / tag
+    folder.mkdir(parents=True)
+    torch.save({"module": torch.ones(3)}, folder / "mp_rank_00_model_states.pt")
+    for rank in range(world):
+        torch.save({"state": torch.full((100,), float(rank))}, folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    (folder / "antismooth.json").write_text('{"model": "x"}')
+
+
+def test_run_folder_finds_damaged_checkpoint_files_per_rank_and_sets_them_aside(tmp_path):
+    run = RunFolder(tmp_path)
+    for tag in ("step00000004", "step00000008"):
+        _checkpoint(run, tag, world=2)
+    run.commit("step00000008")
+    assert run.complete_tags() == ["step00000004", "step00000008"]
+    assert run.damaged_files("step00000008", 0) == run.damaged_files("step00000008", 1) == []
+    shard = run.checkpoints / "step00000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:-200])                       # cut short
+    assert run.damaged_files("step00000008", 0) == []                  # rank 0 reads none of rank 1's files
+    assert run.damaged_files("step00000008", 1) == [shard.name]
+    flipped = bytearray((run.checkpoints / "step00000004" / "mp_rank_00_model_states.pt").read_bytes())
+    flipped[len(flipped) // 3] ^= 0xFF                                 # one flipped byte: a CRC mismatch
+    (run.checkpoints / "step00000004" / "mp_rank_00_model_states.pt").write_bytes(bytes(flipped))
+    assert run.damaged_files("step00000004", 0) == ["mp_rank_00_model_states.pt"]
+    (run.checkpoints / "step00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    assert run.damaged_files("step00000004", 1) == ["zero_pp_rank_1_…_optim_states.pt (missing)"]
+    aside = run.set_aside("step00000008")
+    assert aside.name == "step00000008.damaged" and (aside / shard.name).is_file()
+    run.commit("step00000004")
+    assert run.complete_tags() == ["step00000004"] and run.prune(keep=1) == []   # never prunes what was set aside
 
 
 def test_train_state_round_trips_through_client_state():

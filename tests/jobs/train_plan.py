@@ -3,15 +3,18 @@
 
     deepspeed --num_gpus 2 tests/jobs/train_plan.py plan.json      (or: python tests/jobs/train_plan.py plan.json)
 
-plan.json is a list of {"argv": [...pretrain.py flags...], "probe": "logits.pt" or null}. After a
+plan.json is a list of {"argv": [...pretrain.py flags...], "probe": "logits.pt" or null}, or of
+{"argv": [...], "status": "file"}: pretrain.main's exit status written to the file (a run expected to stop). After a
 run, the trained engine's logits on a fixed batch, probe_images(img_size), are saved to `probe` (eval
 mode; the images cast to the engine's parameter dtype, bf16 engines included; the logits in fp32), so
 tests can compare runs and exports with the live model. With ANTISMOOTH_TEST_KILL_DURING_SAVE=TAG,
 the last rank SIGKILLs itself while saving checkpoint TAG, after its model files and before its
-optimizer shard: a crash in the middle of writing a checkpoint.
+optimizer shard: a crash in the middle of writing a checkpoint. With ANTISMOOTH_TEST_ENOSPC_DURING_SAVE=TAG,
+writing checkpoint TAG's optimizer shard fails as on a full disk.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -45,10 +48,29 @@ def kill_during_save(tag: str) -> None:
     TorchCheckpointEngine.save = save
 
 
+def full_disk_during_save(tag: str) -> None:
+    """Where no small filesystem can be mounted: the optimizer shard of checkpoint `tag` meets a full disk."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    original = TorchCheckpointEngine.save
+
+    def save(self, state_dict, path):
+        if f"/{tag}/" in path and path.endswith("optim_states.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return original(self, state_dict, path)
+
+    TorchCheckpointEngine.save = save
+
+
 def main(plan_path: str) -> None:
     if os.environ.get("ANTISMOOTH_TEST_KILL_DURING_SAVE"):
         kill_during_save(os.environ["ANTISMOOTH_TEST_KILL_DURING_SAVE"])
+    if os.environ.get("ANTISMOOTH_TEST_ENOSPC_DURING_SAVE"):
+        full_disk_during_save(os.environ["ANTISMOOTH_TEST_ENOSPC_DURING_SAVE"])
     for entry in json.loads(Path(plan_path).read_text()):
+        if entry.get("status"):  # the run as a user starts it: pretrain.main's exit status, its message on stderr
+            Path(entry["status"]).write_text(str(pretrain.main(entry["argv"])))
+            continue
         engine = pretrain.run(pretrain.parse_config(entry["argv"]))
         if entry.get("probe") and engine is not None:
             engine.eval()

@@ -1,0 +1,106 @@
+"""What a multi-day run must survive: a diverged loss, a damaged newest checkpoint, a full disk.
+
+One launch (plain python, one process) runs the three cases in a row through tests/jobs/train_plan.py,
+each through pretrain.main so that its exit status and its message are what a user would get.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FULL_BATCH, REPO, TINY_MODEL, ds_config, launch_plan
+from test_train import scalars
+
+DIVERGING_LR = "1e9"       # per 512 images: the weights blow up in the first step, the loss is NaN from step 2
+FULL_DISK_MB = 30          # a checkpoint of the tiny model under ZeRO-2 on one process is 19 MB: one fits, two do not
+
+
+def _mount_small_tmpfs(path: Path) -> bool:
+    """A real full filesystem where the machine allows it (root, Linux); else the test injects ENOSPC."""
+    path.mkdir(parents=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={FULL_DISK_MB}m", "tmpfs", str(path)],
+                          capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def reliability_runs(zero_runs, tiny_shards, tmp_path_factory):
+    work = tmp_path_factory.mktemp("reliability")
+    config = str(ds_config(work / "zero2.json", 2))
+    common = ["--deepspeed_config", config, "--data", str(tiny_shards), *TINY_MODEL, *FULL_BATCH]
+
+    # A copy of the 6-step ZeRO-2 one-process run whose newest checkpoint (step 6) lost the end of its
+    # optimizer shard, continued to 7 epochs.
+    damaged = Path(shutil.copytree(zero_runs[2, 1].output, work / "damaged"))
+    shard = next((damaged / "checkpoints" / "step00000006").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+    full_disk = work / "full-disk"
+    mounted = _mount_small_tmpfs(full_disk)
+    plan = [
+        {"argv": [*common, "--output", str(work / "diverged"), "--lr", DIVERGING_LR, "--save-every", "1"],
+         "status": str(work / "diverged.status")},
+        {"argv": [*common, "--output", str(damaged), "--save-every", "4", "--epochs", "7"],
+         "status": str(work / "damaged.status")},
+        {"argv": [*common, "--output", str(full_disk / "run"), "--save-every", "1", "--no-eval"],
+         "status": str(work / "full-disk.status")},
+    ]
+    env = {} if mounted else {"ANTISMOOTH_TEST_ENOSPC_DURING_SAVE": "step00000002"}
+    log = launch_plan(plan, 1, work, env=env)
+    status = {name: int((work / f"{name}.status").read_text()) for name in ("diverged", "damaged", "full-disk")}
+    yield {"work": work, "log": log, "damaged": damaged, "full_disk": full_disk / "run", "status": status}
+    if mounted:
+        subprocess.run(["umount", str(full_disk)], capture_output=True)
+
+
+def _error_line(log: str, text: str) -> str:
+    lines = [line for line in log.splitlines() if line.startswith("error: ") and text in line]
+    assert len(lines) == 1, log[-4000:]
+    return lines[0]
+
+
+def _export_is_finite(run: Path, tmp_path: Path) -> str:
+    """Export `run`'s newest checkpoint, check every weight is finite, and return the exported tag."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import export as export_tool
+    from safetensors.torch import load_file
+
+    from antismooth.export import read_export_meta
+
+    out = tmp_path / "weights.safetensors"
+    assert export_tool.main([str(run), "--out", str(out)]) == 0
+    weights = load_file(out)
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    return read_export_meta(out)["tag"]
+
+
+def test_a_diverged_run_stops_with_one_sentence_and_keeps_its_good_checkpoints(reliability_runs, tmp_path):
+    assert reliability_runs["status"]["diverged"] == 3
+    line = _error_line(reliability_runs["log"], "not finite")
+    run = reliability_runs["work"] / "diverged"
+    latest = (run / "checkpoints" / "latest").read_text()
+    assert f"its newest checkpoint, {latest} in" in line and "--lr" in line and "--skip-nonfinite" in line
+    assert all(v == v for v in scalars(run, "train/loss")[:-1])  # the logged losses before the stop are numbers
+    assert _export_is_finite(run, tmp_path) == latest
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_goes_on_from_the_previous(reliability_runs):
+    assert reliability_runs["status"]["damaged"] == 0
+    log, run = reliability_runs["log"], reliability_runs["damaged"]
+    assert "step00000006 cannot be read back" in log and "Resumed from step00000005" in log
+    assert (run / "checkpoints" / "step00000006.damaged").is_dir()     # renamed, not deleted
+    assert (run / "checkpoints" / "latest").read_text() == "step00000007"
+
+
+def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_latest_and_intact(reliability_runs, tmp_path):
+    assert reliability_runs["status"]["full-disk"] == 3
+    line = _error_line(reliability_runs["log"], "could not be written")
+    run = reliability_runs["full_disk"]
+    assert "step00000001 is still the newest checkpoint" in line
+    assert (run / "checkpoints" / "latest").read_text() == "step00000001"
+    assert _export_is_finite(run, tmp_path) == "step00000001"
