@@ -14,7 +14,6 @@ import difflib
 import errno
 import itertools
 import logging
-import os
 import random
 import shutil
 import sys
@@ -27,13 +26,13 @@ from typing import Any, Optional
 import numpy as np
 import timm
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ParseKwargs
 
 import antismooth  # noqa: F401  (registers the model zoo with timm)
 from antismooth.config import ConfigError, DeepSpeedSettings, Derived, TrainConfig, derive
+from antismooth.data.device import DeviceBatches, pin_memory_for, to_device
 from antismooth.data.pipeline import (AugmentConfig, StreamConfig, build_eval_stream, build_train_stream,
                                       reduce_eval_metrics, seed_for)
 from antismooth.data.shards import load_manifest
@@ -376,9 +375,10 @@ def evaluate_split(model_or_engine, manifest: Path, batch_size: int, env: DistEn
     """
     stream = build_eval_stream(str(manifest), batch_size, env.rank, env.world_size, num_workers=workers,
                                augment=augment)
-    batches = stream.loader()
+    batches = stream.loader(pin_memory_for(env.device))
     forwards = int(all_reduce([len(batches)], op="max")[0]) if zero_stage == 3 else None
-    counts = evaluate(model_or_engine, batches, env.device, None if dtype == torch.float32 else dtype, forwards)
+    counts = evaluate(model_or_engine, batches, env.device, None if dtype == torch.float32 else dtype, forwards,
+                      mean=augment.mean, std=augment.std)
     return reduce_eval_metrics(**counts)
 
 
@@ -438,7 +438,7 @@ class Trainer:
         manifest = self.val_manifest or Path(self.config.data) / "train.json"
         stream = build_eval_stream(str(manifest), SPECTRAL_PROBE_IMAGES, 0, 1, num_workers=0, augment=self.augment)
         images, _ = next(iter(stream.loader()))
-        return images.to(self.env.device, self.dtype)
+        return to_device(images, self.env.device, self.augment.mean, self.augment.std).to(self.dtype)
 
     def _writer(self):
         from torch.utils.tensorboard import SummaryWriter
@@ -470,12 +470,18 @@ class Trainer:
     def train_epoch(self) -> None:
         state, derived, engine = self.state, self.derived, self.engine
         steps_left = derived.steps_per_epoch - state.samples_in_epoch // derived.global_batch
-        batches = self.stream.loader(state.epoch, samples_consumed=state.samples_in_epoch)
+        batches = DeviceBatches(self.stream.loader(state.epoch, samples_consumed=state.samples_in_epoch,
+                                                   pin_memory=pin_memory_for(self.env.device)),
+                                self.env.device, self.augment.mean, self.augment.std)
+        erase = self.stream.random_erasing(self.env.device)
         losses = []
         for i, (images, targets) in enumerate(itertools.islice(batches, steps_left * self.ds.grad_accum)):
             micro = i % self.ds.grad_accum
             seed_step(self.config.seed, state.global_step, micro, self.env.rank)
-            images, targets = images.to(self.env.device), targets.to(self.env.device)
+            # Random erasing runs here, not in the workers: its noise lives in normalised space, which uint8
+            # cannot hold. Drawn from the micro-step's seeded RNG like Mixup, it is sample-exact on resume.
+            if erase is not None:
+                images = erase(images)
             if self.stream.mixup is not None:
                 images, targets = self.stream.mixup(images, targets)
             loss = self.criterion(engine(images.to(self.dtype)).float(), targets)

@@ -5,7 +5,8 @@ tools/eval.py runs on exported weights: it returns this process's summed counts,
 `reduce_eval_metrics(**counts)` (antismooth.data.pipeline) sums over ranks and turns into figures.
 The batches come from shards (`build_eval_stream`, every sample on exactly one rank) or from an
 ImageFolder split into contiguous, unpadded per-rank ranges (DistributedSampler would pad the last
-batch with duplicates and bias top-1), both through the same timm evaluation transform.
+batch with duplicates and bias top-1), both through the same timm evaluation transform, as uint8
+images that `evaluate` normalises on the device (antismooth.data.device).
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from timm.data import resolve_model_data_config
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_model_data_config
 
+from .data.device import DeviceBatches
 from .data.pipeline import AugmentConfig, build_eval_stream, eval_transform
 from .data.shards import load_manifest
 from .export import create_model_from_weights, read_export_meta
@@ -30,9 +32,13 @@ _logger = logging.getLogger(__name__)
 
 
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device | str,
-             dtype: Optional[torch.dtype] = None, forwards: Optional[int] = None) -> dict[str, float]:
+             dtype: Optional[torch.dtype] = None, forwards: Optional[int] = None, *,
+             mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD
+             ) -> dict[str, float]:
     """Summed correct top-1/top-5, summed cross-entropy and sample count of this process's batches.
 
+    `batches` hold uint8 images (as `eval_batches` and the eval stream deliver them), normalised with
+    `mean`/`std` (the data config's) on `device`, the next batch's copy overlapping this one's forward.
     `model` may be a plain module or a DeepSpeed engine (its forward gathers ZeRO-3 weights);
     `dtype` runs the forward under autocast in that dtype (None: as the model is). Train mode is restored.
     `forwards`: run exactly this many forward passes, repeating the last input uncounted once this
@@ -47,9 +53,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     done, images = 0, None
     try:
         with torch.no_grad(), autocast:
-            for images, targets in batches:
-                images = images.to(device, dtype or images.dtype, non_blocking=True)
-                targets = targets.to(device, non_blocking=True)
+            for images, targets in DeviceBatches(batches, device, mean, std):
+                images = images.to(dtype or images.dtype)
                 logits = model(images).float()
                 done += 1
                 top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
@@ -112,14 +117,14 @@ class _ImageFolderBatches:
     """This rank's contiguous slice of an ImageFolder, batched in order: every image on exactly one rank."""
 
     def __init__(self, root: Path, augment: AugmentConfig, batch_size: int, rank: int, world_size: int,
-                 num_workers: int) -> None:
+                 num_workers: int, pin_memory: bool = False) -> None:
         from torchvision.datasets import ImageFolder
         # allow_empty: empty class folders keep their label index, as in the shard builder's listing.
         dataset = ImageFolder(str(root), transform=eval_transform(augment), allow_empty=True)
         lo, hi = len(dataset) * rank // world_size, len(dataset) * (rank + 1) // world_size
         self.loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch_size, shuffle=False,
-            num_workers=num_workers, persistent_workers=False)
+            num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -129,11 +134,12 @@ class _ImageFolderBatches:
 
 
 def eval_batches(data: EvalData, augment: AugmentConfig, batch_size: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 4) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's evaluation batches (with len()), from shards or an ImageFolder, same transform either way."""
+                 num_workers: int = 4, pin_memory: bool = False) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's uint8 evaluation batches (with len()), from shards or an ImageFolder, same transform either
+    way; `pin_memory` (for a GPU) pins them in the loader's pin thread."""
     if data.kind == "shards":
-        return build_eval_stream(str(data.path), batch_size, rank, world_size, num_workers, augment).loader()
-    return _ImageFolderBatches(data.path, augment, batch_size, rank, world_size, num_workers)
+        return build_eval_stream(str(data.path), batch_size, rank, world_size, num_workers, augment).loader(pin_memory)
+    return _ImageFolderBatches(data.path, augment, batch_size, rank, world_size, num_workers, pin_memory)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Images/s of the training stream (full DeiT augmentation) beside a torchvision ImageFolder loader
-and beside the raw decode + augment rate of one core, all measured in one run on the same images.
+"""Images/s of the training stream (full DeiT augmentation, uint8 out) beside a torchvision ImageFolder
+loader and beside the raw decode + augment rate of one core, all measured in one run on the same images.
 
     python bench/loader.py                       # the 103 sample JPEGs ×10, 224 px
     python bench/loader.py --src /data/imagenet/train --limit 5000
@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
     medians = {name: statistics.median(r) for name, r in rates.items()}
     raw = medians["raw decode + augment, 1 core"]
-    print(f"\n{n} images, 224 px DeiT augmentation (RandomResizedCrop, RandAugment, jitter, erasing), "
-          f"batch {args.batch}, median of {args.rounds} rounds")
+    print(f"\n{n} images, 224 px DeiT augmentation (RandomResizedCrop, RandAugment) to uint8 (normalisation and "
+          f"erasing run on the device, not here), batch {args.batch}, median of {args.rounds} rounds")
     print("| loader | images/s | per worker ÷ raw core | ÷ ImageFolder |")
     print("|---|---:|---:|---:|")
     for name, rate in medians.items():

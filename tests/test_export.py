@@ -212,14 +212,17 @@ DATA_CONFIG = {"input_size": [3, 32, 32], "mean": [0.485, 0.456, 0.406], "std": 
 @pytest.fixture(scope="module")
 def classifier(imagenet_sample, tmp_path_factory) -> tuple[Path, dict, tuple[torch.Tensor, torch.Tensor]]:
     """A 103-class model that gets every third sample image right (its head fitted by least squares on
-    those images' features), saved with its description; its figures from a direct loop over the files,
-    and the transformed images with their labels."""
+    those images' features), saved with its description; its figures from a direct loop over the files
+    (timm's float transform, normalised in place: independent of our uint8 path), and the images as
+    uint8 (the loaders' form) with their labels."""
     root = imagenet_sample / "train"
     classes = sorted(p.name for p in root.iterdir())
-    transform = create_transform(DATA_CONFIG["input_size"], is_training=False, crop_pct=DATA_CONFIG["crop_pct"],
-                                 interpolation=DATA_CONFIG["interpolation"], mean=DATA_CONFIG["mean"],
-                                 std=DATA_CONFIG["std"])
-    images = torch.stack([transform(Image.open(next((root / c).iterdir())).convert("RGB")) for c in classes])
+    files = [Image.open(next((root / c).iterdir())).convert("RGB") for c in classes]
+    transforms = [create_transform(DATA_CONFIG["input_size"], is_training=False, crop_pct=DATA_CONFIG["crop_pct"],
+                                   interpolation=DATA_CONFIG["interpolation"], mean=DATA_CONFIG["mean"],
+                                   std=DATA_CONFIG["std"], use_prefetcher=uint8) for uint8 in (False, True)]
+    images = torch.stack([transforms[0](f) for f in files])
+    pixels = torch.stack([transforms[1](f) for f in files])
     labels = torch.arange(len(classes))
     torch.manual_seed(0)
     model = timm.create_model("attnscale_tiny_24", **EVAL_KWARGS).eval()
@@ -239,7 +242,7 @@ def classifier(imagenet_sample, tmp_path_factory) -> tuple[Path, dict, tuple[tor
     path = tmp_path_factory.mktemp("classifier") / "as24.safetensors"
     save_weights(model.state_dict(), path, {"model": "attnscale_tiny_24", "model_kwargs": EVAL_KWARGS,
                                             "classes": classes, "data_config": DATA_CONFIG})
-    return path, direct, (images, labels)
+    return path, direct, (pixels, labels)
 
 
 def _eval(tmp_path, capsys, *argv) -> dict:
@@ -301,12 +304,13 @@ def test_eval_says_what_does_not_match(classifier, zero_runs, sample_shards, tmp
 
 
 def test_evaluate_sums_counts_over_batches_and_restores_train_mode(classifier):
-    weights, direct, (images, labels) = classifier
+    weights, direct, (pixels, labels) = classifier
     model, _ = create_model_from_weights(weights)
     model.train()
-    batches = [(images[:40], labels[:40]), (images[40:], labels[40:])]
-    counts = evaluate(model, batches, "cpu")
+    batches = [(pixels[:40], labels[:40]), (pixels[40:], labels[40:])]
+    stats = dict(mean=DATA_CONFIG["mean"], std=DATA_CONFIG["std"])
+    counts = evaluate(model, batches, "cpu", **stats)
     assert model.training and counts["count"] == 103
     _same_figures(reduce_eval_metrics(**counts), direct)  # no process group: this process's figures
-    autocast = reduce_eval_metrics(**evaluate(model, batches, "cpu", dtype=torch.bfloat16))
+    autocast = reduce_eval_metrics(**evaluate(model, batches, "cpu", dtype=torch.bfloat16, **stats))
     assert model.training and autocast["top1"] == pytest.approx(direct["top1"], abs=100 * 3 / 103)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import webdataset as wds
 
+from antismooth.data.device import DeviceBatches
 from antismooth.data.pipeline import (AugmentConfig, StreamConfig, build_eval_stream, build_train_stream,
                                       reduce_eval_metrics)
 
@@ -128,10 +129,12 @@ def test_resume_off_a_step_boundary_is_refused(sample_shards):
         _stream(sample_shards).loader(0, samples_consumed=3)
 
 
-def test_batches_are_deit_augmented_rgb_and_mixup_is_timms(sample_shards):
+def test_batches_are_uint8_deit_augmented_rgb_and_mixup_is_timms(sample_shards):
     stream = _stream(sample_shards, augment=AUG)
     images, labels = next(iter(stream.loader(0)))
-    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8 and labels.dtype == torch.int64
+    images, labels = next(iter(DeviceBatches(stream.loader(0), "cpu", AUG.mean, AUG.std)))  # normalised, as trained on
+    assert images.dtype == torch.float32 and -3 < images.mean() < 3
     assert stream.mixup is not None and stream.mixup.label_smoothing == 0.1
     mixed, soft = stream.mixup(images, labels)
     assert soft.shape == (8, NUM_SAMPLES) and torch.allclose(soft.sum(-1), torch.ones(8))

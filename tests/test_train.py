@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import antismooth  # noqa: F401
-from conftest import FULL_BATCH_SIZE, TINY_MODEL, ds_config, launch_plan, resume_plan
+from conftest import TINY_MODEL, ds_config, launch_plan, resume_plan
 
 import pretrain
 

@@ -25,11 +25,11 @@ from typing import Any, Optional
 import timm
 import torch
 import torch.nn as nn
-from timm.data import create_transform
 from timm.utils import ParseKwargs
 
 import antismooth  # noqa: F401  (registers the model zoo with timm)
-from antismooth.data.pipeline import AugmentConfig, build_eval_stream
+from antismooth.data.device import to_device
+from antismooth.data.pipeline import AugmentConfig, build_eval_stream, eval_transform
 from antismooth.export import read_export_meta
 from antismooth.models import load_weights
 from antismooth.spectral import MEASUREMENTS, SpectralReport, curves_figure, measure
@@ -132,7 +132,8 @@ def find_manifest(data: Path) -> Optional[Path]:
 
 
 def load_images(data: Path, num_images: int, augment: AugmentConfig) -> torch.Tensor:
-    """num_images images [B, 3, S, S] through the deterministic evaluation transform."""
+    """num_images uint8 images [B, 3, S, S] through the deterministic evaluation transform (normalised later,
+    on the device, by antismooth.data.device as in training and evaluation)."""
     manifest = find_manifest(data)
     if manifest is not None:
         stream = build_eval_stream(manifest, batch_size=min(num_images, 64), rank=0, world_size=1,
@@ -143,13 +144,11 @@ def load_images(data: Path, num_images: int, augment: AugmentConfig) -> torch.Te
             count += images.shape[0]
             if count >= num_images:
                 break
-        images = torch.cat(batches)[:num_images] if batches else torch.empty(0)
+        images = torch.cat(batches)[:num_images] if batches else torch.empty(0, dtype=torch.uint8)
     elif data.is_dir():
         from torchvision.datasets import ImageFolder
-        transform = create_transform(augment.input_size, is_training=False, interpolation=augment.interpolation,
-                                     crop_pct=augment.eval_crop_pct, mean=augment.mean, std=augment.std)
         try:
-            dataset = ImageFolder(str(data), transform=transform)
+            dataset = ImageFolder(str(data), transform=eval_transform(augment))
         except (FileNotFoundError, RuntimeError) as err:
             raise ValueError(f"{data} holds neither a shard manifest ({' or '.join(MANIFESTS)}) nor an "
                              f"ImageFolder tree (<class>/<image>): {err}") from err
@@ -201,8 +200,8 @@ def analyze(args: argparse.Namespace) -> int:
         augment = eval_augment(model, spec.data_config)
         if augment not in images_by_augment:
             images_by_augment[augment] = load_images(args.data, args.num_images, augment)
-        reports[spec.label] = report = measure(model, images_by_augment[augment], attention=args.attention,
-                                               batch_size=args.batch_size)
+        images = to_device(images_by_augment[augment], args.device, augment.mean, augment.std)
+        reports[spec.label] = report = measure(model, images, attention=args.attention, batch_size=args.batch_size)
         print(f"{spec.label}: {len(report.hc_share)} blocks on {report.num_images} images, "
               f"hc_share {report.hc_share[0]:.3f} -> {report.hc_share[-1]:.3f}, "
               f"patch_uniformity {report.patch_uniformity[0]:.3f} -> {report.patch_uniformity[-1]:.3f}")

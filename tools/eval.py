@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from antismooth.data.device import pin_memory_for
 from antismooth.data.pipeline import reduce_eval_metrics
 from antismooth.distributed import DistEnv, LaunchError, detect_launch, init_distributed
 from antismooth.evaluate import (augment_from_data_config, build_eval_model, check_classes, eval_batches, evaluate,
@@ -75,13 +76,13 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
                                    default_num_classes=len(data.classes))
     check_classes(model, (meta or {}).get("classes"), data)
     augment = augment_from_data_config(model_data_config(model, meta))
-    batches = eval_batches(data, augment, args.batch_size, rank, world, args.workers)
+    batches = eval_batches(data, augment, args.batch_size, rank, world, args.workers, pin_memory_for(device))
     model.to(device)
     name = (meta or {}).get("model") or args.model
     bar = tqdm(batches, total=len(batches), desc=f"eval {name}", unit="batch", dynamic_ncols=True,
                disable=rank != 0 or not sys.stderr.isatty())
     start = time.perf_counter()
-    counts = evaluate(model, bar, device, AMP_DTYPES[args.amp])
+    counts = evaluate(model, bar, device, AMP_DTYPES[args.amp], mean=augment.mean, std=augment.std)
     metrics = reduce_eval_metrics(**counts)
     seconds = time.perf_counter() - start
     bar.close()

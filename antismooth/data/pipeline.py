@@ -11,8 +11,11 @@ samples still to come, which is what sample-exact resume needs (webdataset#177).
 
 Within a worker the stages are webdataset's own: tar to samples (with a logging
 handler), a seeded shuffle buffer, then our decode of the image and `cls` fields only
-(never webdataset's default decoders, which unpickle `.pyd`), timm's DeiT transform,
-and `batched`. Mixup/CutMix runs on the batch in the training loop (`TrainStream.mixup`).
+(never webdataset's default decoders, which unpickle `.pyd`), timm's DeiT transform up
+to uint8 pixels (`use_prefetcher=True`), and `batched` into uint8 [B, 3, H, W]. Normalisation
+happens on the device (`antismooth.data.device.DeviceBatches`); random erasing
+(`TrainStream.random_erasing`) and Mixup/CutMix (`TrainStream.mixup`) run on the batch in the
+training loop.
 """
 from __future__ import annotations
 
@@ -33,12 +36,14 @@ import torch.multiprocessing as mp
 import webdataset as wds
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data.random_erasing import RandomErasing
 
 from ..distributed import all_reduce
 from .shards import load_manifest
 
 __all__ = ["AugmentConfig", "StreamConfig", "ShardSource", "TrainStream", "EvalStream",
-           "build_train_stream", "build_eval_stream", "eval_transform", "reduce_eval_metrics"]
+           "build_train_stream", "build_eval_stream", "train_transform", "eval_transform", "seed_augmentation",
+           "collate_uint8", "reduce_eval_metrics"]
 
 _logger = logging.getLogger(__name__)
 
@@ -191,6 +196,13 @@ class _SkipCounter:
         return True
 
 
+def seed_augmentation(sample_seed: int) -> None:
+    """Seed the generators timm's transforms draw from (all three), for one sample's augmentation."""
+    random.seed(sample_seed)
+    np.random.seed(sample_seed % 2**32)
+    torch.default_generator.manual_seed(sample_seed)  # torch.manual_seed also queues CUDA seeding: 2 ms
+
+
 def _decoded(samples: Iterable[dict], transform: Callable, seed: int, counter: _SkipCounter) -> Iterator[tuple]:
     """Decode and transform, seeding the augmentation per sample so a resumed run draws the same crops."""
     for position, sample in samples:
@@ -199,11 +211,15 @@ def _decoded(samples: Iterable[dict], transform: Callable, seed: int, counter: _
         except Exception as exn:  # PIL raises many types for damaged bytes
             counter(exn)
             continue
-        sample_seed = seed_for(seed, position)  # timm's transforms draw from all three generators
-        random.seed(sample_seed)
-        np.random.seed(sample_seed % 2**32)
-        torch.default_generator.manual_seed(sample_seed)  # torch.manual_seed also queues CUDA seeding: 2 ms
+        seed_augmentation(seed_for(seed, position))
         yield transform(image), label
+
+
+def collate_uint8(samples: Sequence[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images [3, H, W] (tensors or timm's ToNumpy arrays) into one uint8 [B, 3, H, W] batch and the
+    labels into int64: timm's fast_collate, as a webdataset `batched` collation."""
+    images, labels = zip(*samples)
+    return torch.stack([torch.as_tensor(image) for image in images]), torch.tensor(labels, dtype=torch.int64)
 
 
 class _WorkerStream(torch.utils.data.IterableDataset):
@@ -229,8 +245,8 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         samples = _decoded(positions, self.transform, seed_for(plan.seed, worker), counter)
         samples = itertools.islice(samples, max(0, wanted - done))
         reported = 0
-        for images, labels in wds.batched(batch, partial=plan.mode == "eval")(samples):
-            yield images, torch.as_tensor(labels), counter.count - reported
+        for images, labels in wds.batched(batch, collation_fn=collate_uint8, partial=plan.mode == "eval")(samples):
+            yield images, labels, counter.count - reported
             reported = counter.count
 
     def _raw_samples(self, ranges: list[Range], worker: int, counter: _SkipCounter) -> Iterator[dict]:
@@ -321,11 +337,7 @@ class TrainStream:
         if self.steps_per_epoch < 1:
             raise ValueError(f"{self.source.num_samples} samples make no step of global batch {self.global_batch}: "
                              "lower the batch size or add data.")
-        a = self.augment
-        self.transform = create_transform(
-            a.input_size, is_training=True, no_aug=a.no_aug, color_jitter=a.color_jitter, auto_augment=a.auto_augment,
-            interpolation=a.interpolation, re_prob=a.reprob, re_mode=a.remode, re_count=a.recount,
-            mean=a.mean, std=a.std)
+        self.transform = train_transform(self.augment)
         self.mixup = self._build_mixup()
 
     @property
@@ -346,6 +358,15 @@ class TrainStream:
                      prob=a.mixup_prob, switch_prob=a.mixup_switch_prob, mode=a.mixup_mode,
                      label_smoothing=a.smoothing, num_classes=self.num_classes)
 
+    def random_erasing(self, device: torch.device | str) -> Optional[RandomErasing]:
+        """timm's RandomErasing for normalised batches on `device` (noise drawn there), or None when off.
+        It runs in the training loop, not in the workers: its normal noise lives in normalised space,
+        which the workers' uint8 images cannot hold. As in timm, --no-aug turns it off."""
+        a = self.augment
+        if a.reprob <= 0 or a.no_aug:
+            return None
+        return RandomErasing(a.reprob, mode=a.remode, max_count=a.recount, device=str(device))
+
     def _plan(self, epoch: int) -> _EpochPlan:
         per_rank = self.steps_per_epoch * self.config.batch_size   # samples this rank delivers, copies included
         unique = math.ceil(per_rank / self.augment.repeated_aug)     # distinct images it reads for them
@@ -355,14 +376,16 @@ class TrainStream:
             batch_size=self.config.batch_size, repeats=self.augment.repeated_aug,
             seed=seed_for(self.config.seed, epoch, self.rank))
 
-    def loader(self, epoch: int, samples_consumed: int = 0) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's batches of `epoch`, starting after `samples_consumed` (global count) of it."""
+    def loader(self, epoch: int, samples_consumed: int = 0,
+               pin_memory: bool = False) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's uint8 batches of `epoch`, starting after `samples_consumed` (global count) of it;
+        `pin_memory` (for a GPU: `device.pin_memory_for(device)`) pins them in the loader's pin thread."""
         if samples_consumed % self.global_batch:
             raise ValueError(f"Resume position {samples_consumed} is not a multiple of the global batch "
                              f"{self.global_batch}: a run resumes at a step boundary.")
         skip = samples_consumed // self.global_batch
         dataset = _WorkerStream(self._plan(epoch), skip, self.transform, self.config)
-        return _CountingLoader(self, dataset, self.steps_per_epoch - skip, self.config.num_workers)
+        return _CountingLoader(self, dataset, self.steps_per_epoch - skip, self.config.num_workers, pin_memory)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -371,12 +394,15 @@ class TrainStream:
 class _CountingLoader:
     """Iterates a WebLoader and adds the workers' skipped-sample counts to the stream's total."""
 
-    def __init__(self, owner: Any, dataset: torch.utils.data.IterableDataset, length: int, workers: int) -> None:
+    def __init__(self, owner: Any, dataset: torch.utils.data.IterableDataset, length: int, workers: int,
+                 pin_memory: bool = False) -> None:
         self.owner, self.length = owner, length
         # fork: workers start in milliseconds; spawn (the default inside spawned ranks) re-imports torch in each.
         context = "fork" if workers and "fork" in mp.get_all_start_methods() else None
+        # pin_memory: the DataLoader's pin thread pins each batch, so the main thread never waits on it.
         self.loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, multiprocessing_context=context,
-                                    persistent_workers=False, prefetch_factor=4 if workers else None)
+                                    persistent_workers=False, prefetch_factor=4 if workers else None,
+                                    pin_memory=pin_memory)
 
     def __len__(self) -> int:
         return self.length
@@ -387,10 +413,21 @@ class _CountingLoader:
             yield images, labels
 
 
+def train_transform(augment: AugmentConfig) -> Callable[[Image.Image], torch.Tensor]:
+    """timm's DeiT training transform up to uint8 pixels [3, H, W] (use_prefetcher=True): normalisation and
+    random erasing are left to the device (antismooth.data.device, TrainStream.random_erasing)."""
+    a = augment
+    return create_transform(a.input_size, is_training=True, use_prefetcher=True, no_aug=a.no_aug,
+                            color_jitter=a.color_jitter, auto_augment=a.auto_augment, interpolation=a.interpolation,
+                            mean=a.mean, std=a.std)
+
+
 def eval_transform(augment: AugmentConfig) -> Callable[[Image.Image], torch.Tensor]:
-    """timm's deterministic evaluation transform (resize, centre crop, normalise): one for shards and ImageFolder."""
-    return create_transform(augment.input_size, is_training=False, interpolation=augment.interpolation,
-                            crop_pct=augment.eval_crop_pct, mean=augment.mean, std=augment.std)
+    """timm's deterministic evaluation transform (resize, centre crop) up to uint8 pixels [3, H, W]
+    (use_prefetcher=True), normalised on the device: one for shards and ImageFolder."""
+    return create_transform(augment.input_size, is_training=False, use_prefetcher=True,
+                            interpolation=augment.interpolation, crop_pct=augment.eval_crop_pct,
+                            mean=augment.mean, std=augment.std)
 
 
 @dataclass
@@ -407,14 +444,16 @@ class EvalStream:
     def __post_init__(self) -> None:
         self.transform = eval_transform(self.augment)
 
-    def loader(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    def loader(self, pin_memory: bool = False) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's uint8 batches; `pin_memory` pins them in the loader's pin thread (for a GPU)."""
         lo, hi = _even_split(0, self.source.num_samples, self.rank, self.world_size)
         plan = _EpochPlan(source=self.source, mode="eval", order=tuple(range(len(self.source.urls))), lo=lo, hi=hi,
                           num_batches=0, batch_size=self.batch_size, repeats=1, seed=0)
         config = StreamConfig(batch_size=self.batch_size, num_workers=self.num_workers, shuffle_buffer=0)
         workers = max(1, self.num_workers)
         length = sum(math.ceil(plan.wanted(w, workers) / self.batch_size) for w in range(workers))
-        return _CountingLoader(self, _WorkerStream(plan, 0, self.transform, config), length, self.num_workers)
+        return _CountingLoader(self, _WorkerStream(plan, 0, self.transform, config), length, self.num_workers,
+                               pin_memory)
 
 
 def build_train_stream(shards: str | Path | Sequence[str], config: StreamConfig, rank: int, world_size: int,
