@@ -133,6 +133,18 @@ def check_resumable(run_folder: RunFolder, world_size: int) -> None:
                           f"from `python tools/export.py {run_folder.root} --out weights.safetensors`.")
 
 
+def check_same_classes(train_manifest: Optional[Path], val_manifest: Optional[Path], classes: list[str]) -> None:
+    """Validation labels must index the training split's class list (shards built before the builder numbered
+    every split by train/'s classes may not)."""
+    if train_manifest is None or val_manifest is None:
+        return
+    val_classes = [c["wnid"] for c in load_manifest(val_manifest)["classes"]]
+    if val_classes != classes:
+        raise ConfigError(f"{val_manifest} numbers its labels by another class list than {train_manifest} "
+                          f"({len(val_classes)} classes there, {len(classes)} here): rebuild the shards with "
+                          "tools/build_shards.py, which labels every split by train/'s classes.")
+
+
 def find_manifest(data: str, split: str, required: bool) -> Optional[Path]:
     path = Path(data) / f"{split}.json"
     if path.is_file():
@@ -236,6 +248,7 @@ def run(config: TrainConfig):
     val_manifest = find_manifest(config.data, "val", required=config.eval_only)
     manifest = load_manifest(train_manifest or val_manifest)
     classes = [c["wnid"] for c in manifest["classes"]]
+    check_same_classes(train_manifest, val_manifest, classes)
     derived = derive(config, ds, world_size, manifest["num_samples"]) if train_manifest else None
     if config.finetune and not Path(config.finetune).is_file():
         raise ConfigError(f"--finetune {config.finetune} does not exist: give the path of a .pth or .safetensors file.")

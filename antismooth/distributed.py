@@ -29,8 +29,8 @@ import torch.distributed as dist
 from .config import ConfigError
 
 __all__ = ["Launch", "DistEnv", "LaunchError", "detect_launch", "init_distributed", "log_world", "collective_device",
-           "all_reduce", "all_gather_object", "broadcast_object", "barrier", "check_shared_folder", "usable_cpus", "first_host",
-           "tasks_on_node"]
+           "all_reduce", "all_gather_object", "broadcast_object", "barrier", "check_shared_folder", "usable_cpus",
+           "first_host", "tasks_on_node"]
 
 _logger = logging.getLogger(__name__)
 
@@ -202,7 +202,8 @@ def tasks_on_node(tasks_per_node: str, node: int) -> int:
     for part in tasks_per_node.split(","):
         match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
         if not match:
-            raise LaunchError(f"SLURM task count {tasks_per_node!r} is not in SLURM's format: check SLURM_TASKS_PER_NODE.")
+            raise LaunchError(f"SLURM task count {tasks_per_node!r} is not in SLURM's format: check "
+                              "SLURM_TASKS_PER_NODE.")
         counts += [int(match.group(1))] * int(match.group(2) or 1)
     return counts[min(node, len(counts) - 1)]
 

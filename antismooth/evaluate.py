@@ -6,11 +6,14 @@ tools/eval.py runs on exported weights: it returns this process's summed counts,
 The batches come from shards (`build_eval_stream`, every sample on exactly one rank) or from an
 ImageFolder split into contiguous, unpadded per-rank ranges (DistributedSampler would pad the last
 batch with duplicates and bias top-1), both through the same timm evaluation transform, as uint8
-images that `evaluate` normalises on the device (antismooth.data.device).
+images that `evaluate` normalises on the device (antismooth.data.device). The data's labels are mapped
+to the model's outputs by class name (`match_classes`), so a subset of the model's classes, or another
+order, is scored against the right outputs.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +25,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_model
 
 from .data.device import DeviceBatches
 from .data.pipeline import AugmentConfig, build_eval_stream, eval_transform
-from .data.shards import load_manifest
+from .data.shards import load_manifest, name_list
 from .export import create_model_from_weights, read_export_meta
 
 __all__ = ["evaluate", "EvalData", "resolve_eval_data", "eval_batches", "augment_from_data_config",
-           "model_data_config", "build_eval_model", "check_classes"]
+           "model_data_config", "build_eval_model", "match_classes"]
 
 _logger = logging.getLogger(__name__)
 
@@ -91,6 +94,7 @@ class EvalData:
     kind: Literal["shards", "imagefolder"]
     path: Path
     classes: tuple[str, ...]
+    label_map: Optional[tuple[int, ...]] = None  # the model's output for each data label; None: the label itself
 
 
 def resolve_eval_data(data: str | Path, split: str = "val") -> EvalData:
@@ -133,13 +137,32 @@ class _ImageFolderBatches:
         return iter(self.loader)
 
 
+class _Relabelled:
+    """Batches whose targets go through a lookup table: data label i becomes the model's output label_map[i]."""
+
+    def __init__(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], label_map: Sequence[int]) -> None:
+        self.batches = batches
+        self.lookup = torch.tensor(label_map, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for images, targets in self.batches:
+            yield images, self.lookup[targets]
+
+
 def eval_batches(data: EvalData, augment: AugmentConfig, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 4, pin_memory: bool = False) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's uint8 evaluation batches (with len()), from shards or an ImageFolder, same transform either
-    way; `pin_memory` (for a GPU) pins them in the loader's pin thread."""
+    way; `pin_memory` (for a GPU) pins them in the loader's pin thread; targets are the model's class indices
+    when `data.label_map` says how they differ from the data's."""
     if data.kind == "shards":
-        return build_eval_stream(str(data.path), batch_size, rank, world_size, num_workers, augment).loader(pin_memory)
-    return _ImageFolderBatches(data.path, augment, batch_size, rank, world_size, num_workers, pin_memory)
+        batches = build_eval_stream(str(data.path), batch_size, rank, world_size, num_workers,
+                                    augment).loader(pin_memory)
+    else:
+        batches = _ImageFolderBatches(data.path, augment, batch_size, rank, world_size, num_workers, pin_memory)
+    return batches if data.label_map is None else _Relabelled(batches, data.label_map)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,14 +204,36 @@ def build_eval_model(weights: str | Path, model: Optional[str] = None, num_class
     return create_model_from_weights(weights, None if meta is not None else model, **overrides)
 
 
-def check_classes(model: nn.Module, model_classes: Optional[Sequence[str]], data: EvalData) -> None:
-    """The model's outputs must mean the data's labels: same classes, same order."""
-    if model_classes is not None and list(model_classes) != list(data.classes):
-        diff = next((i for i, (a, b) in enumerate(zip(model_classes, data.classes)) if a != b),
-                    min(len(model_classes), len(data.classes)))
-        raise ValueError(f"the weights were trained on {len(model_classes)} classes and {data.path} has "
-                         f"{len(data.classes)}, differing from label {diff} on; evaluate on the dataset the "
-                         "model was trained for (its classes are in the weights' metadata).")
-    if getattr(model, "num_classes", len(data.classes)) != len(data.classes):
-        raise ValueError(f"the model has {model.num_classes} outputs but {data.path} has {len(data.classes)} "
-                         "classes; pass --num-classes to match the weights, or evaluate on their dataset.")
+def match_classes(model: nn.Module, model_classes: Optional[Sequence[str]], data: EvalData) -> EvalData:
+    """The data with its labels mapped to the model's outputs by class name: the data's classes may be
+    a subset of the model's, in any order. Weights without class names take the labels as they are."""
+    if model_classes is None:
+        _check_unnamed(model, data)
+        return data
+    output = {wnid: i for i, wnid in enumerate(model_classes)}
+    unknown = [wnid for wnid in data.classes if wnid not in output]
+    if unknown:
+        raise ValueError(f"{data.path} has {len(unknown)} class(es) the model was not trained on "
+                         f"({name_list(unknown)}), so no output of the model can score them; evaluate on data "
+                         f"whose classes are among the model's {len(model_classes)} (listed in the weights' "
+                         "metadata): leave those class folders out, or rebuild the shards with the model's "
+                         "train/ under --src.")
+    label_map = tuple(output[wnid] for wnid in data.classes)
+    if label_map == tuple(range(len(label_map))):
+        return dataclasses.replace(data, label_map=None)
+    _logger.info("Mapping the %d classes of %s to the model's %d by name.", len(label_map), data.path,
+                 len(model_classes))
+    return dataclasses.replace(data, label_map=label_map)
+
+
+def _check_unnamed(model: nn.Module, data: EvalData) -> None:
+    """Weights without class names: labels must fit the model's outputs, and differing counts are suspicious."""
+    outputs = getattr(model, "num_classes", len(data.classes))
+    if outputs < len(data.classes):
+        raise ValueError(f"the model has {outputs} outputs but {data.path} has {len(data.classes)} classes; pass "
+                         "--num-classes to match the weights, or evaluate on their dataset.")
+    if outputs != len(data.classes):
+        _logger.warning("The model has %d outputs and %s has %d classes, and the weights do not name their "
+                        "classes: data label i is scored as output i, which is right only if the data's classes "
+                        "are the model's first %d; export the weights with their classes to map them by name.",
+                        outputs, data.path, len(data.classes), len(data.classes))

@@ -6,11 +6,13 @@ plus a ZeRO-0 run and bf16 ZeRO-2/3 runs; two DeepSpeed launches for the whole s
 the live engine's logits on tests/jobs/train_plan.py's probe images. An export must reproduce those
 logits through plain timm, load with strict=True, and fail on damaged or incomplete checkpoints
 with one sentence and no file left behind. Evaluation must give the same figures from shards, from
-an ImageFolder, on one process or two, as a direct loop.
+an ImageFolder, on one process or two, as a direct loop, and map data holding a subset of the
+model's classes to its outputs by name.
 """
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -24,7 +26,8 @@ from timm.data import create_transform
 
 import antismooth  # noqa: F401  (registers the zoo)
 from antismooth.data.pipeline import reduce_eval_metrics
-from antismooth.evaluate import evaluate
+from antismooth.data.shards import ShardOptions, build
+from antismooth.evaluate import EvalData, evaluate, match_classes
 from antismooth.export import (create_model_from_weights, read_export_meta, read_model_meta, save_weights,
                                write_model_meta)
 from antismooth.models import read_checkpoint
@@ -300,7 +303,58 @@ def test_eval_says_what_does_not_match(classifier, zero_runs, sample_shards, tmp
     exported = tmp_path / "sixteen.safetensors"  # the DeepSpeed run's 16-class model on 103-class data
     assert _export(capsys, zero_runs[2, 1].output, "--out", exported)[0] == 0
     assert eval_tool.main(["--weights", str(exported), *base]) == 2
-    assert "trained on 16 classes" in capsys.readouterr().err
+    assert "has 87 class(es) the model was not trained on" in capsys.readouterr().err
+
+
+def _folders(root: Path, source: Path, classes: list[str], filled: list[str]) -> Path:
+    """An ImageFolder at root with a folder per class of `classes`, those of `filled` holding source's images."""
+    for wnid in classes:
+        (root / wnid).mkdir(parents=True)
+    for wnid in filled:
+        shutil.copytree(source / wnid, root / wnid, dirs_exist_ok=True)
+    return root
+
+
+def test_eval_maps_a_subset_of_the_model_classes_by_name(classifier, imagenet_sample, tmp_path, capsys):
+    weights, _, (images, labels) = classifier
+    classes = read_export_meta(weights)["classes"]
+    fifth = classes[::5]  # 21 classes, 7 of them among the ones the model gets right
+    source = imagenet_sample / "train"
+    full = _folders(tmp_path / "full", source, classes, fifth)  # all 103 folders, only the fifth filled
+    subset = _folders(tmp_path / "subset", source, fifth, fifth)  # labels 0..20 here mean classes 0, 5, ..., 100
+    args = ["--weights", weights, "--workers", "0", "--batch-size", "8"]
+    on_full = _eval(tmp_path, capsys, *args, "--data", full)
+    on_subset = _eval(tmp_path, capsys, *args, "--data", subset)
+    _same_figures(on_subset, on_full)
+
+    model, _ = create_model_from_weights(weights)
+    direct = reduce_eval_metrics(**evaluate(model, [(images[::5], labels[::5])], "cpu"))
+    _same_figures(on_subset, direct)
+    unmapped = reduce_eval_metrics(**evaluate(model, [(images[::5], torch.arange(len(fifth)))], "cpu"))
+    assert direct["count"] == 21 and direct["top1"] > 30 > unmapped["top1"]  # the mapping is what makes it right
+
+    # Shards of a training split holding only those classes number them 0..20 too: the stream is remapped alike.
+    _folders(tmp_path / "src" / "train", source, fifth, fifth)
+    build(str(tmp_path / "src"), str(tmp_path / "shards"), ShardOptions(max_count=8), splits=("train",))
+    _same_figures(_eval(tmp_path, capsys, *args, "--data", tmp_path / "shards", "--split", "train"), direct)
+
+    shutil.copytree(source / classes[0], subset / "n99999999")  # a class the model never saw
+    assert eval_tool.main([*map(str, args), "--data", str(subset)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "has 1 class(es) the model was not trained on (n99999999)" in err
+    assert "leave those class folders out" in err and err.count("\n") == 1
+
+
+def test_weights_without_class_names_take_labels_as_they_are(classifier, caplog):
+    weights, _, _ = classifier
+    model, _ = create_model_from_weights(weights)  # 103 outputs
+    data = EvalData("imagefolder", Path("data"), tuple(f"c{i}" for i in range(21)))
+    with caplog.at_level(logging.WARNING, logger="antismooth.evaluate"):
+        assert match_classes(model, None, data) == data
+    assert "103 outputs and data has 21 classes" in caplog.text
+    assert "export the weights with their classes" in caplog.text
+    with pytest.raises(ValueError, match="the model has 103 outputs but data has 110 classes; pass --num-classes"):
+        match_classes(model, None, EvalData("imagefolder", Path("data"), tuple(f"c{i}" for i in range(110))))
 
 
 def test_evaluate_sums_counts_over_batches_and_restores_train_mode(classifier):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -309,3 +310,85 @@ def test_user_errors_exit_2_with_one_line(tmp_path: Path, capsys):
         assert tool.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and words in err and err.count("\n") == 1
+
+
+# --- labels across splits: every split's cls is the training split's index of its class ----------------------
+
+def _val_of_classes(imagefolder: Path, classes: list[str]) -> None:
+    """Replace val/ by the train images of `classes` only (each folder holds its image)."""
+    shutil.rmtree(imagefolder / "val")
+    for wnid in classes:
+        shutil.copytree(imagefolder / "train" / wnid, imagefolder / "val" / wnid)
+
+
+def _labels(out: Path, split: str) -> dict[str, int]:
+    """Each sample's class folder -> its cls, checked against its json and the manifest's class list."""
+    classes = [c["wnid"] for c in load_manifest(out / f"{split}.json")["classes"]]
+    labels = {}
+    for sample in read_back(out, split):
+        meta = json.loads(sample["json"])
+        folder = meta["path"].split("/")[0]
+        assert int(sample["cls"]) == meta["cls"] and classes[meta["cls"]] == meta["wnid"] == folder
+        labels[folder] = meta["cls"]
+    return labels
+
+
+def test_val_with_a_fifth_of_the_classes_gets_train_indices(imagefolder: Path, tmp_path: Path, capsys):
+    train_classes = sorted(p.name for p in (imagefolder / "train").iterdir())
+    fifth = train_classes[::5]
+    _val_of_classes(imagefolder, fifth)
+    out = tmp_path / "out"
+    assert tool.main(["--src", str(imagefolder), "--out", str(out), "--max-count", "10"]) == 0
+    manifest = load_manifest(out / "val.json")
+    assert [c["wnid"] for c in manifest["classes"]] == train_classes and manifest["num_classes"] == 103
+    assert _labels(out, "val") == {wnid: train_classes.index(wnid) for wnid in fifth}
+    assert sorted(_labels(out, "val").values()) == list(range(0, 103, 5))  # not val's own 0..20
+    assert tool.main(["--out", str(out), "--verify"]) == 0
+    assert "val: verified 3 shards, 21 images: OK" in capsys.readouterr().out
+
+    # Built alone, val/ still takes train/'s labels; with no train/ at all, its own folders number them.
+    build(str(imagefolder), str(tmp_path / "alone"), ShardOptions(max_count=10), splits=["val"])
+    assert _labels(tmp_path / "alone", "val") == _labels(out, "val")
+    shutil.rmtree(imagefolder / "train")
+    build(str(imagefolder), str(tmp_path / "no-train"), ShardOptions(max_count=10), splits=["val"])
+    assert _labels(tmp_path / "no-train", "val") == {wnid: i for i, wnid in enumerate(fifth)}
+
+
+def test_a_val_class_train_lacks_is_refused_or_skipped(imagefolder: Path, tmp_path: Path, capsys):
+    stray = imagefolder / "val" / "n99999999"
+    shutil.copytree(next(p for p in (imagefolder / "val").iterdir() if any(p.iterdir())), stray)
+    out = tmp_path / "out"
+    args = ["--src", str(imagefolder), "--out", str(out), "--max-count", "10"]
+    assert tool.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: val/ has 1 class folder(s) that train/ does not have (n99999999)")
+    assert "--skip-unknown-classes" in err and err.count("\n") == 1
+    assert not out.exists()  # refused while listing: not even train was written
+
+    assert tool.main([*args, "--skip-unknown-classes"]) == 0
+    manifest = load_manifest(out / "val.json")
+    assert {"path": "n99999999", "reason": shards.UNKNOWN_CLASS_REASON} in manifest["skipped"]
+    assert manifest["num_samples"] == 26 and "n99999999" not in _labels(out, "val")
+    assert [c["wnid"] for c in manifest["classes"]] == tv_folder.find_classes(imagefolder / "train")[0]
+
+
+def test_resume_refuses_shards_labelled_by_another_class_list(imagefolder: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    args = ["--src", str(imagefolder), "--out", str(out), "--splits", "val"]
+    assert tool.main(args) == 0
+    plan = out / ".plan-val.json"
+    header = json.loads(plan.read_text())
+    assert header["classes"] == tv_folder.find_classes(imagefolder / "train")[0]
+    del header["classes"]  # as an older build wrote it: the manifest's class list stands in
+    plan.write_text(json.dumps(header))
+    assert tool.main(args) == 0 and "kept from an earlier run" in capsys.readouterr().out
+    before = folder_bytes(out)
+
+    (imagefolder / "train" / "n00000000_new").mkdir()  # sorts first: every train index shifts by one
+    assert tool.main(args) == 2
+    err = capsys.readouterr().err
+    assert "val shards labelled by another class list (103 classes there, 104 now" in err and "--overwrite" in err
+    assert folder_bytes(out) == before
+    labels = _labels(out, "val")
+    assert tool.main([*args, "--overwrite"]) == 0
+    assert _labels(out, "val") == {wnid: cls + 1 for wnid, cls in labels.items()}

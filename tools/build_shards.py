@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="processes writing shards; the output is the same for any number "
                         "(default: the CPUs this process may use, cgroup and SLURM limits included: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace shards built with other options or input")
+    p.add_argument("--skip-unknown-classes", action="store_true",
+                   help="leave out (and list in the manifest) class folders of a split that train/ does not have, "
+                        "instead of refusing: labels are train/'s class indices in every split")
     p.add_argument("--verify", action="store_true",
                    help="check the shards in --out against their manifests instead of building; exit 1 on mismatch")
     args = p.parse_args(argv)
@@ -65,11 +68,10 @@ def build(args: argparse.Namespace) -> int:
     options = shards.ShardOptions(seed=args.seed, max_count=args.max_count, max_size_mb=args.max_size_mb,
                                   max_size=args.max_size, quality=args.quality, decode_check=args.decode_check)
     names = shards.load_names(args.names) if args.names else None
-    # List every split before writing anything, so a layout problem in val/ surfaces before train is built.
-    splits = shards.find_splits(args.src, args.splits)
+    # List every split before writing anything, so a layout or class problem in val/ surfaces before train is built.
     if sys.stderr.isatty():
-        print(f"listing {', '.join(s + '/' for s in splits)} under {args.src} ...", file=sys.stderr)
-    listings = [shards.list_split(args.src, split) for split in splits]
+        print(f"listing the split folders under {args.src} ...", file=sys.stderr)
+    listings = shards.list_splits(args.src, args.splits, args.skip_unknown_classes)
     with shards.WorkerPool(args.workers) as pool:
         for listing in listings:
             split = listing.split

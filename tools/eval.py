@@ -6,6 +6,7 @@
 
 The model, its kwargs, classes and evaluation transform come from the weights file's metadata
 (tools/export.py writes them); --model (with --num-classes / --img-size) serves files without it.
+The data's labels are matched to the model's classes by name: the data may hold a subset of them.
 --data is a shard folder holding <split>.json, a manifest, or an ImageFolder root (<split>/<class>/<img>).
 Under torchrun every image is evaluated on exactly one rank (gloo on CPU, nccl on GPU) and the counts
 are summed. The work is antismooth.evaluate's; this file parses flags, shows progress and prints.
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from antismooth.data.device import pin_memory_for
 from antismooth.data.pipeline import reduce_eval_metrics
 from antismooth.distributed import DistEnv, LaunchError, detect_launch, init_distributed
-from antismooth.evaluate import (augment_from_data_config, build_eval_model, check_classes, eval_batches, evaluate,
+from antismooth.evaluate import (augment_from_data_config, build_eval_model, eval_batches, evaluate, match_classes,
                                  model_data_config, resolve_eval_data)
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     data = resolve_eval_data(args.data, args.split)
     model, meta = build_eval_model(args.weights, args.model, args.num_classes, args.img_size,
                                    default_num_classes=len(data.classes))
-    check_classes(model, (meta or {}).get("classes"), data)
+    data = match_classes(model, (meta or {}).get("classes"), data)  # labels as the model's outputs, by class name
     augment = augment_from_data_config(model_data_config(model, meta))
     batches = eval_batches(data, augment, args.batch_size, rank, world, args.workers, pin_memory_for(device))
     model.to(device)

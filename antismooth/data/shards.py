@@ -5,7 +5,8 @@ shards by count and bytes (the plan) -> write the shards in a process pool, each
 name renamed when complete -> write the manifest last. The plan depends only on the listing and
 the options, never on the number of workers, so the bytes do not either, and a rerun after an
 interruption keeps the shards already written. Whether a file is kept is decided per file by its
-own bytes, so it can be decided inside the worker that writes the shard.
+own bytes, so it can be decided inside the worker that writes the shard. Every split's labels are
+indices into the training split's class folders, so a label means the same class in train and val.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 FORMAT = "antismooth-shards/1"
 PLAN_FORMAT = "antismooth-shards-plan/1"
 DEFAULT_SPLITS = ("train", "val")
+TRAIN_SPLIT = "train"  # its class folders number the labels of every split, so cls means one class everywhere
+UNKNOWN_CLASS_REASON = f"class folder that {TRAIN_SPLIT}/ does not have (left out by --skip-unknown-classes)"
 # ~110 kB per ImageNet image: 2,500 samples make ~280 MB shards and 513 train shards, enough for
 # 64 ranks x 8 loader workers to each own one (fewer shards than readers hangs: webdataset#188).
 DEFAULT_MAX_COUNT = 2500
@@ -94,11 +97,11 @@ class SourceFile:
 
 @dataclass(frozen=True)
 class SplitListing:
-    """Everything the plan depends on: the class folders, the candidate files and what listing skipped."""
+    """Everything the plan depends on: the class list, the candidate files and what listing skipped."""
 
     split: str
     root: str
-    classes: tuple[str, ...]
+    classes: tuple[str, ...]  # what each cls means: the training split's folders (a superset of this split's)
     files: tuple[SourceFile, ...]
     skipped: tuple[tuple[str, str], ...]  # (relative path, reason)
 
@@ -196,6 +199,12 @@ def sample_tar_bytes(f: SourceFile, wnid: str) -> int:
     return _padded(len(str(f.cls))) + _padded(f.size) + _padded(len(sample_json(f.path, wnid, f.cls)))
 
 
+def name_list(names: Sequence[str], limit: int = 5) -> str:
+    """Names for a message: the first `limit` of them, then how many more."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
 def file_sha256(path: str, chunk: int = 1 << 20) -> str:
     """sha256 of a file, read in chunks."""
     h = hashlib.sha256()
@@ -286,18 +295,43 @@ def _stat_problem(path: str) -> tuple[os.stat_result | None, str | None]:
     return st, None
 
 
-def list_split(src: str, split: str) -> SplitListing:
-    """List one split in ImageFolder order (sorted classes, then sorted folders, then sorted names)."""
+def training_classes(src: str) -> tuple[str, ...] | None:
+    """The class folders of src's training split, which number every split's labels; None without one."""
+    root = os.path.join(src, TRAIN_SPLIT)
+    return tuple(find_classes(root)) if os.path.isdir(root) else None
+
+
+def _unknown_classes_message(split: str, unknown: Sequence[str]) -> str:
+    """One sentence refusing a split's class folders that the training split lacks."""
+    return (f"{split}/ has {len(unknown)} class folder(s) that {TRAIN_SPLIT}/ does not have ({name_list(unknown)}), "
+            f"so no label of the training split could name them; add them to {TRAIN_SPLIT}/, remove them from "
+            f"{split}/, or pass --skip-unknown-classes to leave them out.")
+
+
+def list_split(src: str, split: str, classes: Sequence[str] | None = None,
+               skip_unknown: bool = False) -> SplitListing:
+    """List one split in ImageFolder order (sorted classes, then sorted folders, then sorted names).
+
+    `classes` (the training split's) numbers the labels; None numbers them by the split's own folders.
+    A folder not in `classes` raises ValueError, or with skip_unknown is left out and listed as skipped.
+    """
     root = os.path.join(src, split)
-    classes = find_classes(root)
-    skipped: list[tuple[str, str]] = []
+    folders = find_classes(root)
+    classes = tuple(folders) if classes is None else tuple(classes)
+    index = {wnid: i for i, wnid in enumerate(classes)}
+    unknown = [wnid for wnid in folders if wnid not in index]
+    if unknown and not skip_unknown:
+        raise ValueError(_unknown_classes_message(split, unknown))
+    skipped: list[tuple[str, str]] = [(wnid, UNKNOWN_CLASS_REASON) for wnid in unknown]
     with os.scandir(root) as it:
         for entry in sorted(it, key=lambda e: e.name):
             if not _is_dir(entry):
                 skipped.append((entry.name, "not inside a class folder (ImageFolder reads <split>/<class>/<image>)"))
     files: list[SourceFile] = []
     top = frozenset({os.path.realpath(root)})
-    for cls, wnid in enumerate(classes):
+    for wnid in folders:
+        if wnid not in index:
+            continue
         for folder, names in sorted(_walk(os.path.join(root, wnid), wnid, top, skipped)):
             for name in names:
                 rel = f"{folder}/{name}"
@@ -305,9 +339,21 @@ def list_split(src: str, split: str) -> SplitListing:
                 if problem:
                     skipped.append((rel, problem))
                 else:
-                    files.append(SourceFile(len(files), rel, cls, st.st_size, st.st_mtime_ns))
-    log.info("%s: %d files in %d classes, %d skipped while listing", split, len(files), len(classes), len(skipped))
-    return SplitListing(split, os.path.abspath(root), tuple(classes), tuple(files), tuple(skipped))
+                    files.append(SourceFile(len(files), rel, index[wnid], st.st_size, st.st_mtime_ns))
+    log.info("%s: %d files in %d of %d classes, %d skipped while listing", split, len(files),
+             len(folders) - len(unknown), len(classes), len(skipped))
+    return SplitListing(split, os.path.abspath(root), classes, tuple(files), tuple(skipped))
+
+
+def list_splits(src: str, splits: Sequence[str] = DEFAULT_SPLITS, skip_unknown: bool = False) -> list[SplitListing]:
+    """List every split of `splits` found under src, all labelled by the training split's classes.
+
+    The training split's folders count even when it is not among `splits`: a val/ built alone must get
+    the labels a model trained on train/ uses. Every layout and class error surfaces here, before any write.
+    """
+    found = find_splits(src, splits)
+    classes = training_classes(src)
+    return [list_split(src, split, classes, skip_unknown) for split in found]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -611,7 +657,18 @@ def _write_journal(journal: str, results: Iterable[ShardResult]) -> None:
     write_atomic(journal, b"".join(json_bytes(r.record()) + b"\n" for r in sorted(results, key=lambda r: r.name)))
 
 
-def _mismatch_message(out: str, split: str, header: dict | None, options: ShardOptions) -> str:
+def _built_classes(out: str, split: str, header: dict) -> list[str] | None:
+    """The class list the existing shards were labelled by: the plan header's, else the manifest's (older builds)."""
+    if isinstance(header.get("classes"), list):
+        return header["classes"]
+    try:
+        return [c["wnid"] for c in load_manifest(os.path.join(out, f"{split}.json"))["classes"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _mismatch_message(out: str, split: str, header: dict | None, options: ShardOptions,
+                      classes: Sequence[str]) -> str:
     """One sentence saying why the existing output cannot be resumed and what to do."""
     fix = "rebuild with --overwrite to replace them, or choose another --out."
     if header is None:
@@ -620,11 +677,16 @@ def _mismatch_message(out: str, split: str, header: dict | None, options: ShardO
     diff = [f"{k}={old.get(k)!r} there, {v!r} now" for k, v in dataclasses.asdict(options).items() if old.get(k) != v]
     if diff:
         return f"{out} already holds {split} shards built with other options ({'; '.join(diff)}); {fix}"
+    built = _built_classes(out, split, header)
+    if built is not None and built != list(classes):
+        return (f"{out} already holds {split} shards labelled by another class list ({len(built)} classes there, "
+                f"{len(classes)} now: the class folders of {TRAIN_SPLIT}/ changed, or an older build numbered "
+                f"{split}/ by its own folders); {fix}")
     return (f"{out} already holds {split} shards built from a different input (files under {split}/ were added, "
             f"removed or changed since); {fix}")
 
 
-def _prepare_output(out: str, split: str, digest: str, options: ShardOptions,
+def _prepare_output(out: str, split: str, digest: str, options: ShardOptions, classes: Sequence[str],
                     overwrite: bool) -> dict[str, ShardResult]:
     """Check out against this plan; return the records of shards an earlier run of the same plan completed.
 
@@ -639,10 +701,10 @@ def _prepare_output(out: str, split: str, digest: str, options: ShardOptions,
                 os.remove(p)
         return _read_journal(_journal_path(out, split))
     if not overwrite and any(not p.endswith(".tmp") for p in _own_files(out, split)):
-        raise FileExistsError(_mismatch_message(out, split, header, options))
+        raise FileExistsError(_mismatch_message(out, split, header, options, classes))
     for p in _own_files(out, split):
         os.remove(p)
-    write_atomic(_plan_path(out, split), json_bytes({"format": PLAN_FORMAT, "plan": digest,
+    write_atomic(_plan_path(out, split), json_bytes({"format": PLAN_FORMAT, "plan": digest, "classes": list(classes),
                                                       "options": dataclasses.asdict(options)}, indent=1))
     return {}
 
@@ -686,7 +748,7 @@ def build_split(listing: SplitListing, out: str, options: ShardOptions, workers:
     split = listing.split
     plans = plan_shards(listing, options)
     digest = plan_digest(listing, options)
-    records = _prepare_output(out, split, digest, options, overwrite)
+    records = _prepare_output(out, split, digest, options, listing.classes, overwrite)
     by_name = {p.name: p for p in plans}
     tick = progress or (lambda images, nbytes: None)
     done: dict[str, ShardResult] = {}
@@ -713,10 +775,10 @@ def build_split(listing: SplitListing, out: str, options: ShardOptions, workers:
 
 def build(src: str, out: str, options: ShardOptions | None = None, workers: int = 1,
           splits: Sequence[str] = DEFAULT_SPLITS, names: dict[str, str] | None = None,
-          overwrite: bool = False) -> dict[str, BuildReport]:
+          overwrite: bool = False, skip_unknown: bool = False) -> dict[str, BuildReport]:
     """Convert every split folder found under src into shards under out; one report per split."""
     options = options or ShardOptions()
-    listings = [list_split(src, split) for split in find_splits(src, splits)]  # layout errors before any write
+    listings = list_splits(src, splits, skip_unknown)  # layout and class errors before any write
     with WorkerPool(workers) as pool:
         return {listing.split: build_split(listing, out, options, names=names, overwrite=overwrite, pool=pool)
                 for listing in listings}
