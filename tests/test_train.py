@@ -220,6 +220,7 @@ GOOD_JSON = {"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"t
     ("missing_finetune", "--finetune"),
     ("eval_only_without_weights", "--eval-only evaluates given weights"),
     ("partition_activations", "partition_activations"),
+    ("val_other_classes", "numbers its labels by another class list"),
 ])
 def test_bad_startup_inputs_stop_with_one_clear_sentence(case, expected, tiny_shards, tmp_path, monkeypatch, capsys):
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
@@ -250,6 +251,12 @@ def test_bad_startup_inputs_stop_with_one_clear_sentence(case, expected, tiny_sh
         extra = ["--finetune", str(tmp_path / "nope.pth")]
     elif case == "eval_only_without_weights":
         extra = ["--eval-only"]
+    elif case == "val_other_classes":  # shards of an older build: val/ numbered by its own 15 folders
+        import shutil
+        data = str(shutil.copytree(tiny_shards, tmp_path / "shards"))
+        val = json.loads((tmp_path / "shards" / "val.json").read_text())
+        val.update(classes=val["classes"][1:], num_classes=len(val["classes"]) - 1)
+        (tmp_path / "shards" / "val.json").write_text(json.dumps(val))
     elif case == "partition_activations":
         config = _write(tmp_path / "c.json", {**GOOD_JSON, "activation_checkpointing": {"partition_activations": True}})
     out = tmp_path / "run"
