@@ -1,11 +1,12 @@
 # The two commands a user needs: `make demo` and `make test`. Both create .venv on first use
-# and reuse it afterwards (the stamp file is rebuilt only when the pins change).
+# and reuse it afterwards (the stamp file is rebuilt only when the pins change). For a GPU machine
+# without network access: `make gpu-wheels` here, then `make gpu-check` there (README, "GPU check").
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean gpu-wheels gpu-check
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +19,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+gpu-wheels: $(STAMP)
+	PYTHON=$(PY) bash bench/gpu_wheels.sh
+
+# No .venv there: the GPU machine's own Python, with the wheels of .whl/.
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs/demo shards/demo

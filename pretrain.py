@@ -396,23 +396,42 @@ def evaluate_split(model_or_engine, manifest: Path, batch_size: int, env: DistEn
 
 
 def measure_throughput(engine, env: DistEnv, ds: DeepSpeedSettings, dtype: torch.dtype, img_size, num_classes: int) -> None:
-    """Images/s of full training steps (forward, backward, optimizer) on random data: the model, not the loader."""
+    """Images/s of full training steps (forward, backward, optimizer) on random data: the model, not the loader.
+    The first warm-up forward is also counted (antismooth.flops): model TFLOP/s, and MFU on a GPU of known peak."""
+    import contextlib
+
+    from antismooth.flops import TRAINING_FLOPS_PER_FORWARD, flop_counter, mfu, peak_tflops
+
     images = torch.randn(ds.micro_batch, 3, *img_size, device=env.device, dtype=dtype)
     targets = torch.randint(0, num_classes, (ds.micro_batch,), device=env.device)
     criterion = nn.CrossEntropyLoss()
+    counter = flop_counter()
     steps = (THROUGHPUT_WARMUP_STEPS + THROUGHPUT_STEPS) * ds.grad_accum
     for i in range(steps):
         if i == THROUGHPUT_WARMUP_STEPS * ds.grad_accum:
             _sync(env)
             start = time.perf_counter()
-        engine.backward(criterion(engine(images).float(), targets))
+        # Counted in a real step (its backward follows, outside the counter): a forward alone would leave
+        # ZeRO-3's gathered parameters waiting for a backward that never comes.
+        with counter if i == 0 else contextlib.nullcontext():
+            logits = engine(images)
+        engine.backward(criterion(logits.float(), targets))
         engine.step()
     _sync(env)
     elapsed = time.perf_counter() - start
     per_rank = THROUGHPUT_STEPS * ds.grad_accum * ds.micro_batch / elapsed
-    if env.rank == 0:
-        print(f"throughput: {per_rank * env.world_size:.1f} img/s ({per_rank:.1f} per process, "
-              f"{elapsed / THROUGHPUT_STEPS * 1000:.0f} ms per step of {ds.micro_batch * ds.grad_accum * env.world_size})")
+    flops_per_image = TRAINING_FLOPS_PER_FORWARD * counter.get_total_flops() / ds.micro_batch
+    if env.rank != 0:
+        return
+    line = (f"throughput: {per_rank * env.world_size:.1f} img/s ({per_rank:.1f} per process, "
+            f"{elapsed / THROUGHPUT_STEPS * 1000:.0f} ms per step of {ds.micro_batch * ds.grad_accum * env.world_size}); "
+            f"{per_rank * flops_per_image / 1e12:.3g} model TFLOP/s per process ({flops_per_image / 1e9:.3g} GFLOP "
+            "per image, 3 × forward)")
+    name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else None
+    peak = peak_tflops(name) if name else None
+    if peak and dtype in (torch.bfloat16, torch.float16):  # the table holds 16-bit tensor-core peaks
+        line += f"; MFU {100 * mfu(per_rank, flops_per_image, peak):.1f} % of {name}'s {peak:.0f} TFLOP/s dense bf16"
+    print(line)
 
 
 def _sync(env: DistEnv) -> None:

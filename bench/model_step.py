@@ -7,11 +7,15 @@ configurations are interleaved round by round (so machine noise hits all alike),
 figures are reported as ratios to plain timm ViT-S/24 measured in the same run.
 
     python bench/model_step.py                  # CPU, batch 4, 224 and 384 px
-    python bench/model_step.py --device cuda --batch 64 --dtype bfloat16
+    python bench/model_step.py --device cuda --batch 64 --dtype bfloat16 --sdpa flash
+
+--sdpa pins torch's scaled_dot_product_attention to one kernel (flash attention needs a GPU and a
+16-bit dtype), so the fused AttnScale is timed on the kernel it is meant for, not on whatever torch picks.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -27,6 +31,8 @@ CONFIGS = {
     "attnscale explicit (official)": dict(model="attnscale_small_24", explicit=True),
 }
 BASELINE = "plain ViT-S/24 (timm)"
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                 "math": "MATH"}  # torch.nn.attention.SDPBackend names; "default": torch's own choice
 
 
 def measure(config: dict, img_size: int, batch: int, steps: int, device: str, dtype: str) -> dict:
@@ -92,6 +98,15 @@ def measure(config: dict, img_size: int, batch: int, steps: int, device: str, dt
     return {"seconds": statistics.median(times), "peak_bytes": peak, "activation_bytes": activations}
 
 
+def sdpa_backend(name: str) -> contextlib.AbstractContextManager:
+    """A context that pins scaled_dot_product_attention to one kernel ("default": torch chooses)."""
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name]))
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -103,8 +118,10 @@ def _max_rss_bytes() -> int:
 
 def _run_in_subprocess(name: str, args: argparse.Namespace, img_size: int) -> dict:
     payload = json.dumps(dict(name=name, img_size=img_size, batch=args.batch, steps=args.steps,
-                              device=args.device, dtype=args.dtype))
-    out = subprocess.run([sys.executable, __file__, "--child", payload], check=True, capture_output=True, text=True)
+                              device=args.device, dtype=args.dtype, sdpa=args.sdpa))
+    out = subprocess.run([sys.executable, __file__, "--child", payload], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{name} at {img_size} px failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -116,14 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (median across rounds)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--sdpa", default="default", choices=["default", *SDPA_BACKENDS],
+                        help="attention kernel of the fused models (flash: CUDA and a 16-bit dtype only)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
         job = json.loads(args.child)
-        print(json.dumps(measure(CONFIGS[job["name"]], job["img_size"], job["batch"], job["steps"],
-                                 job["device"], job["dtype"])))
+        with sdpa_backend(job["sdpa"]):
+            print(json.dumps(measure(CONFIGS[job["name"]], job["img_size"], job["batch"], job["steps"],
+                                     job["device"], job["dtype"])))
         return 0
 
     report = {}
@@ -144,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
 def _print_table(img_size: int, rows: dict, args: argparse.Namespace) -> None:
     base = rows[BASELINE]
     explicit = rows["attnscale explicit (official)"]
-    print(f"\n{img_size} px, batch {args.batch}, {args.device}, {args.dtype}: one forward+backward step")
+    print(f"\n{img_size} px, batch {args.batch}, {args.device}, {args.dtype}, SDPA {args.sdpa}: "
+          "one forward+backward step")
     print("| model | step ms | × plain | peak MiB | × plain | saved activations MiB | × plain |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():

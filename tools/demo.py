@@ -6,6 +6,9 @@ trained on them by `deepspeed pretrain.py --deepspeed_config ds_configs/demo.jso
 ZeRO-2, activation checkpointing on), and the newest checkpoint is exported and evaluated with
 tools/export.py and tools/eval.py. The last lines print the validation top-1.
 
+On GPUs: `python tools/demo.py --gpus 1 --deepspeed-config ds_configs/demo_bf16.json` (one process
+per GPU, NCCL, bf16; that JSON sets the global batch, so the recipe is the same at any GPU count).
+
 The recipe and why (README, "The embedded demo"): 16 px images in 4×4 patches (16 tokens),
 width 64 with 4 heads, 24 blocks; no augmentation but label smoothing (the digits are centred
 and tiny: random crops cut them up); AdamW, global batch 64, and a learning rate warmed up for
@@ -60,17 +63,40 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, cwd=REPO, check=True)
 
 
+def launcher(processes: int) -> list[str]:
+    """DeepSpeed's launcher: its `deepspeed` script beside this Python (a venv), else the same runner as a module
+    (wheels installed with `pip install --target`, whose scripts land elsewhere)."""
+    script = Path(sys.executable).parent / "deepspeed"
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    return [*command, "--num_gpus", str(processes)]
+
+
+def check_gpus(gpus: int) -> None:
+    """--gpus N asks for N GPUs: stop before training rather than fall back to N CPU processes."""
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible < gpus:
+        raise SystemExit(f"error: --gpus {gpus} but {visible} GPU(s) are visible: drop --gpus to train on the CPU, "
+                         "or check CUDA_VISIBLE_DEVICES.")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="attnscale_tiny_24", help="e.g. vit_tiny_24 for the plain baseline")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=8e-3, help="base lr for a global batch of 512: 1e-3 at batch 64")
     parser.add_argument("--warmup-epochs", type=float, default=2)
-    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--processes", type=int, default=2, help="training processes on the CPU (gloo)")
+    parser.add_argument("--gpus", type=int, help="train on this many GPUs instead, one process each (NCCL)")
+    parser.add_argument("--deepspeed-config", default="ds_configs/demo.json",
+                        help="the engine's JSON; ds_configs/demo_bf16.json for GPUs")
     parser.add_argument("--work", default="runs/demo", help="run folder (replaced)")
     parser.add_argument("--shards", default="shards/demo", help="shard folder (rebuilt)")
     parser.add_argument("--eval-json", help="also write the final evaluation's figures to this JSON file")
     args = parser.parse_args(argv)
+    if args.gpus is not None:
+        check_gpus(args.gpus)
     from antismooth.data.shards import ShardOptions, build
 
     start = time.time()
@@ -81,10 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     build(str(shards / "imagefolder"), str(shards), ShardOptions(max_count=500))
     print(f"digits: {counts['train']} train / {counts['val']} val images -> shards in {shards}", flush=True)
 
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(args.processes)]
-    run([*launcher, "pretrain.py", "--deepspeed_config", "ds_configs/demo.json", "--model", args.model,
-         "--model-kwargs", *MODEL_KWARGS, "--data", str(shards), "--output", str(work), "--epochs", str(args.epochs),
-         "--lr", str(args.lr), "--warmup-epochs", str(args.warmup_epochs), *RECIPE])
+    run([*launcher(args.gpus or args.processes), "pretrain.py", "--deepspeed_config", args.deepspeed_config,
+         "--model", args.model, "--model-kwargs", *MODEL_KWARGS, "--data", str(shards), "--output", str(work),
+         "--epochs", str(args.epochs), "--lr", str(args.lr), "--warmup-epochs", str(args.warmup_epochs), *RECIPE])
     weights = work / f"{args.model}.safetensors"
     run([sys.executable, "tools/export.py", str(work / "checkpoints"), "--out", str(weights)])
     run([sys.executable, "tools/eval.py", "--weights", str(weights), "--data", str(shards), "--workers", "1",
