@@ -11,46 +11,33 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import errno
-import itertools
 import logging
-import random
-import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import timm
 import torch
 import torch.nn as nn
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ParseKwargs
 
 import antismooth  # noqa: F401  (registers the model zoo with timm)
 from antismooth.config import ConfigError, DeepSpeedSettings, Derived, TrainConfig, derive
-from antismooth.data.device import DeviceBatches, pin_memory_for, to_device
-from antismooth.data.pipeline import (AugmentConfig, StreamConfig, build_eval_stream, build_train_stream,
-                                      reduce_eval_metrics, seed_for)
+from antismooth.data.pipeline import AugmentConfig, StreamConfig, build_train_stream
 from antismooth.data.shards import load_manifest
-from antismooth.distributed import (DistEnv, all_gather_object, all_reduce, barrier, broadcast_object,
-                                    check_shared_folder, detect_launch, init_distributed, log_world)
-from antismooth.evaluate import evaluate
-from antismooth.export import write_model_meta
+from antismooth.distributed import (DistEnv, all_gather_object, barrier, broadcast_object, check_shared_folder,
+                                    detect_launch, init_distributed, log_world)
 from antismooth.engine import (RunFolder, TrainingStopped, TrainState, apply_activation_checkpointing,
-                               build_scheduler, checkpoint_tag, param_groups)
+                               build_scheduler, param_groups)
 from antismooth.models import WeightsMismatchError, load_weights
-from antismooth.models.weights import ANTI_OVERSMOOTHING_PARAMS
-from antismooth.spectral import measure, paper_parameters, write_spectral
+from antismooth.train import Trainer, evaluate_split
 
 log = logging.getLogger("pretrain")
 # DeepSpeed 0.19.8's ZeRO calls a torch.distributed function that torch 2.14 deprecates, once per rank and run.
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
-SPECTRAL_PROBE_IMAGES = 16
 THROUGHPUT_WARMUP_STEPS = 3
 THROUGHPUT_STEPS = 10
 
@@ -207,25 +194,6 @@ def augment_config(config: TrainConfig, input_size: int) -> AugmentConfig:
                          smoothing=config.smoothing, repeated_aug=config.repeated_aug, eval_crop_pct=config.crop_pct)
 
 
-def criterion_for(augment: AugmentConfig, mixup_on: bool) -> nn.Module:
-    """DeiT's choice: soft-target CE under Mixup/CutMix, else label smoothing, else plain CE."""
-    if mixup_on:
-        return SoftTargetCrossEntropy()
-    if augment.smoothing > 0:
-        return LabelSmoothingCrossEntropy(smoothing=augment.smoothing)
-    return nn.CrossEntropyLoss()
-
-
-def seed_step(seed: int, step: int, micro: int, rank: int) -> None:
-    """Seed drop path, dropout and Mixup per micro-step, so a resumed run draws exactly what it would have."""
-    s = seed_for("train-step", seed, step, micro, rank)
-    torch.manual_seed(s)
-    random.seed(s)
-    np.random.seed(s % 2**32)
-
-
-# --- the run -------------------------------------------------------------------------------------------
-
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         run(parse_config(argv))
@@ -380,21 +348,6 @@ def log_start(config: TrainConfig, ds: DeepSpeedSettings, derived: Derived, meta
                                "model": meta, "resumed_from": resume_tag})
 
 
-def evaluate_split(model_or_engine, manifest: Path, batch_size: int, env: DistEnv, augment: AugmentConfig,
-                   workers: int, dtype: Optional[torch.dtype], zero_stage: int = 0) -> dict[str, float]:
-    """Top-1/top-5/loss over the validation shards, every sample exactly once across ranks.
-
-    Under ZeRO-3 each forward is a collective: every rank runs as many as the rank with the most batches.
-    """
-    stream = build_eval_stream(str(manifest), batch_size, env.rank, env.world_size, num_workers=workers,
-                               augment=augment)
-    batches = stream.loader(pin_memory_for(env.device))
-    forwards = int(all_reduce([len(batches)], op="max")[0]) if zero_stage == 3 else None
-    counts = evaluate(model_or_engine, batches, env.device, None if dtype == torch.float32 else dtype, forwards,
-                      mean=augment.mean, std=augment.std)
-    return reduce_eval_metrics(**counts)
-
-
 def measure_throughput(engine, env: DistEnv, ds: DeepSpeedSettings, dtype: torch.dtype, img_size, num_classes: int) -> None:
     """Images/s of full training steps (forward, backward, optimizer) on random data: the model, not the loader.
     The first warm-up forward is also counted (antismooth.flops): model TFLOP/s, and MFU on a GPU of known peak."""
@@ -439,252 +392,6 @@ def _sync(env: DistEnv) -> None:
         torch.cuda.synchronize()
     barrier()
 
-
-@dataclass
-class Trainer:
-    """The training loop: steps, logging, checkpoints, evaluation. What a restart needs lives in `state` alone."""
-    config: TrainConfig
-    ds: DeepSpeedSettings
-    derived: Derived
-    env: DistEnv
-    engine: Any                      # deepspeed.DeepSpeedEngine
-    scheduler: Any                   # timm CosineLRScheduler, stepped per optimizer step
-    stream: Any                      # antismooth.data.pipeline.TrainStream
-    state: TrainState
-    run_folder: RunFolder
-    meta: dict[str, Any]             # the model's description, saved beside every checkpoint
-    dtype: torch.dtype
-    val_manifest: Optional[Path]
-    augment: AugmentConfig
-
-    def __post_init__(self) -> None:
-        self.criterion = criterion_for(self.augment, self.stream.mixup is not None)
-        self.writer = self._writer() if self.env.rank == 0 else None
-        self.last_saved_step = self.state.global_step if self.state.global_step else -1
-        self.skipped_updates = self.engine.skipped_steps   # DeepSpeed's count of updates it dropped
-        self.nonfinite_steps = 0
-        self.probe = self._probe_images() if self.config.spectral_every else None
-
-    def _probe_images(self) -> torch.Tensor:
-        """A fixed batch for the spectral diagnostics: the first validation (else training) images, eval transform."""
-        manifest = self.val_manifest or Path(self.config.data) / "train.json"
-        stream = build_eval_stream(str(manifest), SPECTRAL_PROBE_IMAGES, 0, 1, num_workers=0, augment=self.augment)
-        images, _ = next(iter(stream.loader()))
-        return to_device(images, self.env.device, self.augment.mean, self.augment.std).to(self.dtype)
-
-    def _writer(self):
-        from torch.utils.tensorboard import SummaryWriter
-        return SummaryWriter(str(self.run_folder.tensorboard))
-
-    def stop_step(self) -> int:
-        total = self.derived.total_steps
-        return min(total, self.config.max_steps) if self.config.max_steps else total
-
-    def train(self) -> None:
-        state = self.state
-        self.engine.train()
-        self.timer = StepTimer(self.stop_step() - state.global_step)
-        while state.epoch < self.config.epochs and state.global_step < self.stop_step():
-            self.train_epoch()
-            if not self.epoch_complete():
-                break  # stopped mid-epoch by --max-steps
-            state.epoch += 1
-            state.samples_in_epoch = 0
-            self.save()
-            if self.config.eval_every_epoch and self.val_manifest is not None:
-                self.evaluate()
-        if self.last_saved_step != state.global_step:
-            self.save()
-        if self.writer:
-            self.writer.close()
-        log.info("done: step %d, epoch %d, %d samples seen", state.global_step, state.epoch, state.samples_seen)
-
-    def train_epoch(self) -> None:
-        state, derived, engine = self.state, self.derived, self.engine
-        steps_left = derived.steps_per_epoch - state.samples_in_epoch // derived.global_batch
-        batches = DeviceBatches(self.stream.loader(state.epoch, samples_consumed=state.samples_in_epoch,
-                                                   pin_memory=pin_memory_for(self.env.device)),
-                                self.env.device, self.augment.mean, self.augment.std)
-        erase = self.stream.random_erasing(self.env.device)
-        losses = []
-        for i, (images, targets) in enumerate(itertools.islice(batches, steps_left * self.ds.grad_accum)):
-            micro = i % self.ds.grad_accum
-            seed_step(self.config.seed, state.global_step, micro, self.env.rank)
-            # Random erasing runs here, not in the workers: its noise lives in normalised space, which uint8
-            # cannot hold. Drawn from the micro-step's seeded RNG like Mixup, it is sample-exact on resume.
-            if erase is not None:
-                images = erase(images)
-            if self.stream.mixup is not None:
-                images, targets = self.stream.mixup(images, targets)
-            loss = self.criterion(engine(images.to(self.dtype)).float(), targets)
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach())
-            if micro + 1 < self.ds.grad_accum:
-                continue
-            state.global_step += 1
-            state.samples_in_epoch += derived.global_batch
-            state.samples_seen += derived.global_batch
-            state.corrupt_skipped = self.stream.corrupt_skipped
-            self.scheduler.step_update(state.global_step)
-            self.check_finite(torch.stack(losses).mean())
-            self.after_step(torch.stack(losses).mean())
-            self.log_spectral()
-            losses = []
-            if state.global_step >= self.stop_step():
-                return
-            if state.global_step % self.config.save_every == 0 and not self.epoch_complete():
-                self.save()
-
-    def epoch_complete(self) -> bool:
-        return self.state.samples_in_epoch // self.derived.global_batch >= self.derived.steps_per_epoch
-
-    def after_step(self, loss: torch.Tensor) -> None:
-        state = self.state
-        self.timer.tick()
-        if state.global_step % self.config.log_every and state.global_step != self.stop_step():
-            return
-        loss_value = all_reduce([loss.item()])[0] / self.env.world_size   # collective: every rank takes part
-        technique = technique_param_stats(self.engine.module, self.ds.zero_stage)
-        if self.env.rank != 0:
-            return
-        lr = self.engine.optimizer.param_groups[0]["lr"]
-        img_s = self.timer.rate(self.derived.global_batch)
-        grad_norm = self.engine.get_global_grad_norm()
-        log.info("step %d/%d | epoch %d | loss %.4f | lr %.3g | %.1f img/s | ETA %s", state.global_step,
-                 self.stop_step(), state.epoch, loss_value, lr, img_s, self.timer.eta())
-        scalars = {"train/loss": loss_value, "train/lr": lr, "train/img_per_s": img_s,
-                   "train/img_per_s_per_gpu": img_s / self.env.world_size, "train/samples_seen": state.samples_seen,
-                   "train/epoch": state.epoch + state.samples_in_epoch / max(1, self.derived.num_samples),
-                   "train/corrupt_skipped": state.corrupt_skipped, **technique}
-        if grad_norm is not None:
-            scalars["train/grad_norm"] = float(grad_norm)
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, state.global_step)
-
-    def log_spectral(self) -> None:
-        """Per-block HC share, ΔLog amplitude and patch uniformity on the probe batch (issue: oversmoothing).
-        Under ZeRO-3 the forward gathers parameters collectively, so every rank measures."""
-        every = self.config.spectral_every
-        if not every or self.state.global_step % every or (self.ds.zero_stage < 3 and self.env.rank != 0):
-            return
-        report = measure(self.engine.module, self.probe)
-        if self.writer:
-            write_spectral(self.writer, report, self.state.global_step)
-
-    def check_finite(self, loss: torch.Tensor) -> None:
-        """Stop a diverged run before it saves anything: a non-finite loss on any rank, or an update DeepSpeed
-        dropped for non-finite gradients (under fp16 the loss scaler drops overflows by design: left alone).
-        With --skip-nonfinite N, up to N such steps go by without an update instead."""
-        dropped = self.engine.skipped_steps - self.skipped_updates
-        self.skipped_updates = self.engine.skipped_steps
-        loss_bad = all_reduce([0.0 if bool(torch.isfinite(loss)) else 1.0], op="max")[0] > 0
-        if not loss_bad and (dropped == 0 or self.ds.dtype == "float16"):
-            return
-        self.nonfinite_steps += 1
-        what = "the loss" if loss_bad else "the gradient norm"
-        if dropped and self.nonfinite_steps <= self.config.skip_nonfinite:
-            log.warning("step %d: %s is not finite; the update was skipped (%d of --skip-nonfinite %d).",
-                        self.state.global_step, what, self.nonfinite_steps, self.config.skip_nonfinite)
-            return
-        raise TrainingStopped(f"Step {self.state.global_step}: {what} is not finite, so the run stopped without "
-                              f"saving; its newest checkpoint, {self.run_folder.latest_tag()} in "
-                              f"{self.run_folder.checkpoints}, holds finite weights: lower --lr or lengthen "
-                              "--warmup-epochs and run the same command to resume from it (or from an older one, by "
-                              "writing its tag into `latest`), or let such steps pass without an update with "
-                              "--skip-nonfinite N.")
-
-    def check_parameters_finite(self, tag: str) -> None:
-        """Never save non-finite weights: each rank checks what it holds (its partition under ZeRO-3)."""
-        held = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
-        bad = not all(bool(torch.isfinite(t).all()) for t in held if t.numel())
-        if all_reduce([float(bad)], op="max")[0] > 0:
-            raise TrainingStopped(f"The weights at step {self.state.global_step} hold non-finite values, so "
-                                  f"checkpoint {tag} was not saved; the newest checkpoint, {self.run_folder.latest_tag()} "
-                                  f"in {self.run_folder.checkpoints}, holds finite weights: lower --lr and run the same "
-                                  "command to resume from it.")
-
-    def save(self) -> None:
-        """A checkpoint on every rank (DeepSpeed needs all of them), the model meta beside it, every file flushed
-        to the disk before rank 0 names it `latest`, old ones pruned."""
-        tag = checkpoint_tag(self.state.global_step)
-        self.check_parameters_finite(tag)
-        try:
-            if self.env.rank == 0:  # the model's description, for tools/export.py and tools/eval.py
-                write_model_meta(self.run_folder.checkpoints / tag,
-                                 dict(self.meta, step=self.state.global_step, epoch=self.state.epoch))
-            self.engine.save_checkpoint(str(self.run_folder.checkpoints), tag=tag, save_latest=False,
-                                        client_state={"antismooth": self.state.state_dict()})
-            self.run_folder.sync_files(tag, self.env.rank)
-        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
-            self.abandon_save(tag, err)
-        barrier()  # every rank's files are on the disk
-        self.last_saved_step = self.state.global_step
-        if self.env.rank == 0:
-            self.run_folder.commit(tag)
-            removed = self.run_folder.prune(self.config.keep)
-            log.info("saved checkpoint %s%s", tag, f" (removed {', '.join(removed)})" if removed else "")
-
-    def abandon_save(self, tag: str, err: BaseException) -> None:
-        """A checkpoint that could not be written: its partial folder removed (it was never `latest`), the run
-        stopped with what is kept. The other ranks are ended by the launcher when this one exits."""
-        full = isinstance(err, OSError) and err.errno == errno.ENOSPC or "write failed" in str(err) \
-            or "No space left" in str(err)
-        reason = "the disk is full" if full else f"{type(err).__name__}: {err}".splitlines()[0][:200]
-        shutil.rmtree(self.run_folder.checkpoints / tag, ignore_errors=True)
-        raise TrainingStopped(f"Checkpoint {tag} could not be written to {self.run_folder.checkpoints} ({reason}); "
-                              f"{self.run_folder.latest_tag()} is still the newest checkpoint, intact: free space there "
-                              "(or lower --keep) and run the same command to resume from it.") from err
-
-    def evaluate(self) -> None:
-        metrics = evaluate_split(self.engine, self.val_manifest, self.derived.micro_batch, self.env, self.augment,
-                                 self.config.workers, self.dtype, self.ds.zero_stage)
-        if self.env.rank == 0:
-            log.info("eval epoch %d: top-1 %.2f %% | top-5 %.2f %% | loss %.4f | %d images", self.state.epoch,
-                     metrics["top1"], metrics["top5"], metrics["loss"], metrics["count"])
-            for key in ("top1", "top5", "loss"):
-                self.writer.add_scalar(f"eval/{key}", metrics[key], self.state.global_step)
-
-
-# TensorBoard tags of antismooth.spectral.paper_parameters' per-block curves.
-TECHNIQUE_TAGS = {"attnscale_lambda": "attnscale/lambda_abs_mean", "featscale_s_d": "featscale/s_dc_mean",
-                  "featscale_s_h": "featscale/s_hc_mean"}
-
-
-def technique_param_stats(model: nn.Module, zero_stage: int) -> dict[str, float]:
-    """Per block: mean |λ| (AttnScale), mean s_d and s_h (FeatScale). Under ZeRO-3 the few parameters
-    are gathered first, which every rank must join."""
-    import deepspeed
-
-    params = [p for n, p in model.named_parameters() if n.endswith(ANTI_OVERSMOOTHING_PARAMS)]
-    with deepspeed.zero.GatheredParameters(params, enabled=zero_stage == 3):
-        curves = paper_parameters(model)
-    return {f"{TECHNIQUE_TAGS[name]}/block_{block:02d}": value
-            for name, values in curves.items() for block, value in enumerate(values)}
-
-
-class StepTimer:
-    """Images/s over the last log interval and an ETA from the average step time so far."""
-
-    def __init__(self, steps_to_go: int) -> None:
-        self.steps_to_go = steps_to_go
-        self.start = self.mark = time.perf_counter()
-        self.done = self.since_mark = 0
-
-    def tick(self) -> None:
-        self.done += 1
-        self.since_mark += 1
-
-    def rate(self, batch: int) -> float:
-        now = time.perf_counter()
-        rate = self.since_mark * batch / max(now - self.mark, 1e-9)
-        self.mark, self.since_mark = now, 0
-        return rate
-
-    def eta(self) -> str:
-        per_step = (time.perf_counter() - self.start) / max(self.done, 1)
-        seconds = int(per_step * max(self.steps_to_go - self.done, 0))
-        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 if __name__ == "__main__":

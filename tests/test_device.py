@@ -6,7 +6,6 @@ path needs a GPU and is not exercised here.)
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,10 +16,7 @@ from timm.data import create_transform
 from antismooth.data.device import DeviceBatches, normalize, to_device
 from antismooth.data.pipeline import (AugmentConfig, ShardSource, StreamConfig, build_eval_stream, build_train_stream,
                                       eval_transform, seed_augmentation, train_transform)
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from pretrain import seed_step  # noqa: E402  (the training loop's per-micro-step seeding)
+from antismooth.train import seed_step  # the training loop's per-micro-step seeding
 
 NUM_SAMPLES = 103
 
