@@ -35,6 +35,7 @@ __all__ = ["Trainer", "evaluate_split", "criterion_for", "seed_step", "technique
 log = logging.getLogger(__name__)
 
 SPECTRAL_PROBE_IMAGES = 16
+UNIVERSAL_CHECKPOINT_INFO = "universal_checkpoint_info"  # deepspeed.checkpoint.constants' key, without importing it
 
 
 def criterion_for(augment: AugmentConfig, mixup_on: bool) -> nn.Module:
@@ -245,7 +246,10 @@ class Trainer:
                 write_model_meta(self.run_folder.checkpoints / tag,
                                  dict(self.meta, step=self.state.global_step, epoch=self.state.epoch))
             self.engine.save_checkpoint(str(self.run_folder.checkpoints), tag=tag, save_latest=False,
-                                        client_state={"antismooth": self.state.state_dict()})
+                                        client_state={"antismooth": self.state.state_dict(),
+                                                      # lets DeepSpeed's ds_to_universal convert ZeRO-1/2 checkpoints
+                                                      # for a resume at another world size (as its own tests save)
+                                                      UNIVERSAL_CHECKPOINT_INFO: {}})
             self.run_folder.sync_files(tag, self.env.rank)
         except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
             self.abandon_save(tag, err)

@@ -79,6 +79,8 @@ def test_run_folder_describes_the_run(zero_runs):
     assert (checkpoints / "latest").read_text() == "step00000006"
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step00000004", "step00000005",
                                                                            "step00000006"]
+    states = torch.load(checkpoints / "step00000006" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert states["universal_checkpoint_info"] == {}  # convertible by ds_to_universal (resume at another size)
     meta = json.loads((checkpoints / "step00000006" / "antismooth.json").read_text())
     assert meta["model"] == "attnscale_tiny_24" and meta["step"] == 6 and len(meta["classes"]) == 16
     log = (run / "log.txt").read_text()
