@@ -96,4 +96,4 @@ def test_pip_install_gives_a_working_package(fresh_venv):
     help_text = subprocess.run([str(fresh_venv / "bin" / "antismooth-export"), "--help"], capture_output=True,
                                text=True, timeout=300, env=env, cwd=fresh_venv.parent)
     assert help_text.returncode == 0, help_text.stderr[-3000:]
-    assert "DeepSpeed" in help_text.stdout
+    assert "--format" in help_text.stdout and "DeepSpeed" in help_text.stdout
