@@ -6,7 +6,8 @@
 
 Each weights file names its model in its metadata (tools/export.py writes "model" and
 "model_kwargs" into .safetensors, or a side-car <file>.json beside a .pth); --model (and
---model-kwargs) serve for files without it. --data is a shard manifest (val.json), a folder
+--model-kwargs) serve for files without it. A timm folder (tools/export.py --format timm) names its
+model in its config.json. --data is a shard manifest (val.json), a folder
 holding val.json or train.json, or an ImageFolder directory; the first --num-images images
 of the manifest, or images evenly spread over the ImageFolder, go through the evaluation
 transform. Writes one PNG per measurement with one curve per model, report.csv (model,
@@ -51,7 +52,8 @@ class ModelSpec:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, nargs="*", default=[],
-                   help="weights files (.safetensors or .pth), one curve each")
+                   help="weights files (.safetensors or .pth) or timm folders (tools/export.py --format timm), "
+                        "one curve each")
     p.add_argument("--model", help="timm model name: for weights files without metadata, or alone for a random init")
     p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
                    help="timm.create_model arguments for --model, as in pretrain.py: num_classes=10 img_size=32")
