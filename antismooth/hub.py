@@ -22,7 +22,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from .export import (DATA_CONFIG_KEYS, DTYPES, TIMM_CONFIG, TIMM_META_KEY, CheckpointRef, consolidate_checkpoint)
+from .export import DATA_CONFIG_KEYS, DTYPES, TIMM_META_KEY, CheckpointRef, consolidate_checkpoint
 
 __all__ = ["CARD_FILE", "PAPER", "HubError", "TimmExport", "build_model", "run_summary", "model_card",
            "save_timm_folder", "export_timm", "push_to_hub"]
@@ -40,7 +40,8 @@ CITATION = """@inproceedings{wang2022antioversmoothing,
 }"""
 PROVENANCE_KEYS = ("tag", "step", "epoch", "zero_stage", "world_size", "dtype")
 # pretrain.py's evaluation line in log.txt: "eval epoch 3: top-1 12.50 % | top-5 50.00 % | loss 2.7000 | 16 images"
-_EVAL_LINE = re.compile(r"eval epoch (\d+): top-1 ([\d.]+) % \| top-5 ([\d.]+) % \| loss ([\d.naninf]+) \| (\d+) images")
+_EVAL_LINE = re.compile(r"eval epoch (\d+): top-1 ([\d.]+) % \| top-5 ([\d.]+) % \| "
+                        r"loss ([\d.naninf]+) \| (\d+) images")
 
 
 class HubError(RuntimeError):
@@ -102,7 +103,7 @@ def run_summary(run_dir: Optional[Path]) -> dict[str, Any]:
 
 
 def _usage(name: str) -> str:
-    return (f"```python\nimport timm\nimport antismooth  # registers the AttnScale/FeatScale architectures with timm\n\n"
+    return ("```python\nimport timm\nimport antismooth  # registers the AttnScale/FeatScale architectures with timm\n\n"
             f"model = timm.create_model(\"local-dir:{name}\", pretrained=True).eval()  # or \"hf-hub:<org>/{name}\"\n"
             "config = timm.data.resolve_model_data_config(model)\n"
             "transform = timm.data.create_transform(**config, is_training=False)\n```\n")

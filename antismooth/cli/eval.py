@@ -5,7 +5,8 @@
     python tools/eval.py --weights deit_small_patch16_224-cd65a155.pth --model attnscale_small_12 --data shards/imagenet
 
 The model, its kwargs, classes and evaluation transform come from the weights file's metadata
-(tools/export.py writes them), or from a timm folder's config.json (--format timm); --model (with --num-classes / --img-size) serves files without it.
+(tools/export.py writes them), or from a timm folder's config.json (--format timm); --model (with
+--num-classes / --img-size) serves files without it.
 The data's labels are matched to the model's classes by name: the data may hold a subset of them.
 --data is a shard folder holding <split>.json, a manifest, or an ImageFolder root (<split>/<class>/<img>).
 Under torchrun every image is evaluated on exactly one rank (gloo on CPU, nccl on GPU) and the counts
@@ -35,8 +36,9 @@ AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="weights file (.safetensors or .pth, read with weights_only=True), or a "
-                                           "timm folder (tools/export.py --format timm)")
+    p.add_argument("--weights", required=True,
+                   help="weights file (.safetensors or .pth, read with weights_only=True), or a timm folder "
+                        "(tools/export.py --format timm)")
     p.add_argument("--data", required=True, help="shard folder or manifest (.json), or an ImageFolder root")
     p.add_argument("--split", default="val", help="split to evaluate (default: %(default)s)")
     p.add_argument("--model", help="timm model name, for weights files that do not name their model")
