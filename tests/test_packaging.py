@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -73,9 +74,13 @@ def fresh_venv(tmp_path_factory) -> Path:
     site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()"
                                 "['purelib'])"], check=True, capture_output=True, text=True).stdout.strip())
     (site / "zz_third_party.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # Build from a copy: an in-tree build (no isolation) would leave build/ and *.egg-info in the checkout.
+    source = venv.parent / "source"
+    shutil.copytree(REPO / "antismooth", source / "antismooth", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", source / "pyproject.toml")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
-                           "--no-build-isolation", "--disable-pip-version-check", str(REPO)],
+                           "--no-build-isolation", "--disable-pip-version-check", str(source)],
                           capture_output=True, text=True, timeout=300, env=env, cwd=venv.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return venv
