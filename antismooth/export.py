@@ -33,7 +33,8 @@ from .models.weights import _describe_mismatch, clean_state_dict, load_weights
 
 __all__ = ["META_FILE", "CheckpointError", "CheckpointRef", "ExportResult", "DTYPES", "write_model_meta",
            "read_model_meta", "list_tags", "resolve_checkpoint", "consolidate", "save_weights",
-           "read_export_meta", "export_checkpoint", "create_model_from_weights"]
+           "read_export_meta", "read_timm_config", "consolidate_checkpoint", "export_checkpoint",
+           "create_model_from_weights"]
 
 _logger = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ LATEST_FILE = "latest"                 # DeepSpeed's name for the newest complet
 REQUIRED_META = ("model", "model_kwargs", "classes", "data_config")
 # Metadata values that are not strings travel JSON-encoded (safetensors metadata is str -> str).
 JSON_META_KEYS = ("model_kwargs", "classes", "data_config", "step", "epoch", "zero_stage", "world_size")
+TIMM_CONFIG = "config.json"            # a timm folder's description (timm.models.save_for_hf)
+TIMM_META_KEY = "antismooth"           # our provenance (tag, step, ZeRO stage…) inside that config.json
+DATA_CONFIG_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 # zero_pp_rank_{dp}_mp_rank_{mp}_optim_states.pt, with a bf16_ prefix when bf16 training saved it.
@@ -328,10 +332,33 @@ def save_weights(state_dict: Mapping[str, torch.Tensor], out: str | Path, meta: 
     return out
 
 
+def read_timm_config(folder: str | Path) -> dict[str, Any]:
+    """A timm folder's config.json as the description our exports carry: model, model_kwargs (timm's
+    model_args), classes (label_names), data_config (from pretrained_cfg) and the provenance we added."""
+    path = Path(folder) / TIMM_CONFIG
+    try:
+        config = json.loads(path.read_text())
+        pretrained_cfg = config.get("pretrained_cfg", {})
+        meta = {"model": config["architecture"], "model_kwargs": dict(config.get("model_args") or {}),
+                "classes": config.get("label_names"),
+                "data_config": {k: pretrained_cfg[k] for k in DATA_CONFIG_KEYS if k in pretrained_cfg}}
+    except (ValueError, KeyError, AttributeError) as err:
+        raise ValueError(f"{path} is not a timm model config ({type(err).__name__}: {err}); export the folder "
+                         "again with tools/export.py --format timm.") from None
+    meta["model_kwargs"].setdefault("num_classes", config.get("num_classes"))
+    return {**config.get(TIMM_META_KEY, {}), **meta}
+
+
 def read_export_meta(path: str | Path) -> Optional[dict[str, Any]]:
     """The model description stored with a weights file (safetensors metadata, or `<file>.json` beside
-    a .pth), values decoded; None when the file carries none (e.g. an official DeiT checkpoint)."""
+    a .pth) or in a timm folder's config.json, values decoded; None when there is none (e.g. an official
+    DeiT checkpoint)."""
     path = Path(path)
+    if path.is_dir() and (path / TIMM_CONFIG).is_file():
+        return read_timm_config(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder without {TIMM_CONFIG}: give a weights file, or a folder "
+                                "written by tools/export.py --format timm.")
     if not path.is_file():
         raise FileNotFoundError(f"no weights file at {path}: check the path.")
     if path.suffix == ".safetensors":
@@ -382,12 +409,12 @@ def _check_against_model(state_dict: Mapping[str, torch.Tensor], meta: Mapping[s
                               f"({meta['model']} with {meta['model_kwargs']}); fix that file:\n{mismatch}")
 
 
-def export_checkpoint(path: str | Path, out: str | Path, tag: Optional[str] = None, dtype: str = "fp32",
-                      overwrite: bool = False) -> ExportResult:
-    """Consolidate one checkpoint (default: `latest`) of a run into a weights file timm loads with strict=True."""
+def consolidate_checkpoint(path: str | Path, tag: Optional[str] = None, dtype: str = "fp32"
+                           ) -> tuple[CheckpointRef, dict[str, torch.Tensor], dict[str, Any]]:
+    """The checked checkpoint, its consolidated state_dict in `dtype` and the description an export carries
+    (the tag's antismooth.json plus where it came from); the slow part every export format shares."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
-    _check_output(Path(out), overwrite)  # before the slow part
     ref = resolve_checkpoint(path, tag)
     meta = read_model_meta(ref.tag_dir)
     if meta is None:
@@ -397,6 +424,16 @@ def export_checkpoint(path: str | Path, out: str | Path, tag: Optional[str] = No
     if meta is not None:
         _check_against_model(state_dict, meta, ref)
     export_meta = dict(meta or {}, tag=ref.tag, zero_stage=ref.stage, world_size=ref.world_size, dtype=dtype)
+    return ref, state_dict, export_meta
+
+
+def export_checkpoint(path: str | Path, out: str | Path, tag: Optional[str] = None, dtype: str = "fp32",
+                      overwrite: bool = False) -> ExportResult:
+    """Consolidate one checkpoint (default: `latest`) of a run into a weights file timm loads with strict=True."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
+    _check_output(Path(out), overwrite)  # before the slow part
+    ref, state_dict, export_meta = consolidate_checkpoint(path, tag, dtype)
     written = save_weights(state_dict, out, export_meta, overwrite)
     num_params = sum(t.numel() for t in state_dict.values())
     return ExportResult(written, ref, export_meta, num_params, written.stat().st_size)

@@ -128,6 +128,27 @@ def test_pth_export_with_sidecar_loads_in_timm_and_with_weights_only(zero_runs, 
             torch.testing.assert_close(model(images), live, rtol=1e-5, atol=1e-5)
 
 
+def test_timm_format_export_loads_with_timm_local_dir(zero_runs, wnids, tmp_path, capsys):
+    """--format timm on a real ZeRO-3, 2-rank run: timm's local-dir: loader rebuilds the live model, and the card
+    reports the run's derived numbers from its run.json."""
+    run = zero_runs[3, 2]
+    out = tmp_path / "as24"
+    status, err = _export(capsys, run.output, "--out", out, "--format", "timm")
+    assert status == 0, err
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    images, live = _live(run)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), live, rtol=1e-5, atol=1e-5)
+    assert model.pretrained_cfg["label_names"] == wnids and model.num_classes == len(wnids)
+    assert tuple(timm.data.resolve_model_data_config(model)["input_size"]) == (3, IMG_SIZE, IMG_SIZE)
+    derived = json.loads((run.output / "run.json").read_text())["derived"]
+    card = (out / "README.md").read_text()
+    assert f"global_batch: {derived['global_batch']}" in card and f"tag: {LAST_TAG}" in card
+    assert read_export_meta(out)["zero_stage"] == 3
+    status, err = _export(capsys, run.output, "--out", out, "--format", "timm")  # the folder exists now
+    assert status == 2 and "already exists and is not empty: pass --overwrite" in err
+
+
 # --- failures: one sentence, exit 2, nothing left behind --------------------------------------------------
 
 @pytest.fixture

@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
-__all__ = ["ANTI_OVERSMOOTHING_PARAMS", "read_checkpoint", "clean_state_dict", "checkpoint_filter_fn",
-           "load_weights", "WeightsMismatchError"]
+__all__ = ["ANTI_OVERSMOOTHING_PARAMS", "TIMM_WEIGHTS_FILES", "weights_file", "read_checkpoint", "clean_state_dict",
+           "checkpoint_filter_fn", "load_weights", "WeightsMismatchError"]
 
 _logger = logging.getLogger(__name__)
 
@@ -26,17 +26,31 @@ _logger = logging.getLogger(__name__)
 ANTI_OVERSMOOTHING_PARAMS = ("attn.lamb", "lamb1", "lamb2")
 _WRAPPER_KEYS = ("model", "module", "state_dict", "model_state_dict")
 _PREFIXES = ("module.", "_orig_mod.")
+# The weights file names of a timm folder (timm.models.save_for_hf), in the order timm's loader prefers them.
+TIMM_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 class WeightsMismatchError(ValueError):
     """A checkpoint does not fit the model; the message lists every key and shape that differs."""
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a .safetensors or .pth file without executing code from it (weights_only=True)."""
+def weights_file(path: str | Path) -> Path:
+    """The weights file itself: `path`, or the model.safetensors (else pytorch_model.bin) of a timm folder."""
     path = Path(path)
+    if path.is_dir():
+        found = next((path / name for name in TIMM_WEIGHTS_FILES if (path / name).is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"{path} is a folder without {' or '.join(TIMM_WEIGHTS_FILES)}: give a weights "
+                                    "file, or a folder written by tools/export.py --format timm.")
+        return found
     if not path.is_file():
         raise FileNotFoundError(f"No weights file at {path}: check the path.")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a .safetensors or .pth file (or a timm folder's weights) without executing code (weights_only=True)."""
+    path = weights_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path), device="cpu")

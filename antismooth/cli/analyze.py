@@ -1,0 +1,227 @@
+"""Oversmoothing diagnostics, block by block, of trained or freshly initialised models side by side.
+
+    python tools/analyze.py --weights a.safetensors b.safetensors --data shards/imagenet --out report/
+    python tools/analyze.py --model attnscale_small_24 --data shards/imagenet --out report/   # random init
+    python tools/analyze.py --weights run.pth --model featscale_small_24 --data /data/imagenet/val --attention
+
+Each weights file names its model in its metadata (tools/export.py writes "model" and
+"model_kwargs" into .safetensors, or a side-car <file>.json beside a .pth); --model (and
+--model-kwargs) serve for files without it. A timm folder (tools/export.py --format timm) names its
+model in its config.json. --data is a shard manifest (val.json), a folder
+holding val.json or train.json, or an ImageFolder directory; the first --num-images images
+of the manifest, or images evenly spread over the ImageFolder, go through the evaluation
+transform. Writes one PNG per measurement with one curve per model, report.csv (model,
+measurement, block, value) and report.json. The measurements are antismooth.spectral's.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import timm
+import torch
+import torch.nn as nn
+from timm.utils import ParseKwargs
+
+import antismooth  # noqa: F401  (registers the model zoo with timm)
+from antismooth.data.device import to_device
+from antismooth.data.pipeline import AugmentConfig, build_eval_stream, eval_transform
+from antismooth.export import read_export_meta
+from antismooth.models import load_weights
+from antismooth.spectral import MEASUREMENTS, SpectralReport, curves_figure, measure
+
+MANIFESTS = ("val.json", "train.json")  # looked for, in this order, in a --data folder
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to analyse: its legend label, timm name and kwargs, the weights (None: random init) and
+    the evaluation data config exported with them (input_size, crop_pct, interpolation, mean, std)."""
+    label: str
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: Optional[Path] = None
+    data_config: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", type=Path, nargs="*", default=[],
+                   help="weights files (.safetensors or .pth) or timm folders (tools/export.py --format timm), "
+                        "one curve each")
+    p.add_argument("--model", help="timm model name: for weights files without metadata, or alone for a random init")
+    p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
+                   help="timm.create_model arguments for --model, as in pretrain.py: num_classes=10 img_size=32")
+    p.add_argument("--data", type=Path, required=True,
+                   help="shard manifest (val.json), a folder holding val.json/train.json, or an ImageFolder directory")
+    p.add_argument("--num-images", type=int, default=64, help="images to measure on (default: %(default)s)")
+    p.add_argument("--attention", action="store_true",
+                   help="also measure attention collapse (explicit attention path: slower, more memory)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: %(default)s")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random init with --model alone")
+    p.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: %(default)s)")
+    args = p.parse_args(argv)
+    if not args.weights and not args.model:
+        p.error("give --weights files, or --model NAME to analyse a random init.")
+    if args.num_images < 1:
+        p.error("--num-images must be at least 1.")
+    return args
+
+
+# --- which models ---------------------------------------------------------------------------------------
+
+def resolve_specs(args: argparse.Namespace) -> list[ModelSpec]:
+    """One ModelSpec per weights file (model and kwargs from its metadata, else --model and --model-kwargs),
+    or the random init of --model alone."""
+    if not args.weights:
+        return [ModelSpec(f"{args.model} (random init)", args.model, dict(args.model_kwargs))]
+    metas = {path: read_export_meta(path) or {} for path in args.weights}
+    if args.model and all(metas.values()) and (args.model_kwargs or any(m["model"] != args.model
+                                                                         for m in metas.values())):
+        # Every file names its own model: --model (or --model-kwargs) would be silently ignored.
+        raise ValueError("every weights file names its model in its metadata, so --model/--model-kwargs would be "
+                         "ignored; drop them (they are for files without metadata, or for a random init).")
+    stems = [w.stem for w in args.weights]
+    specs = []
+    for path, meta in metas.items():
+        if meta:
+            name, kwargs = meta["model"], dict(meta.get("model_kwargs") or {})
+        elif args.model:
+            name, kwargs = args.model, dict(args.model_kwargs)
+        else:
+            raise ValueError(f"{path} does not say which model it holds (no 'model' metadata); pass --model NAME.")
+        label = path.stem if stems.count(path.stem) == 1 else str(path)
+        specs.append(ModelSpec(label, name, kwargs, path, dict(meta.get("data_config") or {})))
+    return specs
+
+
+def build_model(spec: ModelSpec, seed: int) -> nn.Module:
+    """Create the model with timm and load its weights (λ/s of plain ViT weights start at 0, logged)."""
+    if not timm.is_model(spec.name):
+        raise ValueError(f"unknown model {spec.name!r}: see antismooth.models.MODEL_NAMES or timm.list_models().")
+    torch.manual_seed(seed)
+    model = timm.create_model(spec.name, **spec.kwargs)
+    if spec.weights is not None:
+        load_weights(model, spec.weights)
+    return model
+
+
+# --- which images ---------------------------------------------------------------------------------------
+
+def eval_augment(model: nn.Module, data_config: dict[str, Any]) -> AugmentConfig:
+    """The evaluation transform for this model: its image size, and the crop, interpolation, mean and std
+    exported with its weights, else those of its timm pretrained_cfg."""
+    cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **data_config}
+    defaults = AugmentConfig()
+    return AugmentConfig(input_size=int(model.patch_embed.img_size[0]),
+                         interpolation=cfg.get("interpolation", defaults.interpolation),
+                         eval_crop_pct=cfg.get("crop_pct", defaults.eval_crop_pct),
+                         mean=tuple(cfg.get("mean", defaults.mean)), std=tuple(cfg.get("std", defaults.std)))
+
+
+def find_manifest(data: Path) -> Optional[Path]:
+    """The manifest --data names (a .json, or val.json/train.json in a folder); None for an ImageFolder."""
+    if data.suffix == ".json":
+        return data
+    return next((data / m for m in MANIFESTS if (data / m).is_file()), None)
+
+
+def load_images(data: Path, num_images: int, augment: AugmentConfig) -> torch.Tensor:
+    """num_images uint8 images [B, 3, S, S] through the deterministic evaluation transform (normalised later,
+    on the device, by antismooth.data.device as in training and evaluation)."""
+    manifest = find_manifest(data)
+    if manifest is not None:
+        stream = build_eval_stream(manifest, batch_size=min(num_images, 64), rank=0, world_size=1,
+                                   num_workers=0, augment=augment)
+        batches, count = [], 0
+        for images, _ in stream.loader():
+            batches.append(images)
+            count += images.shape[0]
+            if count >= num_images:
+                break
+        images = torch.cat(batches)[:num_images] if batches else torch.empty(0, dtype=torch.uint8)
+    elif data.is_dir():
+        from torchvision.datasets import ImageFolder
+        try:
+            dataset = ImageFolder(str(data), transform=eval_transform(augment))
+        except (FileNotFoundError, RuntimeError) as err:
+            raise ValueError(f"{data} holds neither a shard manifest ({' or '.join(MANIFESTS)}) nor an "
+                             f"ImageFolder tree (<class>/<image>): {err}") from err
+        step = max(1, len(dataset) // num_images)  # spread over the classes, which ImageFolder lists in order
+        images = torch.stack([dataset[i][0] for i in range(0, len(dataset), step)[:num_images]])
+    else:
+        raise FileNotFoundError(f"No data at {data}: give a shard manifest, a folder holding one, or an ImageFolder.")
+    if images.shape[0] < num_images:
+        print(f"note: {data} holds only {images.shape[0]} images; measuring on those.", file=sys.stderr)
+    if images.shape[0] == 0:
+        raise ValueError(f"{data} yielded no images.")
+    return images
+
+
+# --- the report -----------------------------------------------------------------------------------------
+
+def write_report(reports: dict[str, SpectralReport], specs: list[ModelSpec], out: Path,
+                 data: Path) -> list[Path]:
+    """One PNG per measurement (a curve per model), report.csv (long format) and report.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = [n for n in MEASUREMENTS if any(getattr(r, n) for r in reports.values())]
+    written = []
+    for name in names:
+        path = out / f"{name}.png"
+        curves_figure(reports, [name]).savefig(path, dpi=120)
+        written.append(path)
+    with open(out / "report.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "measurement", "block", "value"])
+        for label, report in reports.items():
+            for name, values in report.curves().items():
+                writer.writerows([label, name, i, f"{v:.6g}"] for i, v in enumerate(values))
+    payload = {
+        "data": str(data),
+        "models": {spec.label: {"model": spec.name, "model_kwargs": spec.kwargs,
+                                "weights": str(spec.weights) if spec.weights else None,
+                                **reports[spec.label].as_dict()} for spec in specs},
+    }
+    (out / "report.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    return written + [out / "report.csv", out / "report.json"]
+
+
+def analyze(args: argparse.Namespace) -> int:
+    specs = resolve_specs(args)
+    reports: dict[str, SpectralReport] = {}
+    images_by_augment: dict[AugmentConfig, torch.Tensor] = {}
+    for spec in specs:
+        model = build_model(spec, args.seed).to(args.device)
+        augment = eval_augment(model, spec.data_config)
+        if augment not in images_by_augment:
+            images_by_augment[augment] = load_images(args.data, args.num_images, augment)
+        images = to_device(images_by_augment[augment], args.device, augment.mean, augment.std)
+        reports[spec.label] = report = measure(model, images, attention=args.attention, batch_size=args.batch_size)
+        print(f"{spec.label}: {len(report.hc_share)} blocks on {report.num_images} images, "
+              f"hc_share {report.hc_share[0]:.3f} -> {report.hc_share[-1]:.3f}, "
+              f"patch_uniformity {report.patch_uniformity[0]:.3f} -> {report.patch_uniformity[-1]:.3f}")
+        del model
+    for path in write_report(reports, specs, args.out, args.data):
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 a usage or input error)."""
+    args = parse_args(argv)
+    try:
+        return analyze(args)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

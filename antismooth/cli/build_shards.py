@@ -1,0 +1,126 @@
+"""Convert an ImageFolder dataset (train/<wnid>/<img>, val/<wnid>/<img>) into WebDataset tar shards.
+
+    python tools/build_shards.py --src /data/imagenet --out shards/imagenet
+    python tools/build_shards.py --out shards/imagenet --verify
+
+Writes {split}-000000.tar ... and a manifest {split}.json per split. Rerunning the same command
+after an interruption keeps the complete shards and writes the rest. The work is done by
+antismooth.data.shards; this file parses flags, shows progress and prints the summary.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from tqdm import tqdm
+
+from antismooth.data import shards
+from antismooth.distributed import usable_cpus
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; defaults live in antismooth.data.shards."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", help="dataset root holding the split folders (train/, val/)")
+    p.add_argument("--out", default="shards/imagenet", help="output folder (default: %(default)s)")
+    p.add_argument("--splits", default=",".join(shards.DEFAULT_SPLITS),
+                   help="split folders to convert, comma-separated; absent ones are passed over "
+                        "(default: %(default)s)")
+    p.add_argument("--names", help="class names file: lines 'wnid name' or JSON; stored in the manifest")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample-to-shard shuffle (default: %(default)s)")
+    p.add_argument("--max-count", type=int, default=shards.DEFAULT_MAX_COUNT,
+                   help="samples per shard at most (default: %(default)s)")
+    p.add_argument("--max-size-mb", type=float, default=shards.DEFAULT_MAX_SIZE_MB,
+                   help="megabytes (10^6 bytes) per shard at most (default: %(default)s)")
+    p.add_argument("--max-size", type=int, default=None, metavar="N",
+                   help="re-encode images whose shorter side exceeds N pixels to JPEG with that side N "
+                        "(default: off, images are stored byte for byte)")
+    p.add_argument("--quality", type=int, default=shards.DEFAULT_QUALITY,
+                   help="JPEG quality of images re-encoded by --max-size (default: %(default)s)")
+    p.add_argument("--decode-check", action="store_true",
+                   help="decode every image while building instead of the structural check (slower)")
+    p.add_argument("--workers", type=int, default=usable_cpus(),
+                   help="processes writing shards; the output is the same for any number "
+                        "(default: the CPUs this process may use, cgroup and SLURM limits included: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards built with other options or input")
+    p.add_argument("--skip-unknown-classes", action="store_true",
+                   help="leave out (and list in the manifest) class folders of a split that train/ does not have, "
+                        "instead of refusing: labels are train/'s class indices in every split")
+    p.add_argument("--verify", action="store_true",
+                   help="check the shards in --out against their manifests instead of building; exit 1 on mismatch")
+    args = p.parse_args(argv)
+    if not args.verify and not args.src:
+        p.error("--src is required to build shards (or pass --verify to check existing ones).")
+    args.splits = [s for s in args.splits.split(",") if s]
+    return args
+
+
+def _bar(desc: str, total: int, unit: str, unit_scale: bool = True) -> tqdm:
+    """A progress bar on stderr; silent when stderr is not a terminal."""
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, dynamic_ncols=True,
+                disable=not sys.stderr.isatty())
+
+
+def build(args: argparse.Namespace) -> int:
+    """Build every split found under --src and print one summary line per split."""
+    options = shards.ShardOptions(seed=args.seed, max_count=args.max_count, max_size_mb=args.max_size_mb,
+                                  max_size=args.max_size, quality=args.quality, decode_check=args.decode_check)
+    names = shards.load_names(args.names) if args.names else None
+    # List every split before writing anything, so a layout or class problem in val/ surfaces before train is built.
+    if sys.stderr.isatty():
+        print(f"listing the split folders under {args.src} ...", file=sys.stderr)
+    listings = shards.list_splits(args.src, args.splits, args.skip_unknown_classes)
+    with shards.WorkerPool(args.workers) as pool:
+        for listing in listings:
+            split = listing.split
+            start, done_bytes = time.perf_counter(), 0
+            with _bar(split, len(listing.files), "img") as bar:
+                def progress(images: int, nbytes: int) -> None:
+                    nonlocal done_bytes
+                    done_bytes += nbytes
+                    bar.set_postfix_str(f"{done_bytes / 1e6 / max(time.perf_counter() - start, 1e-9):.0f} MB/s",
+                                        refresh=False)
+                    bar.update(images)
+
+                report = shards.build_split(listing, args.out, options, names=names, overwrite=args.overwrite,
+                                            progress=progress, pool=pool)
+            m = report.manifest
+            gb = sum(s["bytes"] for s in m["shards"]) / 1e9
+            kept = f"; {report.kept} shards kept from an earlier run" if report.kept else ""
+            print(f"{split}: wrote {m['num_samples']} images in {len(m['shards'])} shards ({gb:.2f} GB), "
+                  f"skipped {len(m['skipped'])} files (listed in {os.path.join(args.out, split + '.json')}){kept}")
+    return 0
+
+
+def verify(args: argparse.Namespace) -> int:
+    """Check every split's shards against its manifest; print each problem and return 1 if any."""
+    failed = False
+    for split in shards.find_manifests(args.out, args.splits):
+        manifest = shards.load_manifest(os.path.join(args.out, f"{split}.json"))
+        with _bar(f"verify {split}", len(manifest["shards"]), "shard", unit_scale=False) as bar:
+            problems = shards.verify_split(args.out, split, workers=args.workers, progress=bar.update)
+        for problem in problems:
+            print(f"{split}: {problem}")
+        status = f"{len(problems)} problem(s)" if problems else "OK"
+        print(f"{split}: verified {len(manifest['shards'])} shards, {manifest['num_samples']} images: {status}")
+        failed |= bool(problems)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 1 verify found problems, 2 a usage or input error)."""
+    args = parse_args(argv)
+    try:
+        return verify(args) if args.verify else build(args)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume from the complete shards.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
