@@ -1,0 +1,103 @@
+"""Plan a run before launching it: per-rank memory of a model under a DeepSpeed config, and whether it fits.
+
+    python tools/plan.py --model attnscale_base_48 --deepspeed_config ds_configs/zero2.json --gpus 64 \\
+        --gpu-memory 80 [--input-size 384] [--micro-batch N] [--json FILE]
+
+Model states by part (weights, gradients, Adam's m and v, the fp32 master copy) as the config's ZeRO stage and
+offload partition them over --gpus ranks; DeepSpeed's buckets and ZeRO-3's gathered parameters; the activations
+of one micro batch, measured once on this machine's CPU by a forward + backward of the model at 1 and 2 blocks
+(antismooth/plan.py), with and without checkpointing. When the total exceeds --gpu-memory, configurations that
+would fit are listed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timm.utils import ParseKwargs  # noqa: E402
+
+from antismooth.config import ConfigError, DeepSpeedSettings  # noqa: E402
+from antismooth.plan import GIB, MemoryPlan, alternatives, plan_memory  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="extra timm.create_model arguments")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", required=True)
+    p.add_argument("--gpus", type=int, default=1, help="data-parallel ranks (ZeRO partitions over them)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("--input-size", type=int, help="image size (default: the model's)")
+    p.add_argument("--micro-batch", type=int, help="images per GPU and micro step (default: the config's)")
+    p.add_argument("--json", type=Path, help="also write the plan (and the alternatives) here")
+    return p
+
+
+def gib(x: float) -> str:
+    return f"{x / GIB:8.2f}"
+
+
+def print_plan(plan: MemoryPlan) -> None:
+    every = f"every {plan.checkpointing} block(s)" if plan.checkpointing else "off"
+    print(f"{plan.model} ({plan.num_params / 1e6:.1f} M parameters), {plan.input_size} px, micro batch "
+          f"{plan.micro_batch}, {plan.dtype}, ZeRO-{plan.zero_stage}{' + optimizer offload' if plan.offload_optimizer else ''}"
+          f" over {plan.world_size} ranks, activation checkpointing {every}\n")
+    print("per rank                                GiB")
+    rows = [("parameters", plan.parameters), ("gradients", plan.gradients),
+            ("optimizer moments (Adam m, v; fp32)", plan.optimizer_moments), ("fp32 master copy", plan.master_copy),
+            ("model states", plan.model_states),
+            ("DeepSpeed buffers (buckets, ZeRO-3 live)", plan.buffers),
+            ("activations of one micro batch", plan.activations),
+            ("  of it growing with depth", plan.activations_per_block),
+            ("  (without checkpointing", plan.activations_unchecked),
+            ("  (checkpointing every block", plan.activations_checked),
+            ("planned peak", plan.total)]
+    for name, value in rows:
+        print(f"  {name:<40}{gib(value)}{')' if name.startswith('  (') else ''}")
+    verdict = "fits" if plan.fits else "does NOT fit"
+    print(f"\n{gib(plan.total).strip()} GiB of {plan.gpu_memory / GIB:.0f} GiB: {verdict}")
+
+
+def print_alternatives(rows: list[tuple[str, MemoryPlan]]) -> None:
+    if not rows:
+        print("\nNo nearby configuration fits: more GPUs, a smaller micro batch or input size.")
+        return
+    print("\nconfigurations that would fit:\n")
+    print("| change | ZeRO | micro batch | checkpointing | model states GiB | buffers GiB | activations GiB | peak GiB |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    for name, p in rows:
+        print(f"| {name} | {p.zero_stage}{' + offload' if p.offload_optimizer else ''} | {p.micro_batch} | "
+              f"{'every ' + str(p.checkpointing) if p.checkpointing else 'off'} | {p.model_states / GIB:.2f} | "
+              f"{p.buffers / GIB:.2f} | {p.activations / GIB:.2f} | {p.total / GIB:.2f} |")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        ds = DeepSpeedSettings.load(args.deepspeed_config, args.gpus)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    memory = args.gpu_memory * GIB
+    plan = plan_memory(args.model, args.model_kwargs, ds, args.gpus, args.input_size, args.micro_batch, memory)
+    print_plan(plan)
+    rows = [] if plan.fits else alternatives(args.model, args.model_kwargs, ds.raw, args.gpus, args.input_size,
+                                              args.micro_batch, memory)
+    if not plan.fits:
+        print_alternatives(rows)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"plan": plan.to_dict(),
+                                         "alternatives": [dict(p.to_dict(), change=n) for n, p in rows]}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
