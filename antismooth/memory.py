@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["live_tensor_storages", "allocator_peak"]
+__all__ = ["live_tensor_storages", "allocator_peak", "allocation_timeline"]
 
 
 def live_tensor_storages(device_type: str, hold: Optional[list] = None) -> dict[int, int]:
@@ -44,6 +44,15 @@ def allocator_peak(fn: Callable[[], object], cuda: bool = False) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
+    total = peak = 0
+    for size in allocation_timeline(fn):
+        total += size
+        peak = max(peak, total)
+    return peak
+
+
+def allocation_timeline(fn: Callable[[], object]) -> list[int]:
+    """Every c10 CPU allocation (+bytes) and free (-bytes) while `fn` runs, in order, as the profiler records them."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -55,8 +64,4 @@ def allocator_peak(fn: Callable[[], object], cuda: bool = False) -> int:
         stack += event.children
         if event.tag == _EventType.Allocation and str(event.extra_fields.device) == "cpu":
             sizes.append((event.start_time_ns, event.extra_fields.alloc_size))
-    total = peak = 0
-    for _, size in sorted(sizes):
-        total += size
-        peak = max(peak, total)
-    return peak
+    return [size for _, size in sorted(sizes)]

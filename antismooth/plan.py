@@ -20,9 +20,8 @@ from typing import Any, Optional, Union
 import torch
 
 from .config import DeepSpeedSettings
-from .memory import allocator_peak
 
-__all__ = ["ModelShape", "ActivationProfile", "MemoryPlan", "model_shape", "activation_profile", "plan_memory",
+__all__ = ["ModelShape", "ActivationProfile", "StepProfile", "MemoryPlan", "model_shape", "activation_profile", "plan_memory",
            "alternatives", "DEFAULT_BUCKET"]
 
 _logger = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ MASTER_BYTES = 4                      # DeepSpeed's fp32 master partition
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 2**30
 
-_profiles: dict[str, "ActivationProfile"] = {}   # per model shape: measured once per process
+_profiles: dict[str, "StepProfile"] = {}   # per model shape: measured once per process
 
 
 @dataclass(frozen=True)
@@ -146,44 +145,103 @@ def model_shape(model_name: str, model_kwargs: dict[str, Any], input_size: Optio
         persistent_params=sum(p.numel() for p in model.parameters() if p.numel() < persistence_threshold))
 
 
-def _measure_peak(model_name: str, model_kwargs: dict[str, Any], input_size: Optional[int], dtype: str,
-                  blocks_per_checkpoint: int, batch: int, depth: int) -> int:
-    """Allocator peak of one forward + backward of the model cut to `depth` blocks, above what was held before
-    (the parameters' gradients allocated first, as they are after a first step in training)."""
+# Phases of one forward + backward, told apart in the allocator's timeline by marker allocations of MARKER_BYTES:
+# the peak of each is a + b·batch + c·blocks + d·batch·blocks on its own, but the peak of the whole step is their
+# maximum: at small batch and depth the stem's backward can be the highest, at the real ones the blocks'.
+PHASES = ("forward", "head backward", "blocks backward", "stem backward")
+MARKER_BYTES = 4099
+
+
+def _phase_peaks(model_name: str, model_kwargs: dict[str, Any], input_size: Optional[int], dtype: str,
+                 blocks_per_checkpoint: int, batch: int, depth: int) -> list[int]:
+    """Allocator peak of each of PHASES in one forward + backward of the model cut to `depth` blocks, above what
+    was held before (the parameters' gradients allocated first, as they are after a first step in training)."""
     import torch.nn.functional as F
 
     from .engine import apply_activation_checkpointing
+    from .memory import allocation_timeline
 
     torch.manual_seed(0)
     model = _build(model_name, model_kwargs, input_size, depth=depth, drop_path_rate=0.0).to(getattr(torch, dtype))
     apply_activation_checkpointing(model, min(blocks_per_checkpoint, depth) if blocks_per_checkpoint else 0)
     x = torch.randn(batch, 3, *model.patch_embed.img_size, dtype=getattr(torch, dtype))
     y = torch.zeros(batch, dtype=torch.long)
-
-    def step() -> None:
-        F.cross_entropy(model(x).float(), y).backward()
-
     for p in model.parameters():   # a warm-up step would cost as much as the measured one
         p.grad = torch.zeros_like(p)
-    return allocator_peak(step)
+
+    def mark(*_: Any) -> None:
+        del _
+        torch.empty(MARKER_BYTES, dtype=torch.uint8)
+
+    def on_blocks(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        args[0].register_hook(mark)   # fires when the blocks' backward is done
+        out.register_hook(mark)       # fires when the blocks' backward starts
+
+    handle = model.blocks.register_forward_hook(on_blocks)
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x).float(), y)
+        mark()
+        loss.backward()
+
+    try:
+        timeline = allocation_timeline(step)
+    finally:
+        handle.remove()
+    peaks, phase, total = [0] * len(PHASES), 0, 0
+    for size in timeline:
+        if size == MARKER_BYTES and phase + 1 < len(PHASES):
+            phase += 1
+        total += size
+        peaks[phase] = max(peaks[phase], total)
+    if phase != len(PHASES) - 1:
+        raise RuntimeError(f"{model_name}: found {phase + 1} of the {len(PHASES)} phases of a training step.")
+    return peaks
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    """The activation peak of a forward + backward: the highest of its phases' fitted peaks."""
+    phases: tuple[ActivationProfile, ...]
+
+    def peak(self, batch: int, blocks: int) -> float:
+        # The forward's own peak is left out: at 1-2 blocks its early transients (the stem) outweigh what it
+        # stores, which then extrapolates wrongly; its end is the head backward's start, which is counted.
+        return max(p.peak(batch, blocks) for p in self.phases[1:])
+
+    def per_block(self, batch: int) -> float:
+        """How much the blocks' backward peak grows per block: stored block inputs when checkpointed."""
+        blocks = self.phases[PHASES.index("blocks backward")]
+        return blocks.c + blocks.d * batch
+
+
+def _fit(p: dict[tuple[int, int], int]) -> ActivationProfile:
+    """a + b·batch + c·blocks + d·batch·blocks through the four points at batch 1, 2 × blocks 1, 2."""
+    d = p[2, 2] - p[1, 2] - p[2, 1] + p[1, 1]
+    c = p[1, 2] - p[1, 1] - d
+    b = p[2, 1] - p[1, 1] - d
+    return ActivationProfile(a=p[1, 1] - b - c - d, b=b, c=c, d=d)
 
 
 def activation_profile(model_name: str, model_kwargs: dict[str, Any], input_size: Optional[int], dtype: str,
-                       blocks_per_checkpoint: int) -> ActivationProfile:
+                       blocks_per_checkpoint: int) -> StepProfile:
     """The model's activation peak as a function of batch and depth, measured on the CPU (cached per shape)."""
     key = json.dumps([model_name, model_kwargs, input_size, dtype, blocks_per_checkpoint > 0], sort_keys=True,
                      default=str)
     if key not in _profiles:
-        # Checkpointing every block is measured as such; k blocks per segment is scaled below.
+        # Checkpointing every block is measured as such; k blocks per segment is scaled in _activations.
         every = 1 if blocks_per_checkpoint else 0
-        threads = torch.get_num_threads()
-        p = {(b, d): _measure_peak(model_name, model_kwargs, input_size, dtype, every, b, d)
-             for b in (1, 2) for d in (1, 2)}
-        torch.set_num_threads(threads)
-        d = p[2, 2] - p[1, 2] - p[2, 1] + p[1, 1]
-        c = p[1, 2] - p[1, 1] - d
-        b = p[2, 1] - p[1, 1] - d
-        _profiles[key] = ActivationProfile(a=p[1, 1] - b - c - d, b=b, c=c, d=d)
+        points = {(b, d): _phase_peaks(model_name, model_kwargs, input_size, dtype, every, b, d)
+                  for b in (1, 2) for d in (1, 2)}
+        phases = [_fit({k: v[i] for k, v in points.items()}) for i in range(len(PHASES))]
+        # The stem's backward holds a convolution workspace that on the CPU grows with the batch only up to the
+        # thread count (attnscale_tiny_12 at 64 px: 2.3 MiB for 1 image, 5.2 for 2, 5.4 for 8): its growth per
+        # image is taken between batch 2 and 4 instead (the stem does not depend on the depth).
+        stem = PHASES.index("stem backward")
+        at4 = _phase_peaks(model_name, model_kwargs, input_size, dtype, every, 4, 1)[stem]
+        slope = (at4 - points[2, 1][stem]) / 2
+        phases[stem] = ActivationProfile(a=points[2, 1][stem] - 2 * slope, b=slope, c=0.0, d=0.0)
+        _profiles[key] = StepProfile(tuple(phases))
         _logger.debug("activation profile of %s: %s", model_name, _profiles[key])
     return _profiles[key]
 
@@ -193,14 +251,13 @@ def _activations(model_name: str, model_kwargs: dict[str, Any], input_size: Opti
     """(peak, of it the part that grows with depth) for `every` blocks per checkpoint (0: off)."""
     profile = activation_profile(model_name, model_kwargs, input_size, dtype, every)
     if every <= 1:
-        per_block = (profile.c + profile.d * batch)
-        return profile.peak(batch, depth), per_block * depth
+        return profile.peak(batch, depth), profile.per_block(batch) * depth
     # Segments of k blocks: one stored input per segment, one segment's recompute (k blocks) at a time.
     unchecked = activation_profile(model_name, model_kwargs, input_size, dtype, 0)
     segments = math.ceil(depth / every)
-    stored = (profile.c + profile.d * batch) * segments
-    recompute = (unchecked.c + unchecked.d * batch) * every
-    return profile.a + profile.b * batch + stored + recompute, stored
+    stored = profile.per_block(batch) * segments
+    recompute = unchecked.per_block(batch) * every
+    return profile.peak(batch, 1) - profile.per_block(batch) + stored + recompute, stored
 
 
 def _zero(ds: DeepSpeedSettings) -> dict[str, Any]:
@@ -278,7 +335,9 @@ def _backward_buffers(zero: dict[str, Any], shape: ModelShape, stage: int, n: in
     if stage == 3 and n > 1:
         prefetch = int(zero.get("stage3_prefetch_bucket_size", DEFAULT_PREFETCH))
         gathered = shape.num_params - shape.persistent_params
-        return float(w * min(shape.largest_block_params + prefetch, gathered))
+        # Measured (tests/test_plan.py): twice the gathered set at the backward's start: the forward's last
+        # gathered parameters are still held while the backward prefetches.
+        return float(2 * w * min(shape.largest_block_params + prefetch, gathered))
     return 0.0
 
 
