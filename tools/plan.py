@@ -3,6 +3,11 @@
     python tools/plan.py --model attnscale_base_48 --deepspeed_config ds_configs/zero2.json --gpus 64 \\
         --gpu-memory 80 [--input-size 384] [--micro-batch N] [--json FILE]
 
+Several models, configs or micro batches print one table row per combination instead:
+
+    python tools/plan.py --model attnscale_small_24 attnscale_base_48 --deepspeed_config ds_configs/zero{2,3}.json \\
+        --gpus 64 --micro-batch 64 128 256
+
 Model states by part (weights, gradients, Adam's m and v, the fp32 master copy) as the config's ZeRO stage and
 offload partition them over --gpus ranks; DeepSpeed's buckets and ZeRO-3's gathered parameters; the activations
 of one micro batch, measured once on this machine's CPU by a forward + backward of the model at 1 and 2 blocks
@@ -28,13 +33,14 @@ from antismooth.plan import GIB, MemoryPlan, alternatives, plan_memory  # noqa: 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, nargs="+")
     p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="extra timm.create_model arguments")
-    p.add_argument("--deepspeed_config", "--deepspeed-config", required=True)
+    p.add_argument("--deepspeed_config", "--deepspeed-config", required=True, nargs="+")
     p.add_argument("--gpus", type=int, default=1, help="data-parallel ranks (ZeRO partitions over them)")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
     p.add_argument("--input-size", type=int, help="image size (default: the model's)")
-    p.add_argument("--micro-batch", type=int, help="images per GPU and micro step (default: the config's)")
+    p.add_argument("--micro-batch", type=int, nargs="+", default=[None],
+                   help="images per GPU and micro step (default: the config's)")
     p.add_argument("--json", type=Path, help="also write the plan (and the alternatives) here")
     return p
 
@@ -52,12 +58,16 @@ def print_plan(plan: MemoryPlan) -> None:
     rows = [("parameters", plan.parameters), ("gradients", plan.gradients),
             ("optimizer moments (Adam m, v; fp32)", plan.optimizer_moments), ("fp32 master copy", plan.master_copy),
             ("model states", plan.model_states),
-            ("DeepSpeed buffers (buckets, ZeRO-3 live)", plan.buffers),
+            ("ZeRO-3 reduce bucket (preallocated)", plan.reduce_bucket),
+            ("held all along", plan.held),
+            ("DeepSpeed buffers in backward", plan.buffers),
             ("activations of one micro batch", plan.activations),
             ("  of it growing with depth", plan.activations_per_block),
             ("  (without checkpointing", plan.activations_unchecked),
             ("  (checkpointing every block", plan.activations_checked),
-            ("planned peak", plan.total)]
+            ("backward: activations + buffers", plan.backward),
+            ("optimizer step: fp32 gradients + temps", plan.step),
+            ("planned peak: held + max(backward, step)", plan.total)]
     for name, value in rows:
         print(f"  {name:<40}{gib(value)}{')' if name.startswith('  (') else ''}")
     verdict = "fits" if plan.fits else "does NOT fit"
@@ -77,26 +87,53 @@ def print_alternatives(rows: list[tuple[str, MemoryPlan]]) -> None:
               f"{p.buffers / GIB:.2f} | {p.activations / GIB:.2f} | {p.total / GIB:.2f} |")
 
 
+def print_table(args: argparse.Namespace, memory: float) -> list[dict]:
+    """One row per model × config × micro batch: the parts in GiB and the verdict."""
+    print(f"per-rank GiB on {args.gpus} ranks, {args.gpu_memory:g} GiB per GPU\n")
+    print("| model | config | ZeRO | micro batch | checkpointing | model states | buffers | activations | "
+          "planned peak | fits |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|---|")
+    rows = []
+    for model in args.model:
+        for path in args.deepspeed_config:
+            ds = DeepSpeedSettings.load(path, args.gpus)
+            for batch in args.micro_batch:
+                p = plan_memory(model, args.model_kwargs, ds, args.gpus, args.input_size, batch, memory, compare=False)
+                print(f"| {model} | {Path(path).name} | {p.zero_stage} | {p.micro_batch} | "
+                      f"{'every ' + str(p.checkpointing) if p.checkpointing else 'off'} | {p.model_states / GIB:.2f} | "
+                      f"{(p.buffers + p.reduce_bucket) / GIB:.2f} | {p.activations / GIB:.2f} | {p.total / GIB:.2f} | "
+                      f"{'yes' if p.fits else 'no'} |", flush=True)
+                rows.append(dict(p.to_dict(), config=path))
+    return rows
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    memory = args.gpu_memory * GIB
     try:
-        ds = DeepSpeedSettings.load(args.deepspeed_config, args.gpus)
+        if len(args.model) * len(args.deepspeed_config) * len(args.micro_batch) > 1:
+            result: dict = {"table": print_table(args, memory)}
+        else:
+            result = plan_one(args.model[0], args.deepspeed_config[0], args.micro_batch[0], args, memory)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    memory = args.gpu_memory * GIB
-    plan = plan_memory(args.model, args.model_kwargs, ds, args.gpus, args.input_size, args.micro_batch, memory)
-    print_plan(plan)
-    rows = [] if plan.fits else alternatives(args.model, args.model_kwargs, ds.raw, args.gpus, args.input_size,
-                                              args.micro_batch, memory)
-    if not plan.fits:
-        print_alternatives(rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"plan": plan.to_dict(),
-                                         "alternatives": [dict(p.to_dict(), change=n) for n, p in rows]}, indent=2) + "\n")
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def plan_one(model: str, path: str, batch: Optional[int], args: argparse.Namespace, memory: float) -> dict:
+    """The plan by part, the verdict, and when it does not fit the configurations that would."""
+    ds = DeepSpeedSettings.load(path, args.gpus)
+    plan = plan_memory(model, args.model_kwargs, ds, args.gpus, args.input_size, batch, memory)
+    print_plan(plan)
+    rows = [] if plan.fits else alternatives(model, args.model_kwargs, ds.raw, args.gpus, args.input_size, batch, memory)
+    if not plan.fits:
+        print_alternatives(rows)
+    return {"plan": plan.to_dict(), "alternatives": [dict(p.to_dict(), change=n) for n, p in rows]}
 
 
 if __name__ == "__main__":
