@@ -22,7 +22,7 @@ import torch
 from .config import DeepSpeedSettings
 
 __all__ = ["ModelShape", "ActivationProfile", "StepProfile", "MemoryPlan", "model_shape", "activation_profile", "plan_memory",
-           "alternatives", "DEFAULT_BUCKET"]
+           "alternatives", "DEFAULT_BUCKET", "StepTimePlan", "forward_flops", "plan_step_time"]
 
 _logger = logging.getLogger(__name__)
 
@@ -398,3 +398,53 @@ def alternatives(model_name: str, model_kwargs: Optional[dict[str, Any]], raw: d
         plan = plan_memory(model_name, model_kwargs, raw, world_size, input_size, largest, gpu_memory=gpu_memory)
         rows.append((f"micro batch {largest} (largest that fits as configured)", plan))
     return [(name, plan) for name, plan in rows if plan.fits]
+
+
+# --- step time and loader workers (an estimate from a FLOP count and an assumed MFU) --------------------------
+
+CPU_IMAGES_PER_CORE = 224.0           # README "Input pipeline": full DeiT augmentation, images/s per CPU core
+_flops: dict[str, float] = {}
+
+
+@dataclass
+class StepTimePlan:
+    """Time of one optimizer step at an assumed model FLOPs utilisation, and the loader workers that rate needs."""
+    forward_flops_per_image: float     # counted by torch's FlopCounterMode on the meta device
+    train_flops_per_image: float       # forward + backward (2x forward), + one more forward when checkpointed
+    images_per_step_per_gpu: int       # micro batch x accumulation
+    seconds_per_step: float
+    images_per_second_per_gpu: float
+    loader_workers_per_gpu: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def forward_flops(model_name: str, model_kwargs: Optional[dict[str, Any]], input_size: Optional[int]) -> float:
+    """FLOPs of one image's forward pass (matmuls, convolutions, attention), counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    key = json.dumps([model_name, model_kwargs, input_size], sort_keys=True, default=str)
+    if key not in _flops:
+        with torch.device("meta"):
+            model = _build(model_name, dict(model_kwargs or {}), input_size)
+            x = torch.randn(1, 3, *model.patch_embed.img_size)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(x)
+        _flops[key] = float(counter.get_total_flops())
+    return _flops[key]
+
+
+def plan_step_time(model_name: str, model_kwargs: Optional[dict[str, Any]], ds: Union[DeepSpeedSettings, dict],
+                   world_size: int, input_size: Optional[int], micro_batch: Optional[int], mfu: float,
+                   peak_tflops: float, images_per_core: float = CPU_IMAGES_PER_CORE) -> StepTimePlan:
+    """Step time at `mfu` of `peak_tflops` per GPU, and the CPU cores (loader workers) per GPU that feed it."""
+    ds = _settings(ds, world_size)
+    forward = forward_flops(model_name, model_kwargs, input_size)
+    train = forward * (4 if ds.blocks_per_checkpoint else 3)   # backward costs two forwards; recompute one more
+    images = (micro_batch or ds.micro_batch) * ds.grad_accum
+    seconds = images * train / (mfu * peak_tflops * 1e12)
+    rate = images / seconds
+    return StepTimePlan(forward_flops_per_image=forward, train_flops_per_image=train, images_per_step_per_gpu=images,
+                        seconds_per_step=seconds, images_per_second_per_gpu=rate,
+                        loader_workers_per_gpu=math.ceil(rate / images_per_core))

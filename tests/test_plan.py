@@ -134,3 +134,17 @@ def test_pretrain_logs_the_planned_peak_and_survives_a_planner_failure(caplog: p
     lines = [r.getMessage() for r in caplog.records]
     assert any(line.startswith("planned peak per rank") for line in lines), lines
     assert any(line.startswith("Could not plan this run's memory") for line in lines), lines
+
+
+def test_step_time_from_the_flop_count() -> None:
+    from antismooth.plan import forward_flops, model_shape, plan_step_time
+
+    flops = forward_flops(LARGER["model"], {}, LARGER["input_size"])
+    tokens = (LARGER["input_size"] // 16) ** 2 + 1
+    assert flops >= 2 * model_shape(LARGER["model"], {}, LARGER["input_size"]).num_params * tokens * 0.9
+    raw = raw_config(2, "bfloat16", 1, 64, 500_000)
+    t = plan_step_time(LARGER["model"], {}, raw, 1, LARGER["input_size"], None, mfu=0.5, peak_tflops=1.0,
+                       images_per_core=100.0)
+    assert t.train_flops_per_image == 4 * flops                 # forward, backward (2x), recompute
+    assert t.seconds_per_step == pytest.approx(64 * 4 * flops / 0.5e12)
+    assert t.loader_workers_per_gpu == -(-t.images_per_second_per_gpu // 100)

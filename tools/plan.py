@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timm.utils import ParseKwargs  # noqa: E402
 
 from antismooth.config import ConfigError, DeepSpeedSettings  # noqa: E402
-from antismooth.plan import GIB, MemoryPlan, alternatives, plan_memory  # noqa: E402
+from antismooth.plan import (CPU_IMAGES_PER_CORE, GIB, MemoryPlan, StepTimePlan, alternatives,  # noqa: E402
+                             plan_memory, plan_step_time)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, help="image size (default: the model's)")
     p.add_argument("--micro-batch", type=int, nargs="+", default=[None],
                    help="images per GPU and micro step (default: the config's)")
+    p.add_argument("--mfu", type=float, help="also estimate the step time at this model FLOPs utilisation (e.g. 0.4)")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="dense bf16 TFLOP/s per GPU for --mfu (default: H100 SXM, 989)")
+    p.add_argument("--cpu-images-per-core", type=float, default=CPU_IMAGES_PER_CORE,
+                   help="augmented images/s one loader worker (CPU core) delivers (README: 224 with DeiT's augmentation)")
     p.add_argument("--json", type=Path, help="also write the plan (and the alternatives) here")
     return p
 
@@ -133,7 +139,21 @@ def plan_one(model: str, path: str, batch: Optional[int], args: argparse.Namespa
     rows = [] if plan.fits else alternatives(model, args.model_kwargs, ds.raw, args.gpus, args.input_size, batch, memory)
     if not plan.fits:
         print_alternatives(rows)
-    return {"plan": plan.to_dict(), "alternatives": [dict(p.to_dict(), change=n) for n, p in rows]}
+    result = {"plan": plan.to_dict(), "alternatives": [dict(p.to_dict(), change=n) for n, p in rows]}
+    if args.mfu:
+        timing = plan_step_time(model, args.model_kwargs, ds, args.gpus, args.input_size, batch, args.mfu,
+                                args.peak_tflops, args.cpu_images_per_core)
+        print_step_time(timing, args)
+        result["step_time"] = timing.to_dict()
+    return result
+
+
+def print_step_time(t: StepTimePlan, args: argparse.Namespace) -> None:
+    print(f"\nstep time at MFU {args.mfu:g} of {args.peak_tflops:g} TFLOP/s: {t.forward_flops_per_image / 1e9:.1f} GFLOP "
+          f"forward per image, {t.train_flops_per_image / 1e9:.1f} GFLOP trained; {t.seconds_per_step * 1e3:.0f} ms per "
+          f"step of {t.images_per_step_per_gpu} images per GPU = {t.images_per_second_per_gpu:.0f} images/s per GPU")
+    print(f"loader: {t.loader_workers_per_gpu} workers (CPU cores) per GPU at {args.cpu_images_per_core:g} images/s "
+          f"per core")
 
 
 if __name__ == "__main__":
