@@ -231,15 +231,16 @@ def activation_profile(model_name: str, model_kwargs: dict[str, Any], input_size
     if key not in _profiles:
         # Checkpointing every block is measured as such; k blocks per segment is scaled in _activations.
         every = 1 if blocks_per_checkpoint else 0
-        points = {(b, d): _phase_peaks(model_name, model_kwargs, input_size, dtype, every, b, d)
-                  for b in (1, 2) for d in (1, 2)}
-        phases = [_fit({k: v[i] for k, v in points.items()}) for i in range(len(PHASES))]
+        with torch.random.fork_rng(devices=[]):   # the run's own random state stays untouched (pretrain calls this)
+            points = {(b, d): _phase_peaks(model_name, model_kwargs, input_size, dtype, every, b, d)
+                      for b in (1, 2) for d in (1, 2)}
+            points[4, 1] = _phase_peaks(model_name, model_kwargs, input_size, dtype, every, 4, 1)
+        phases = [_fit({k: v[i] for k, v in points.items() if k != (4, 1)}) for i in range(len(PHASES))]
         # The stem's backward holds a convolution workspace that on the CPU grows with the batch only up to the
         # thread count (attnscale_tiny_12 at 64 px: 2.3 MiB for 1 image, 5.2 for 2, 5.4 for 8): its growth per
         # image is taken between batch 2 and 4 instead (the stem does not depend on the depth).
         stem = PHASES.index("stem backward")
-        at4 = _phase_peaks(model_name, model_kwargs, input_size, dtype, every, 4, 1)[stem]
-        slope = (at4 - points[2, 1][stem]) / 2
+        slope = (points[4, 1][stem] - points[2, 1][stem]) / 2
         phases[stem] = ActivationProfile(a=points[2, 1][stem] - 2 * slope, b=slope, c=0.0, d=0.0)
         _profiles[key] = StepProfile(tuple(phases))
         _logger.debug("activation profile of %s: %s", model_name, _profiles[key])
