@@ -60,8 +60,8 @@ def print_plan(plan: MemoryPlan) -> None:
     print(f"{plan.model} ({plan.num_params / 1e6:.1f} M parameters), {plan.input_size} px, micro batch "
           f"{plan.micro_batch}, {plan.dtype}, ZeRO-{plan.zero_stage}{' + optimizer offload' if plan.offload_optimizer else ''}"
           f" over {plan.world_size} ranks, activation checkpointing {every}\n")
-    print("per rank                                GiB")
-    rows = [("parameters", plan.parameters), ("gradients", plan.gradients),
+    print(f"per rank{'GiB':>43}")
+    rows = [("parameters", plan.parameters), ("gradients held (ZeRO-3's partition)", plan.gradients),
             ("optimizer moments (Adam m, v; fp32)", plan.optimizer_moments), ("fp32 master copy", plan.master_copy),
             ("model states", plan.model_states),
             ("ZeRO-3 reduce bucket (preallocated)", plan.reduce_bucket),
@@ -72,10 +72,12 @@ def print_plan(plan: MemoryPlan) -> None:
             ("  (without checkpointing", plan.activations_unchecked),
             ("  (checkpointing every block", plan.activations_checked),
             ("backward: activations + buffers", plan.backward),
-            ("optimizer step: fp32 gradients + temps", plan.step),
+            ("fp32 gradient partition (in the step)", plan.step_gradients),
+            ("optimizer temporaries (torch AdamW)", plan.step_temporaries),
+            ("optimizer step: the two above", plan.step),
             ("planned peak: held + max(backward, step)", plan.total)]
     for name, value in rows:
-        print(f"  {name:<40}{gib(value)}{')' if name.startswith('  (') else ''}")
+        print(f"  {name:<43}{gib(value)}{')' if name.startswith('  (') else ''}")
     verdict = "fits" if plan.fits else "does NOT fit"
     print(f"\n{gib(plan.total).strip()} GiB of {plan.gpu_memory / GIB:.0f} GiB: {verdict}")
 
