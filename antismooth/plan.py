@@ -47,6 +47,7 @@ class ModelShape:
     depth: int                         # entries of model.blocks
     largest_block_params: int          # ZeRO-3 gathers one block at a time
     persistent_params: int             # ZeRO-3: tensors below the persistence threshold stay whole on every rank
+    input_size: int                    # the model's image size
 
 
 @dataclass(frozen=True)
@@ -136,16 +137,28 @@ def _build(model_name: str, model_kwargs: dict[str, Any], input_size: Optional[i
     return timm.create_model(model_name, **kwargs)
 
 
+_shapes: dict[str, ModelShape] = {}
+
+
 def model_shape(model_name: str, model_kwargs: dict[str, Any], input_size: Optional[int] = None,
                 persistence_threshold: int = DEFAULT_PERSISTENCE) -> ModelShape:
-    """Parameter counts of the model, built on the meta device (no memory, no init cost)."""
+    """Parameter counts of the model, built on the meta device (no memory, no init cost; cached)."""
+    key = json.dumps([model_name, model_kwargs, input_size, persistence_threshold], sort_keys=True, default=str)
+    if key not in _shapes:
+        _shapes[key] = _count_parameters(model_name, model_kwargs, input_size, persistence_threshold)
+    return _shapes[key]
+
+
+def _count_parameters(model_name: str, model_kwargs: dict[str, Any], input_size: Optional[int],
+                      persistence_threshold: int) -> ModelShape:
     with torch.device("meta"):
         model = _build(model_name, model_kwargs, input_size)
     blocks = list(getattr(model, "blocks", []))
     return ModelShape(
         num_params=sum(p.numel() for p in model.parameters()), depth=len(blocks),
         largest_block_params=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
-        persistent_params=sum(p.numel() for p in model.parameters() if p.numel() < persistence_threshold))
+        persistent_params=sum(p.numel() for p in model.parameters() if p.numel() < persistence_threshold),
+        input_size=int(model.patch_embed.img_size[0]))
 
 
 # Phases of one forward + backward, told apart in the allocator's timeline by marker allocations of MARKER_BYTES:
@@ -294,7 +307,7 @@ def plan_memory(model_name: str, model_kwargs: Optional[dict[str, Any]], ds: Uni
     torch_adam = bool(((ds.raw.get("optimizer") or {}).get("params") or {}).get("torch_adam", False))
     return MemoryPlan(
         model=model_name, world_size=n, zero_stage=stage, dtype=ds.dtype, micro_batch=batch,
-        input_size=input_size or _default_input_size(model_name, model_kwargs), checkpointing=every,
+        input_size=input_size or shape.input_size, checkpointing=every,
         offload_optimizer=offload, num_params=psi,
         parameters=w * _parameters_per_rank(shape, stage, n, _device(zero, "offload_param") != "none"),
         gradients=w * psi / n if stage == 3 else 0.0,
@@ -320,11 +333,6 @@ def _parameters_per_rank(shape: ModelShape, stage: int, n: int, offload_params: 
     if stage < 3 or n == 1:
         return float(shape.num_params)
     return (0.0 if offload_params else shape.num_params / n) + shape.persistent_params
-
-
-def _default_input_size(model_name: str, model_kwargs: dict[str, Any]) -> int:
-    with torch.device("meta"):
-        return int(_build(model_name, model_kwargs, None).patch_embed.img_size[0])
 
 
 def _backward_buffers(zero: dict[str, Any], shape: ModelShape, stage: int, n: int, w: int) -> float:
@@ -365,7 +373,8 @@ def largest_micro_batch(model_name: str, model_kwargs: Optional[dict[str, Any]],
                         world_size: int, input_size: Optional[int], gpu_memory: float, limit: int = 4096) -> int:
     """The largest micro batch whose planned peak fits in `gpu_memory` (0 when not even 1 does)."""
     def fits(batch: int) -> bool:
-        return plan_memory(model_name, model_kwargs, raw, world_size, input_size, batch).total <= gpu_memory
+        plan = plan_memory(model_name, model_kwargs, raw, world_size, input_size, batch, compare=False)
+        return plan.total <= gpu_memory
 
     if not fits(1):
         return 0
