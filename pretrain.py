@@ -340,12 +340,27 @@ def log_start(config: TrainConfig, ds: DeepSpeedSettings, derived: Derived, meta
     log.info("global batch %d = %d per process × %d accumulation × %d processes; %d steps/epoch, %d steps, "
              "warmup %d, peak lr %.3g", derived.global_batch, derived.micro_batch, derived.grad_accum,
              derived.world_size, derived.steps_per_epoch, derived.total_steps, derived.warmup_steps, derived.peak_lr)
+    log_planned_peak(config.model, meta["model_kwargs"], ds, derived.world_size)
     if derived.warmup_steps >= derived.total_steps:
         log.warning("--warmup-epochs %g is as long as the whole run (--epochs %d): the learning rate only warms up and "
                     "never reaches its peak %.3g; lower --warmup-epochs or train longer.", config.warmup_epochs,
                     config.epochs, derived.peak_lr)
     run_folder.write_run_json({"flags": config.to_dict(), "deepspeed": ds.raw, "derived": derived.to_dict(),
                                "model": meta, "resumed_from": resume_tag})
+
+
+def log_planned_peak(model: str, model_kwargs: dict[str, Any], ds: DeepSpeedSettings, world_size: int) -> None:
+    """One line: antismooth.plan's per-rank peak for this run (tools/plan.py prints the parts). The planner is
+    advice: whatever goes wrong in it is logged and training goes on."""
+    try:
+        from antismooth.plan import GIB, plan_memory
+
+        plan = plan_memory(model, model_kwargs, ds, world_size, compare=False)
+    except Exception as err:  # noqa: BLE001  (a planner bug must never stop a run)
+        log.warning("Could not plan this run's memory (%s: %s); going on.", type(err).__name__, err)
+        return
+    log.info("planned peak per rank %.3f GiB = held %.3f + max(backward %.3f, optimizer step %.3f) "
+             "(tools/plan.py for the parts)", plan.total / GIB, plan.held / GIB, plan.backward / GIB, plan.step / GIB)
 
 
 def measure_throughput(engine, env: DistEnv, ds: DeepSpeedSettings, dtype: torch.dtype, img_size, num_classes: int) -> None:

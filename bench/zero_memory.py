@@ -77,29 +77,6 @@ def engine_config(stage: int, variant: str, batch: int, cuda: bool) -> dict:
     return DeepSpeedSettings.from_dict(raw, world).for_deepspeed()
 
 
-def live_tensor_storages(device_type: str, hold: list | None = None) -> dict[int, int]:
-    """{storage pointer: bytes} of every tensor object alive on `device_type` (found by the garbage collector).
-
-    With `hold`, the storages are also appended to it: held, none can be freed and its address reused by a
-    new tensor, so "new since then" can be told by address alone."""
-    import torch
-
-    gc.collect()
-    storages = {}
-    for obj in gc.get_objects():
-        try:
-            if not isinstance(obj, torch.Tensor) or obj.device.type != device_type or obj.is_meta:
-                continue
-            storage = obj.untyped_storage()
-        except Exception:  # noqa: BLE001  (half-built or exotic objects: not memory we can attribute)
-            continue
-        if storage.nbytes():
-            storages[storage.data_ptr()] = storage.nbytes()
-            if hold is not None:
-                hold.append(storage)
-    return storages
-
-
 def rss_bytes() -> int:
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -145,33 +122,10 @@ def breakdown(engine, live: dict[int, int], before: dict[int, int]) -> dict[str,
 
 
 def step_peak(step, cuda: bool) -> int:
-    """The allocator's peak during one training step above what was allocated when it began: CUDA's
-    max_memory_allocated, or on CPU the running sum of the c10 allocations and frees the profiler records."""
-    import torch
+    """The allocator's peak during one training step above what was allocated when it began."""
+    from antismooth.memory import allocator_peak
 
-    if cuda:
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    stack, sizes = list(prof.profiler.kineto_results.experimental_event_tree()), []
-    while stack:
-        event = stack.pop()
-        stack += event.children
-        if event.tag == _EventType.Allocation and str(event.extra_fields.device) == "cpu":
-            sizes.append((event.start_time_ns, event.extra_fields.alloc_size))
-    total = peak = 0
-    for _, size in sorted(sizes):
-        total += size
-        peak = max(peak, total)
-    return peak
+    return allocator_peak(step, cuda)
 
 
 def measure_stage(model_name: str, stage: int, variant: str, batch: int, device_type: str) -> dict:
@@ -182,6 +136,7 @@ def measure_stage(model_name: str, stage: int, variant: str, batch: int, device_
     import torch.nn.functional as F
 
     from antismooth.engine import param_groups
+    from antismooth.memory import live_tensor_storages
 
     cuda = device_type == "cuda"
     config = engine_config(stage, variant, batch, cuda)
