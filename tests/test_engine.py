@@ -60,12 +60,13 @@ def test_a_run_no_longer_than_its_warmup_is_named_in_the_start_up_summary_not_by
 
     model = _model("vit_tiny_12")
     optimizer = torch.optim.AdamW(param_groups(model, 0.05))
-    config = TrainConfig(epochs=1, warmup_epochs=5, deepspeed_config="x.json")     # DeiT's 5 warmup epochs, 1 epoch
+    config = TrainConfig(model="vit_tiny_12", epochs=1, warmup_epochs=5, deepspeed_config="x.json")  # DeiT's 5 warmup epochs
     ds = DeepSpeedSettings.from_dict({"train_micro_batch_size_per_gpu": 64, "optimizer": {"type": "AdamW"}}, 1)
     derived = derive(config, ds, world_size=1, num_samples=128)
     with caplog.at_level(logging.INFO):
         build_scheduler(optimizer, config, derived)
-        pretrain.log_start(config, ds, derived, {}, RunFolder(tmp_path), 1, 12, None)
+        meta = {"model_kwargs": {"num_classes": 10, "img_size": 32, "patch_size": 8}}
+        pretrain.log_start(config, ds, derived, meta, RunFolder(tmp_path), 1, 12, None)
     assert "will have no effect" not in caplog.text
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["--warmup-epochs 5 is as long as the whole run (--epochs 1): the learning rate only warms up "
