@@ -388,7 +388,7 @@ def read_export_meta(path: str | Path) -> Optional[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What an export wrote: the file, its description, and where it came from."""
+    """What an export wrote (the file, or timm's folder), its description, where it came from, its size."""
     path: Path
     ref: CheckpointRef
     meta: dict[str, Any]

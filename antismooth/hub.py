@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -22,9 +21,9 @@ import timm
 import torch
 import torch.nn as nn
 
-from .export import DATA_CONFIG_KEYS, DTYPES, TIMM_META_KEY, CheckpointRef, consolidate_checkpoint
+from .export import DATA_CONFIG_KEYS, DTYPES, TIMM_META_KEY, ExportResult, consolidate_checkpoint
 
-__all__ = ["CARD_FILE", "PAPER", "HubError", "TimmExport", "build_model", "run_summary", "model_card",
+__all__ = ["CARD_FILE", "PAPER", "HubError", "build_model", "run_summary", "model_card",
            "save_timm_folder", "export_timm", "push_to_hub"]
 
 _logger = logging.getLogger(__name__)
@@ -46,16 +45,6 @@ _EVAL_LINE = re.compile(r"eval epoch (\d+): top-1 ([\d.]+) % \| top-5 ([\d.]+) %
 
 class HubError(RuntimeError):
     """An upload to the Hugging Face Hub that could not be made; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class TimmExport:
-    """What a timm-format export wrote: the folder, the checkpoint it came from, its description, its size."""
-    path: Path
-    ref: CheckpointRef
-    meta: dict[str, Any]
-    num_params: int
-    num_bytes: int
 
 
 def build_model(state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> nn.Module:
@@ -183,7 +172,7 @@ def save_timm_folder(model: nn.Module, meta: Mapping[str, Any], out: str | Path,
 
 
 def export_timm(path: str | Path, out: str | Path, tag: Optional[str] = None, dtype: str = "fp32",
-                overwrite: bool = False) -> tuple[TimmExport, nn.Module, dict[str, Any]]:
+                overwrite: bool = False) -> tuple[ExportResult, nn.Module, dict[str, Any]]:
     """Consolidate one checkpoint into a timm folder; also returns the model and card (for push_to_hub)."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
@@ -198,7 +187,7 @@ def export_timm(path: str | Path, out: str | Path, tag: Optional[str] = None, dt
     card = model_card(Path(out).name, meta, num_params, run_summary(run_dir))
     written = save_timm_folder(model, meta, out, card, overwrite)
     size = sum(p.stat().st_size for p in written.iterdir())
-    return TimmExport(written, ref, meta, num_params, size), model, card
+    return ExportResult(written, ref, meta, num_params, size), model, card
 
 
 def push_to_hub(model: nn.Module, meta: Mapping[str, Any], repo_id: str, card: Mapping[str, Any],

@@ -46,42 +46,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 a problem with the checkpoint or the output path)."""
     args = parse_args(argv)
-    if args.format == "timm":
-        return _main_timm(args)
     start = time.perf_counter()
     try:
-        result = export_checkpoint(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype,
-                                   overwrite=args.overwrite)
+        if args.format == "timm":
+            result, model, card = export_timm(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype,
+                                              overwrite=args.overwrite)
+        else:
+            result = export_checkpoint(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype,
+                                       overwrite=args.overwrite)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing was written.", file=sys.stderr)
         return 130
-    ref, meta = result.ref, result.meta
-    model = meta.get("model", "an undescribed model (tools/eval.py will need --model)")
-    print(f"exported {ref.tag} of {ref.checkpoint_dir} (ZeRO-{ref.stage or '1/2'}, {ref.world_size} rank"
-          f"{'s' if ref.world_size > 1 else ''}): {model}, {result.num_params / 1e6:.2f} M values in {args.dtype} "
-          f"-> {result.path} ({result.num_bytes / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s)")
-    return 0
-
-
-
-def _main_timm(args: argparse.Namespace) -> int:
-    """--format timm: write the folder, then upload it when --push-to-hub names a repo."""
-    start = time.perf_counter()
-    try:
-        result, model, card = export_timm(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype,
-                                          overwrite=args.overwrite)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written.", file=sys.stderr)
-        return 130
+    seconds = time.perf_counter() - start
+    if args.format == "file":
+        ref = result.ref
+        model_name = result.meta.get("model", "an undescribed model (tools/eval.py will need --model)")
+        print(f"exported {ref.tag} of {ref.checkpoint_dir} (ZeRO-{ref.stage or '1/2'}, {ref.world_size} rank"
+              f"{'s' if ref.world_size > 1 else ''}): {model_name}, {result.num_params / 1e6:.2f} M values in "
+              f"{args.dtype} -> {result.path} ({result.num_bytes / 1e6:.1f} MB, {seconds:.1f} s)")
+        return 0
     print(f"exported {result.ref.tag} of {result.ref.checkpoint_dir}: {result.meta['model']}, "
           f"{result.num_params / 1e6:.2f} M values in {args.dtype} -> {result.path}/ (timm format, "
-          f"{result.num_bytes / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s); load it with "
+          f"{result.num_bytes / 1e6:.1f} MB, {seconds:.1f} s); load it with "
           f"timm.create_model(\"local-dir:{result.path}\", pretrained=True) after import antismooth")
     if args.push_to_hub:
         try:
