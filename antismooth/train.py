@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import math
 import random
 import shutil
 import time
@@ -159,8 +160,11 @@ class Trainer:
             state.samples_seen += derived.global_batch
             state.corrupt_skipped = self.stream.corrupt_skipped
             self.scheduler.step_update(state.global_step)
-            self.check_finite(torch.stack(losses).mean())
-            self.after_step(torch.stack(losses).mean())
+            # The mean over ranks: one collective per step, both the divergence check's and the logged loss
+            # (a non-finite loss on any rank makes the sum non-finite).
+            loss = all_reduce([torch.stack(losses).mean().item()])[0] / self.env.world_size
+            self.check_finite(loss)
+            self.after_step(loss)
             self.log_spectral()
             losses = []
             if state.global_step >= self.stop_step():
@@ -171,12 +175,11 @@ class Trainer:
     def epoch_complete(self) -> bool:
         return self.state.samples_in_epoch // self.derived.global_batch >= self.derived.steps_per_epoch
 
-    def after_step(self, loss: torch.Tensor) -> None:
+    def after_step(self, loss_value: float) -> None:
         state = self.state
         self.timer.tick()
         if state.global_step % self.config.log_every and state.global_step != self.stop_step():
             return
-        loss_value = all_reduce([loss.item()])[0] / self.env.world_size   # collective: every rank takes part
         technique = technique_param_stats(self.engine.module, self.ds.zero_stage)
         if self.env.rank != 0:
             return
@@ -204,13 +207,13 @@ class Trainer:
         if self.writer:
             write_spectral(self.writer, report, self.state.global_step)
 
-    def check_finite(self, loss: torch.Tensor) -> None:
+    def check_finite(self, loss: float) -> None:
         """Stop a diverged run before it saves anything: a non-finite loss on any rank, or an update DeepSpeed
         dropped for non-finite gradients (under fp16 the loss scaler drops overflows by design: left alone).
         With --skip-nonfinite N, up to N such steps go by without an update instead."""
         dropped = self.engine.skipped_steps - self.skipped_updates
         self.skipped_updates = self.engine.skipped_steps
-        loss_bad = all_reduce([0.0 if bool(torch.isfinite(loss)) else 1.0], op="max")[0] > 0
+        loss_bad = not math.isfinite(loss)
         if not loss_bad and (dropped == 0 or self.ds.dtype == "float16"):
             return
         self.nonfinite_steps += 1
