@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
 import sys
 import time
 import warnings
@@ -25,13 +26,14 @@ from timm.utils import ParseKwargs
 
 import antismooth  # noqa: F401  (registers the model zoo with timm)
 from antismooth.config import ConfigError, DeepSpeedSettings, Derived, TrainConfig, derive
-from antismooth.data.pipeline import AugmentConfig, StreamConfig, build_train_stream
+from antismooth.data.pipeline import AugmentConfig, Deal, EpochPosition, StreamConfig, build_train_stream
 from antismooth.data.shards import load_manifest
 from antismooth.distributed import (DistEnv, all_gather_object, barrier, broadcast_object, check_shared_folder,
                                     detect_launch, init_distributed, log_world)
 from antismooth.engine import (RunFolder, TrainingStopped, TrainState, apply_activation_checkpointing,
                                build_scheduler, param_groups)
 from antismooth.models import WeightsMismatchError, load_weights
+from antismooth.reshard import Conversion, convert_to_universal, load_checkpoint
 from antismooth.train import Trainer, evaluate_split
 
 log = logging.getLogger("pretrain")
@@ -108,16 +110,6 @@ def check_model_name(name: str) -> None:
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else " See the model zoo in the README."
         raise ConfigError(f"Unknown model {name!r}.{hint}")
-
-
-def check_resumable(run_folder: RunFolder, world_size: int) -> None:
-    """A ZeRO checkpoint is sharded per process: resuming it needs the world size that saved it."""
-    tag = run_folder.latest_tag()
-    saved = run_folder.saved_world_size(tag) if tag else None
-    if saved is not None and saved != world_size:
-        raise ConfigError(f"{run_folder.checkpoints / tag} was saved by {saved} processes and this run has "
-                          f"{world_size}: resume with {saved} processes, or start a new --output with --finetune "
-                          f"from `python tools/export.py {run_folder.root} --out weights.safetensors`.")
 
 
 def check_same_classes(train_manifest: Optional[Path], val_manifest: Optional[Path], classes: list[str]) -> None:
@@ -210,7 +202,8 @@ def run(config: TrainConfig):
     """Train (or evaluate, or measure); returns the DeepSpeed engine after training, else None."""
     # Everything a user can get wrong is checked here, before processes talk or models are built.
     world_size = detect_launch().world_size
-    ds = DeepSpeedSettings.load(config.deepspeed_config, world_size)
+    held = None if config.eval_only else RunFolder(config.output).saved_batch()
+    ds = DeepSpeedSettings.load(config.deepspeed_config, world_size, held)
     check_model_name(config.model)
     train_manifest = find_manifest(config.data, "train", required=not config.eval_only)
     val_manifest = find_manifest(config.data, "val", required=config.eval_only)
@@ -220,7 +213,6 @@ def run(config: TrainConfig):
     derived = derive(config, ds, world_size, manifest["num_samples"]) if train_manifest else None
     if config.finetune and not Path(config.finetune).is_file():
         raise ConfigError(f"--finetune {config.finetune} does not exist: give the path of a .pth or .safetensors file.")
-    check_resumable(RunFolder(config.output), world_size)
 
     env = init_distributed()
     run_folder = RunFolder(config.output)
@@ -252,9 +244,12 @@ def run(config: TrainConfig):
                                            config=ds.for_deepspeed())
     scheduler = build_scheduler(engine.optimizer, config, derived)
     dtype = getattr(torch, ds.dtype)
-    state = TrainState(world_size=env.world_size, workers=config.workers)
+    state = TrainState()
     if resume_tag is not None:
         resume(engine, run_folder, resume_tag, state, env, config)
+        # The learning rate of the next step from the step count, not from whatever the loaded optimizer groups
+        # hold: DeepSpeed's ZeRO-3 universal loading does not restore them.
+        scheduler.step_update(state.global_step)
 
     if env.rank == 0:
         log_start(config, ds, derived, meta, run_folder, num_params, len(model.blocks), resume_tag)
@@ -266,7 +261,7 @@ def run(config: TrainConfig):
     stream = build_train_stream(str(train_manifest),
                                 StreamConfig(batch_size=ds.micro_batch, mode=config.stream_mode, seed=config.seed,
                                              num_workers=config.workers),
-                                env.rank, env.world_size, augment)
+                                env.rank, env.world_size, augment, global_batch=derived.global_batch)
     trainer = Trainer(config=config, ds=ds, derived=derived, env=env, engine=engine, scheduler=scheduler,
                       stream=stream, state=state, run_folder=run_folder, meta=meta, dtype=dtype,
                       val_manifest=val_manifest, augment=augment)
@@ -297,7 +292,8 @@ def choose_resume_tag(run_folder: RunFolder, env: DistEnv) -> Optional[str]:
     tags = broadcast_object(run_folder.complete_tags() if env.rank == 0 else None)
     damaged: dict[str, list[str]] = {}
     for tag in reversed(tags):
-        files = [name for names in all_gather_object(run_folder.damaged_files(tag, env.rank)) for name in names]
+        files = [name for names in all_gather_object(run_folder.damaged_files(tag, env.rank, env.world_size))
+                 for name in names]
         if not files:
             break
         damaged[tag] = files
@@ -318,18 +314,63 @@ def choose_resume_tag(run_folder: RunFolder, env: DistEnv) -> Optional[str]:
 
 
 def resume(engine, run_folder: RunFolder, tag: str, state: TrainState, env: DistEnv, config: TrainConfig) -> None:
-    load_path, client_state = engine.load_checkpoint(str(run_folder.checkpoints), tag)
+    """Load checkpoint `tag` into the engine and `state`: as it is when this world size saved it, else through
+    DeepSpeed's universal checkpoint (made once, by rank 0). One line says what happened."""
+    saved_world = run_folder.saved_world_size(tag)
+    universal = saved_world is not None and saved_world != env.world_size
+    load_tag, how = tag, ""
+    if universal:
+        conversion = convert_for_resume(run_folder, tag, env)
+        load_tag = conversion.folder.name
+        how = (f"; saved by {processes(saved_world)}, loaded on {env.world_size} through DeepSpeed's universal "
+               f"checkpoint {conversion.folder.name} (" + ("reused" if conversion.reused else
+                                                          f"converted in {conversion.seconds:.1f} s") + ")")
+    load_path, client_state = load_checkpoint(engine, run_folder.checkpoints, load_tag, universal)
     if load_path is None:
         raise ConfigError(f"Checkpoint {run_folder.checkpoints / tag} could not be loaded: move it away to "
                           "start from the previous one, or start a new --output.")
-    state.load_state_dict(client_state["antismooth"])
-    if (state.world_size, state.workers) != (env.world_size, config.workers):
-        log.warning("Resuming with %d processes × %d loader workers instead of %d × %d: the data order from here "
-                    "on differs from an uninterrupted run.", env.world_size, config.workers, state.world_size,
-                    state.workers)
-    state.world_size, state.workers = env.world_size, config.workers
-    log.info("Resumed from %s: epoch %d, step %d, %d samples into the epoch.", tag, state.epoch, state.global_step,
-             state.samples_in_epoch)
+    saved = client_state["antismooth"]
+    state.load_state_dict(saved)
+    if "data" not in saved and state.samples_in_epoch:
+        # Saved before checkpoints recorded the samples trained on: only the deal's layout is known.
+        state.data = EpochPosition(Deal(saved.get("world_size", 1), saved.get("workers", 0))).state_dict()
+    position = EpochPosition.from_state_dict(state.data)
+    deal = position.deal_for(env.world_size, config.workers, state.samples_in_epoch)
+    if position.deal is not None and deal is not position.deal:
+        left = "the rest of its samples" if position.consumed is not None else \
+            "its samples by count (this checkpoint predates the record of which were trained on: some may repeat)"
+        how += (f"; epoch {state.epoch}'s data was dealt to {position.deal.world_size} × {position.deal.workers} "
+                f"loader workers, now {left} to {env.world_size} × {config.workers}")
+    log.info("Resumed from %s: epoch %d, step %d, %d samples into the epoch%s.", tag, state.epoch, state.global_step,
+             state.samples_in_epoch, how)
+
+
+def convert_for_resume(run_folder: RunFolder, tag: str, env: DistEnv) -> Conversion:
+    """Rank 0 converts checkpoint `tag` to a universal checkpoint (or finds it converted) while the others wait;
+    a failure stops every rank with rank 0's reason."""
+    result: Conversion | str = ""
+    if env.rank == 0:
+        try:
+            result = convert_to_universal(run_folder.checkpoints, tag, workers=conversion_workers())
+        except Exception as err:  # noqa: BLE001  (any converter failure: every rank must hear of it)
+            result = f"{type(err).__name__}: {err}"
+    result = broadcast_object(result)
+    if isinstance(result, str):
+        saved = processes(run_folder.saved_world_size(tag))
+        raise ConfigError(f"Checkpoint {run_folder.checkpoints / tag} could not be converted for a resume on "
+                          f"{processes(env.world_size)} ({result}): resume on the {saved} that saved it, or convert "
+                          "it by hand with tools/reshard.py to see DeepSpeed's full error.")
+    return result
+
+
+def processes(count: int) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"
+
+
+def conversion_workers() -> int:
+    """Processes for DeepSpeed's converter: the node's other ranks wait meanwhile, so half its CPUs (at most 8);
+    1 (no process pool) on small machines."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) // 2))
 
 
 def log_start(config: TrainConfig, ds: DeepSpeedSettings, derived: Derived, meta: dict, run_folder: RunFolder,
@@ -337,9 +378,10 @@ def log_start(config: TrainConfig, ds: DeepSpeedSettings, derived: Derived, meta
     log.info("%s: %.1fM parameters, %d blocks, %s, ZeRO-%d, activation checkpointing %s", config.model,
              num_params / 1e6, depth, ds.dtype, ds.zero_stage,
              f"every {ds.blocks_per_checkpoint} block(s)" if ds.blocks_per_checkpoint else "off")
-    log.info("global batch %d = %d per process × %d accumulation × %d processes; %d steps/epoch, %d steps, "
-             "warmup %d, peak lr %.3g", derived.global_batch, derived.micro_batch, derived.grad_accum,
-             derived.world_size, derived.steps_per_epoch, derived.total_steps, derived.warmup_steps, derived.peak_lr)
+    log.info("global batch %d = %d per process × %d accumulation × %s; %d steps/epoch, %d steps, warmup %d, "
+             "peak lr %.3g", derived.global_batch, derived.micro_batch, derived.grad_accum,
+             processes(derived.world_size), derived.steps_per_epoch, derived.total_steps, derived.warmup_steps,
+             derived.peak_lr)
     log_planned_peak(config.model, meta["model_kwargs"], ds, derived.world_size)
     if derived.warmup_steps >= derived.total_steps:
         log.warning("--warmup-epochs %g is as long as the whole run (--epochs %d): the learning rate only warms up and "

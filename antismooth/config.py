@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["TrainConfig", "DeepSpeedSettings", "Derived", "ConfigError", "derive"]
+__all__ = ["TrainConfig", "DeepSpeedSettings", "Derived", "HeldBatch", "ConfigError", "derive"]
 
 # DeiT's learning-rate rule: the base lr is for a global batch of 512 (Touvron et al. 2021, Sec. 6).
 LR_REFERENCE_BATCH = 512
@@ -96,6 +96,15 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class HeldBatch:
+    """The batch a run's newest checkpoint was trained with: a resumed run keeps its global batch at any world
+    size (and with it the steps per epoch, the schedule and the data position)."""
+    global_batch: int
+    micro_batch: int
+    world_size: int
+
+
+@dataclass(frozen=True)
 class DeepSpeedSettings:
     """The parts of the DeepSpeed JSON that antismooth reads; the JSON itself goes to DeepSpeed untouched."""
     raw: dict[str, Any]
@@ -108,7 +117,7 @@ class DeepSpeedSettings:
     offload_checkpoints: bool = False  # activation_checkpointing.cpu_checkpointing: block inputs in host memory
 
     @classmethod
-    def load(cls, path: str | Path, world_size: int) -> "DeepSpeedSettings":
+    def load(cls, path: str | Path, world_size: int, held: Optional[HeldBatch] = None) -> "DeepSpeedSettings":
         path = Path(path)
         if not str(path):
             raise ConfigError("No DeepSpeed config: pass --deepspeed_config ds_configs/zero2.json (or another "
@@ -119,10 +128,11 @@ class DeepSpeedSettings:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ConfigError(f"DeepSpeed config {path} is not valid JSON ({err}): fix the file.") from err
-        return cls.from_dict(raw, world_size, str(path))
+        return cls.from_dict(raw, world_size, str(path), held)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], world_size: int, name: str = "the DeepSpeed config") -> "DeepSpeedSettings":
+    def from_dict(cls, raw: dict[str, Any], world_size: int, name: str = "the DeepSpeed config",
+                  held: Optional[HeldBatch] = None) -> "DeepSpeedSettings":
         optimizer = raw.get("optimizer") or {}
         params = optimizer.get("params") or {}
         if "lr" in params:
@@ -134,7 +144,7 @@ class DeepSpeedSettings:
         if not optimizer:
             raise ConfigError(f"{name} has no optimizer section: add one, e.g. "
                               '{"type": "AdamW", "params": {"betas": [0.9, 0.999], "weight_decay": 0.05}}.')
-        micro, accum = cls._batch(raw, world_size, name)
+        micro, accum = cls._held_batch(raw, world_size, name, held) if held else cls._batch(raw, world_size, name)
         activation = raw.get("activation_checkpointing")
         blocks, offload = 0, False
         if activation is not None:
@@ -178,6 +188,30 @@ class DeepSpeedSettings:
             raise ConfigError(f"{name}: the batch size per process and the accumulation steps must be at least 1.")
         return int(micro), int(accum)
 
+    @staticmethod
+    def _held_batch(raw: dict[str, Any], world_size: int, name: str, held: HeldBatch) -> tuple[int, int]:
+        """A resumed run's micro batch and accumulation: its global batch held, the micro batch the JSON's (or
+        what its train_batch_size and gradient_accumulation_steps leave), else the one it ran with; the
+        accumulation whatever makes up the rest at this world size."""
+        batch = held.global_batch
+        train = raw.get("train_batch_size")
+        if train is not None and train != batch:
+            raise ConfigError(f"train_batch_size {train} in {name} is not the global batch {batch} this run was "
+                              f"trained with: set it back to {batch} to resume (a resumed run keeps its global "
+                              "batch, its schedule and its data position), or start a new --output with --finetune.")
+        micro = raw.get("train_micro_batch_size_per_gpu")
+        accum = raw.get("gradient_accumulation_steps")
+        if micro is None and accum is not None and batch % (accum * world_size) == 0:
+            micro = batch // (accum * world_size)   # the JSON fixes the accumulation: DeepSpeed's own rule
+        # Otherwise the micro batch it ran with (its memory per GPU is known to fit), the accumulation following.
+        micro = int(micro or held.micro_batch)
+        if micro < 1 or batch % (micro * world_size) == 0:
+            if micro < 1:
+                raise ConfigError(f"{name}: the batch size per process must be at least 1.")
+            return micro, batch // (micro * world_size)
+        raise ConfigError(f"{world_size} processes × {micro} per process (train_micro_batch_size_per_gpu) cannot make "
+                          f"the global batch of {batch} this run was trained with: {_batch_alternatives(batch, micro, world_size)}.")
+
     def for_deepspeed(self) -> dict[str, Any]:
         """The JSON for deepspeed.initialize: the user's, less antismooth's own activation-checkpointing key."""
         raw = json.loads(json.dumps(self.raw))
@@ -191,6 +225,26 @@ class DeepSpeedSettings:
         raw["gradient_accumulation_steps"] = self.grad_accum
         raw.pop("train_batch_size", None)
         return raw
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _batch_alternatives(batch: int, micro: int, world_size: int) -> str:
+    """What can make a held global batch: the world sizes that can with this micro batch, the micro batches
+    that can at this world size."""
+    options = []
+    if batch % micro == 0:
+        worlds = [str(w) for w in _divisors(batch // micro)]
+        listed = f"{', '.join(worlds[:-1])} or {worlds[-1]} processes" if len(worlds) > 1 else "1 process"
+        options.append(f"resume on {listed}")
+    if batch % world_size == 0:
+        fits = [m for m in _divisors(batch // world_size) if m <= micro]
+        options.append(f"set train_micro_batch_size_per_gpu to {fits[-1]} (or another divisor of {batch // world_size}) "
+                       f"to resume on {world_size}")
+    return ", or ".join(options) or (f"set train_micro_batch_size_per_gpu to a divisor of {batch} and resume on a "
+                                    "number of processes that divides the global batch by it")
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from .config import ConfigError
 
 __all__ = ["Launch", "DistEnv", "LaunchError", "detect_launch", "init_distributed", "log_world", "collective_device",
-           "all_reduce", "all_gather_object", "broadcast_object", "barrier", "check_shared_folder", "usable_cpus",
+           "all_reduce", "all_reduce_counts", "all_gather_object", "broadcast_object", "barrier", "check_shared_folder", "usable_cpus",
            "first_host", "tasks_on_node"]
 
 _logger = logging.getLogger(__name__)
@@ -333,6 +334,16 @@ def all_reduce(values: Sequence[float], op: str = "sum") -> list[float]:
     tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor, op=_OPS[op])
     return tensor.tolist()
+
+
+def all_reduce_counts(counts: np.ndarray) -> np.ndarray:
+    """An integer array summed element-wise over all ranks (int32, on the backend's device); a copy of it
+    without a group."""
+    if not _joined():
+        return counts.astype(np.int32, copy=True)
+    tensor = torch.from_numpy(counts.astype(np.int32)).to(collective_device())
+    dist.all_reduce(tensor)
+    return tensor.cpu().numpy()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,7 +21,7 @@ from timm.models import checkpoint_seq
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 
-from .config import Derived, TrainConfig
+from .config import Derived, HeldBatch, TrainConfig
 
 __all__ = ["param_groups", "build_scheduler", "apply_activation_checkpointing", "CheckpointedBlocks",
            "TrainState", "RunFolder", "checkpoint_tag", "TrainingStopped"]
@@ -113,8 +113,9 @@ class TrainState:
     global_step: int = 0             # optimizer steps
     samples_seen: int = 0
     corrupt_skipped: int = 0
-    world_size: int = 1              # the stream is sample-exact on resume only at the same world size
-    workers: int = 0                 # ... and loader worker count
+    # The epoch's data position (antismooth.data.pipeline.EpochPosition.state_dict()): which copies of which
+    # samples were trained on, independent of the world size; {} at an epoch's start.
+    data: dict[str, Any] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,13 +131,14 @@ _ZERO_SHARD = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 # Any file of one rank's (ZeRO-3 also writes zero_pp_rank_{rank}_mp_rank_00_model_states.pt).
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
 _TAG = re.compile(r"step\d{8}")
+_UNIVERSAL = re.compile(r"step\d{8}_universal(\.partial)?")   # antismooth.reshard's conversions
 
 
 def checkpoint_tag(global_step: int) -> str:
     return f"step{global_step:08d}"
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     """Flush a folder's entries (new names, renames) to the disk."""
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -195,7 +197,7 @@ class RunFolder:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.checkpoints / "latest")
-        _fsync_folder(self.checkpoints)
+        fsync_folder(self.checkpoints)
 
     def sync_files(self, tag: str, rank: int) -> None:
         """Flush the files this rank wrote for checkpoint `tag` (rank 0: also the shared ones) to the disk."""
@@ -204,8 +206,8 @@ class RunFolder:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
         if rank == 0:
-            _fsync_folder(folder)
-            _fsync_folder(self.checkpoints)
+            fsync_folder(folder)
+            fsync_folder(self.checkpoints)
 
     def rank_files(self, tag: str, rank: int) -> list[Path]:
         """The files of checkpoint `tag` that rank `rank` reads and writes: its own ZeRO shards; rank 0
@@ -217,11 +219,19 @@ class RunFolder:
                 files.append(path)
         return files
 
-    def damaged_files(self, tag: str, rank: int) -> list[str]:
-        """This rank's files of checkpoint `tag` that cannot be read back: a truncated or corrupted zip
-        archive (torch.save's format, checked to the last CRC) or unreadable JSON; [] when all are sound."""
+    def damaged_files(self, tag: str, rank: int, world_size: Optional[int] = None) -> list[str]:
+        """The files of checkpoint `tag` that rank `rank` of `world_size` checks and that cannot be read back: a
+        truncated or corrupted zip archive (torch.save's format, checked to the last CRC), unreadable JSON, or
+        a missing ZeRO shard; [] when all are sound. Each rank checks the files of the saving ranks it stands
+        for (saving rank % world_size == rank: its own, at the same world size); rank 0 also the shared ones."""
+        saved = self.saved_world_size(tag)
+        world_size = world_size or saved or 1
+        owners = [r for r in range(saved or 0) if r % world_size == rank]
+        files = [p for owner in owners for p in self.rank_files(tag, owner) if _RANK_FILE.search(p.name)]
+        if rank == 0:
+            files += [p for p in self.rank_files(tag, 0) if not _RANK_FILE.search(p.name)]
         damaged = []
-        for path in self.rank_files(tag, rank):
+        for path in files:
             try:
                 if path.suffix == ".pt":
                     with zipfile.ZipFile(path) as archive:
@@ -231,8 +241,9 @@ class RunFolder:
                     json.loads(path.read_text())
             except (OSError, ValueError, zipfile.BadZipFile, EOFError):
                 damaged.append(path.name)
-        if self.saved_world_size(tag) and not any(_ZERO_SHARD.search(p.name) for p in self.rank_files(tag, rank)):
-            damaged.append(f"zero_pp_rank_{rank}_…_optim_states.pt (missing)")
+        for owner in owners:
+            if not any(_ZERO_SHARD.search(p.name) for p in self.rank_files(tag, owner)):
+                damaged.append(f"zero_pp_rank_{owner}_…_optim_states.pt (missing)")
         return damaged
 
     def set_aside(self, tag: str) -> Path:
@@ -245,10 +256,32 @@ class RunFolder:
         return target
 
     def saved_world_size(self, tag: str) -> Optional[int]:
-        """How many processes wrote checkpoint `tag` (its ZeRO optimizer shards); None without ZeRO files."""
-        ranks = {int(m.group(1)) for p in (self.checkpoints / tag).iterdir()
-                 if (m := _ZERO_SHARD.search(p.name))}
-        return len(ranks) or None
+        """How many processes wrote checkpoint `tag`: from its ZeRO optimizer shards and its antismooth.json (so a
+        lost shard does not shrink it); None without ZeRO shards (ZeRO-0 checkpoints load at any world size)."""
+        ranks = {int(m.group(1)) for p in (self.checkpoints / tag).iterdir() if (m := _ZERO_SHARD.search(p.name))}
+        if not ranks:
+            return None
+        try:
+            said = int(json.loads((self.checkpoints / tag / "antismooth.json").read_text()).get("world_size", 0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            said = 0
+        return max(max(ranks) + 1, said)
+
+    def saved_batch(self) -> Optional[HeldBatch]:
+        """The batch the newest checkpoint was trained with (from its antismooth.json, else from run.json for
+        checkpoints saved before it said), None without a checkpoint."""
+        tag = self.latest_tag()
+        if tag is None:
+            return None
+        for path, section in ((self.checkpoints / tag / "antismooth.json", None), (self.run_json, "derived")):
+            try:
+                saved = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            saved = saved.get(section, {}) if section else saved
+            if {"global_batch", "micro_batch", "world_size"} <= saved.keys():
+                return HeldBatch(int(saved["global_batch"]), int(saved["micro_batch"]), int(saved["world_size"]))
+        return None
 
     def write_run_json(self, content: dict[str, Any]) -> None:
         """The resolved configuration, rewritten atomically at each start (a resume may change the world size)."""
@@ -258,7 +291,9 @@ class RunFolder:
         os.replace(tmp, self.run_json)
 
     def prune(self, keep: int) -> list[str]:
-        """Delete all but the newest `keep` complete checkpoints, and any incomplete one older than `latest`."""
+        """Delete all but the newest `keep` complete checkpoints, any incomplete one older than `latest`, and
+        the universal conversions (antismooth.reshard) of checkpoints older than `latest`: a newer checkpoint
+        at the new world size makes them redundant, and they can be made again."""
         latest = self.latest_tag()
         if latest is None:
             return []
@@ -267,4 +302,7 @@ class RunFolder:
         doomed = tags[:-keep]
         for tag in doomed:
             shutil.rmtree(self.checkpoints / tag, ignore_errors=True)
+        for converted in self.checkpoints.iterdir():
+            if _UNIVERSAL.fullmatch(converted.name) and converted.name.split("_")[0] < latest:
+                shutil.rmtree(converted, ignore_errors=True)
         return doomed

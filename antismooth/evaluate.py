@@ -56,7 +56,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     done, images = 0, None
     try:
         with torch.no_grad(), autocast:
-            for images, targets in DeviceBatches(batches, device, mean, std):
+            for images, targets, *_ in DeviceBatches(batches, device, mean, std):
                 images = images.to(dtype or images.dtype)
                 logits = model(images).float()
                 done += 1
@@ -148,8 +148,8 @@ class _Relabelled:
         return len(self.batches)
 
     def __iter__(self):
-        for images, targets in self.batches:
-            yield images, self.lookup[targets]
+        for images, targets, *rest in self.batches:
+            yield images, self.lookup[targets], *rest
 
 
 def eval_batches(data: EvalData, augment: AugmentConfig, batch_size: int, rank: int = 0, world_size: int = 1,

@@ -42,7 +42,8 @@ META_FILE = "antismooth.json"          # beside DeepSpeed's files in every tag f
 LATEST_FILE = "latest"                 # DeepSpeed's name for the newest complete tag
 REQUIRED_META = ("model", "model_kwargs", "classes", "data_config")
 # Metadata values that are not strings travel JSON-encoded (safetensors metadata is str -> str).
-JSON_META_KEYS = ("model_kwargs", "classes", "data_config", "step", "epoch", "zero_stage", "world_size")
+JSON_META_KEYS = ("model_kwargs", "classes", "data_config", "step", "epoch", "zero_stage", "world_size", "global_batch",
+                  "micro_batch")
 TIMM_CONFIG = "config.json"            # a timm folder's description (timm.models.save_for_hf)
 TIMM_META_KEY = "antismooth"           # our provenance (tag, step, ZeRO stage…) inside that config.json
 DATA_CONFIG_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")

@@ -23,7 +23,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from .config import DeepSpeedSettings, Derived, TrainConfig
 from .data.device import DeviceBatches, pin_memory_for, to_device
-from .data.pipeline import AugmentConfig, build_eval_stream, reduce_eval_metrics, seed_for
+from .data.pipeline import AugmentConfig, Deal, EpochPosition, build_eval_stream, reduce_eval_metrics, seed_for
 from .distributed import DistEnv, all_reduce, barrier
 from .engine import RunFolder, TrainingStopped, TrainState, checkpoint_tag
 from .evaluate import evaluate
@@ -97,12 +97,13 @@ class Trainer:
         self.skipped_updates = self.engine.skipped_steps   # DeepSpeed's count of updates it dropped
         self.nonfinite_steps = 0
         self.probe = self._probe_images() if self.config.spectral_every else None
+        self.deal: Optional[Deal] = None   # how the current epoch's samples are dealt (train_epoch)
 
     def _probe_images(self) -> torch.Tensor:
         """A fixed batch for the spectral diagnostics: the first validation (else training) images, eval transform."""
         manifest = self.val_manifest or Path(self.config.data) / "train.json"
         stream = build_eval_stream(str(manifest), SPECTRAL_PROBE_IMAGES, 0, 1, num_workers=0, augment=self.augment)
-        images, _ = next(iter(stream.loader()))
+        images, *_ = next(iter(stream.loader()))
         return to_device(images, self.env.device, self.augment.mean, self.augment.std).to(self.dtype)
 
     def _writer(self):
@@ -123,6 +124,7 @@ class Trainer:
                 break  # stopped mid-epoch by --max-steps
             state.epoch += 1
             state.samples_in_epoch = 0
+            state.data = {}
             self.save()
             if self.config.eval_every_epoch and self.val_manifest is not None:
                 self.evaluate()
@@ -135,12 +137,16 @@ class Trainer:
     def train_epoch(self) -> None:
         state, derived, engine = self.state, self.derived, self.engine
         steps_left = derived.steps_per_epoch - state.samples_in_epoch // derived.global_batch
-        batches = DeviceBatches(self.stream.loader(state.epoch, samples_consumed=state.samples_in_epoch,
-                                                   pin_memory=pin_memory_for(self.env.device)),
-                                self.env.device, self.augment.mean, self.augment.std)
+        # Where the epoch stands: the same deal as before on the same layout, else what is left dealt anew.
+        position = EpochPosition.from_state_dict(state.data)
+        self.deal = position.deal_for(self.env.world_size, self.config.workers, state.samples_in_epoch)
+        loader = self.stream.loader(state.epoch, state.samples_in_epoch, self.deal, position.consumed,
+                                    pin_memory=pin_memory_for(self.env.device))
+        batches = DeviceBatches(loader, self.env.device, self.augment.mean, self.augment.std)
         erase = self.stream.random_erasing(self.env.device)
         losses = []
-        for i, (images, targets) in enumerate(itertools.islice(batches, steps_left * self.ds.grad_accum)):
+        for i, (images, targets, positions) in enumerate(itertools.islice(batches, steps_left * self.ds.grad_accum)):
+            self.stream.record(positions)
             micro = i % self.ds.grad_accum
             seed_step(self.config.seed, state.global_step, micro, self.env.rank)
             # Random erasing runs here, not in the workers: its noise lives in normalised space, which uint8
@@ -244,10 +250,15 @@ class Trainer:
         to the disk before rank 0 names it `latest`, old ones pruned."""
         tag = checkpoint_tag(self.state.global_step)
         self.check_parameters_finite(tag)
+        if self.state.samples_in_epoch:  # mid-epoch: which samples were trained on, gathered from every rank
+            self.state.data = EpochPosition(self.deal, self.stream.consumed()).state_dict()
         try:
-            if self.env.rank == 0:  # the model's description, for tools/export.py and tools/eval.py
+            if self.env.rank == 0:  # the model's description (tools/export.py, tools/eval.py) and the batch it
+                # trained with (a resume at another world size holds it)
                 write_model_meta(self.run_folder.checkpoints / tag,
-                                 dict(self.meta, step=self.state.global_step, epoch=self.state.epoch))
+                                 dict(self.meta, step=self.state.global_step, epoch=self.state.epoch,
+                                      global_batch=self.derived.global_batch, micro_batch=self.derived.micro_batch,
+                                      world_size=self.env.world_size))
             self.engine.save_checkpoint(str(self.run_folder.checkpoints), tag=tag, save_latest=False,
                                         client_state={"antismooth": self.state.state_dict(),
                                                       # lets DeepSpeed's ds_to_universal convert ZeRO-1/2 checkpoints

@@ -49,7 +49,7 @@ def time_loader(loader, limit: int) -> float:
     it = iter(loader)
     next(it)
     seen, start = 0, time.perf_counter()
-    for images, _ in it:
+    for images, *_ in it:
         seen += len(images)
         if seen >= limit:
             break

@@ -277,17 +277,18 @@ RESUME_FLAGS = [*TINY_MODEL, "--epochs", "2", "--warmup-epochs", "1", "--lr", "0
                 "--save-every", "4", "--keep", "2", "--log-every", "1", "--drop-path", "0.1"]
 
 
-def resume_plan(config: Path, shards: Path, out: Path) -> list[dict]:
+def resume_plan(config: Path, shards: Path, out: Path, record: bool = False) -> list[dict]:
+    """The resume run's plan; `record`: every trained batch's labels and positions to out/record-rank{r}.json."""
     argv = ["--deepspeed_config", str(config), "--data", str(shards), "--output", str(out), *RESUME_FLAGS]
-    return [{"argv": argv, "probe": str(out / "probe.pt")}]
+    return [{"argv": argv, "probe": str(out / "probe.pt"), **({"record": str(out / "record.json")} if record else {})}]
 
 
 @pytest.fixture(scope="session")
 def resume_reference(sample_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(ZeRO-2 config, run folder) of the 12-step resume run on 2 processes, uninterrupted: what every
-    interrupted and resumed copy of it must end with, bit for bit."""
+    interrupted and resumed copy of it must end with, bit for bit; its batches recorded (record-rank{r}.json)."""
     work = tmp_path_factory.mktemp("resume-reference")
     config = ds_config(work / "zero2.json", 2)
     reference = work / "uninterrupted"
-    launch_plan(resume_plan(config, sample_shards.parent, reference), 2, work)
+    launch_plan(resume_plan(config, sample_shards.parent, reference, record=True), 2, work)
     return config, reference

@@ -35,7 +35,7 @@ def test_eval_batches_normalised_on_the_device_equal_timms_float_transform_bit_f
     classes = ShardSource.resolve(sample_shards).classes
     stream = build_eval_stream(str(sample_shards), batch_size=16, rank=0, world_size=1, num_workers=2, augment=augment)
     seen = 0
-    for images, labels in DeviceBatches(stream.loader(), "cpu", augment.mean, augment.std):
+    for images, labels, *_ in DeviceBatches(stream.loader(), "cpu", augment.mean, augment.std):
         assert images.dtype == torch.float32 and images.shape[1:] == (3, 224, 224)
         for image, label in zip(images, labels):
             assert torch.equal(image, float_transform(_jpeg(imagenet_sample, classes[label])))
@@ -72,7 +72,7 @@ def _erased_training_batches(shards: Path, seed: int, samples_consumed: int = 0)
     first_step = samples_consumed // config.batch_size
     batches = DeviceBatches(stream.loader(0, samples_consumed=samples_consumed), "cpu", augment.mean, augment.std)
     out = []
-    for step, (images, labels) in enumerate(batches, start=first_step):
+    for step, (images, labels, _) in enumerate(batches, start=first_step):
         seed_step(seed, step, 0, 0)
         out.append((images.clone(), erase(images), labels))
     return out

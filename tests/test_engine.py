@@ -2,6 +2,7 @@
 policy, the run folder's checkpoint bookkeeping, and the DeepSpeed JSON's batch arithmetic."""
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -9,7 +10,7 @@ import timm
 import torch
 
 import antismooth  # noqa: F401
-from antismooth.config import ConfigError, DeepSpeedSettings, TrainConfig, derive
+from antismooth.config import ConfigError, DeepSpeedSettings, HeldBatch, TrainConfig, derive
 from antismooth.engine import RunFolder, TrainState, apply_activation_checkpointing, build_scheduler, param_groups
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, num_heads=4, num_classes=10)
@@ -130,7 +131,7 @@ def _checkpoint(run: RunFolder, tag: str, world: int) -> None:
     torch.save({"module": torch.ones(3)}, folder / "mp_rank_00_model_states.pt")
     for rank in range(world):
         torch.save({"state": torch.full((100,), float(rank))}, folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
-    (folder / "antismooth.json").write_text('{"model": "x"}')
+    (folder / "antismooth.json").write_text(json.dumps({"model": "x", "world_size": world}))  # as Trainer.save writes it
 
 
 def test_run_folder_finds_damaged_checkpoint_files_per_rank_and_sets_them_aside(tmp_path):
@@ -150,6 +151,10 @@ def test_run_folder_finds_damaged_checkpoint_files_per_rank_and_sets_them_aside(
     assert run.damaged_files("step00000004", 0) == ["mp_rank_00_model_states.pt"]
     (run.checkpoints / "step00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     assert run.damaged_files("step00000004", 1) == ["zero_pp_rank_1_…_optim_states.pt (missing)"]
+    # On another world size the ranks share out every saving rank's files: one process checks them all.
+    assert run.damaged_files("step00000008", 0, world_size=1) == [shard.name]
+    assert run.damaged_files("step00000004", 0, world_size=1) == ["mp_rank_00_model_states.pt",
+                                                                  "zero_pp_rank_1_…_optim_states.pt (missing)"]
     aside = run.set_aside("step00000008")
     assert aside.name == "step00000008.damaged" and (aside / shard.name).is_file()
     run.commit("step00000004")
@@ -157,7 +162,9 @@ def test_run_folder_finds_damaged_checkpoint_files_per_rank_and_sets_them_aside(
 
 
 def test_train_state_round_trips_through_client_state():
-    state = TrainState(epoch=3, samples_in_epoch=4096, global_step=123, samples_seen=99, world_size=8, workers=10)
+    state = TrainState(epoch=3, samples_in_epoch=4096, global_step=123, samples_seen=99,
+                       data={"deal": {"world_size": 8, "workers": 10, "samples_in_epoch": 0, "basis": None},
+                             "consumed": b"x\x01"})
     restored = TrainState()
     restored.load_state_dict(dict(state.state_dict(), unknown_future_key=1))
     assert restored == state
@@ -175,6 +182,33 @@ def test_batch_sizes_resolve_as_deepspeed_does(raw, world, expected):
     resolved = ds.for_deepspeed()
     assert resolved["train_micro_batch_size_per_gpu"] * resolved["gradient_accumulation_steps"] * world == \
         ds.micro_batch * ds.grad_accum * world
+
+
+@pytest.mark.parametrize("raw,world,expected", [
+    ({"train_batch_size": 64}, 2, (16, 2)),                                   # the micro batch it ran with
+    ({"train_batch_size": 64, "gradient_accumulation_steps": 1}, 8, (8, 1)),   # the JSON fixes the accumulation
+    ({"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1}, 1, (16, 4)),  # accumulation follows
+    ({"train_micro_batch_size_per_gpu": 8}, 4, (8, 2)),                       # a new micro batch the JSON sets
+])
+def test_a_resumed_run_holds_its_global_batch_at_any_world_size(raw, world, expected):
+    held = HeldBatch(global_batch=64, micro_batch=16, world_size=4)
+    ds = DeepSpeedSettings.from_dict(dict(raw, optimizer={"type": "AdamW"}), world, held=held)
+    assert (ds.micro_batch, ds.grad_accum) == expected and ds.micro_batch * ds.grad_accum * world == 64
+
+
+@pytest.mark.parametrize("raw,world,expected", [
+    ({"train_batch_size": 64}, 3, "3 processes × 16 per process (train_micro_batch_size_per_gpu) cannot make the "
+                                  "global batch of 64 this run was trained with: resume on 1, 2 or 4 processes."),
+    ({"train_micro_batch_size_per_gpu": 16}, 8, "resume on 1, 2 or 4 processes, or set train_micro_batch_size_per_gpu "
+                                                "to 8 (or another divisor of 8) to resume on 8."),
+    ({"train_batch_size": 128}, 4, "train_batch_size 128 in the DeepSpeed config is not the global batch 64 this "
+                                   "run was trained with: set it back to 64"),
+])
+def test_a_world_size_that_cannot_hold_the_global_batch_names_those_that_can(raw, world, expected):
+    held = HeldBatch(global_batch=64, micro_batch=16, world_size=4)
+    with pytest.raises(ConfigError) as err:
+        DeepSpeedSettings.from_dict(dict(raw, optimizer={"type": "AdamW"}), world, held=held)
+    assert expected in str(err.value) and "\n" not in str(err.value)
 
 
 def test_activation_checkpointing_section_is_read_and_deepspeed_gets_its_own_keys_only():

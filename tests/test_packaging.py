@@ -27,7 +27,8 @@ from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-ENTRY_POINTS = ("antismooth-build-shards", "antismooth-export", "antismooth-eval", "antismooth-analyze", "antismooth-plan")
+ENTRY_POINTS = ("antismooth-build-shards", "antismooth-export", "antismooth-eval", "antismooth-analyze", "antismooth-plan",
+                "antismooth-reshard")
 # Import names that differ from the distribution names pyproject.toml declares.
 IMPORT_TO_DIST = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn"}
 # Imported only where the user opts in, with their own error sentence: mpi4py (under mpirun).

@@ -10,6 +10,7 @@ import json
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -32,7 +33,7 @@ def _stream(shards, rank=0, world=1, batch=8, workers=2, mode="exact", augment=P
 
 
 def _labels(loader):
-    return [int(y) for _, labels in loader for y in labels]
+    return [int(y) for _, labels, *_ in loader for y in labels]
 
 
 # --- two real ranks ---------------------------------------------------------------------------------------
@@ -47,7 +48,7 @@ def _rank_job(rank: int, world: int, shards: str, init_file: str, out_dir: str) 
     result["metrics"] = reduce_eval_metrics(correct, correct, 0.5 * len(result["eval"]), len(result["eval"]))
     for mode in ("exact", "resampled"):
         stream = _stream(shards, rank, world, mode=mode, augment=PLAIN)
-        result[mode] = {epoch: [[int(y) for y in labels] for _, labels in stream.loader(epoch)] for epoch in (0, 1)}
+        result[mode] = {epoch: [[int(y) for y in labels] for _, labels, _ in stream.loader(epoch)] for epoch in (0, 1)}
     ra = _stream(shards, rank, world, augment=AUG)
     result["repeated"] = _labels(ra.loader(0))
     counts = torch.tensor([len(result["exact"][0]), len(result["resampled"][0])])
@@ -105,11 +106,11 @@ def test_repeated_augmentation_repeats_each_image_at_most_three_times(two_ranks)
 # --- one process ------------------------------------------------------------------------------------------
 
 def test_same_seed_same_stream_other_seed_other_stream(sample_shards):
-    first = [(x, y) for x, y in _stream(sample_shards, augment=AUG).loader(0)]
-    again = [(x, y) for x, y in _stream(sample_shards, augment=AUG).loader(0)]
-    other = [(x, y) for x, y in _stream(sample_shards, augment=AUG, seed=1).loader(0)]
+    first = list(_stream(sample_shards, augment=AUG).loader(0))
+    again = list(_stream(sample_shards, augment=AUG).loader(0))
+    other = list(_stream(sample_shards, augment=AUG, seed=1).loader(0))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
-    assert [y.tolist() for _, y in first] != [y.tolist() for _, y in other]
+    assert [y.tolist() for _, y, _ in first] != [y.tolist() for _, y, _ in other]
 
 
 @pytest.mark.parametrize("mode", ["exact", "resampled"])
@@ -119,8 +120,8 @@ def test_resume_continues_with_exactly_the_same_samples_and_augmentations(sample
     consumed_steps = 7
     resumed = list(stream.loader(epoch=1, samples_consumed=consumed_steps * 4))
     assert len(resumed) == len(full) - consumed_steps
-    for (x_full, y_full), (x_res, y_res) in zip(full[consumed_steps:], resumed):
-        assert torch.equal(y_full, y_res)
+    for (x_full, y_full, at_full), (x_res, y_res, at_res) in zip(full[consumed_steps:], resumed):
+        assert torch.equal(y_full, y_res) and torch.equal(at_full, at_res)
         assert torch.equal(x_full, x_res)
 
 
@@ -131,9 +132,10 @@ def test_resume_off_a_step_boundary_is_refused(sample_shards):
 
 def test_batches_are_uint8_deit_augmented_rgb_and_mixup_is_timms(sample_shards):
     stream = _stream(sample_shards, augment=AUG)
-    images, labels = next(iter(stream.loader(0)))
+    images, labels, positions = next(iter(stream.loader(0)))
+    assert positions.shape == (8,) and positions.dtype == torch.int64
     assert images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8 and labels.dtype == torch.int64
-    images, labels = next(iter(DeviceBatches(stream.loader(0), "cpu", AUG.mean, AUG.std)))  # normalised, as trained on
+    images, labels, _ = next(iter(DeviceBatches(stream.loader(0), "cpu", AUG.mean, AUG.std)))  # normalised, as trained on
     assert images.dtype == torch.float32 and -3 < images.mean() < 3
     assert stream.mixup is not None and stream.mixup.label_smoothing == 0.1
     mixed, soft = stream.mixup(images, labels)
@@ -186,5 +188,57 @@ def test_corrupt_samples_and_truncated_shards_are_skipped_counted_and_training_g
                                 0, 1, PLAIN, num_samples=12, num_classes=NUM_SAMPLES)
     batches = list(stream.loader(0))
     assert len(batches) == stream.steps_per_epoch == 6          # topped up from the good samples
-    assert all(len(y) == 2 for _, y in batches)
+    assert all(len(y) == 2 for _, y, _ in batches)
     assert stream.corrupt_skipped >= 3
+
+
+# --- the data position across a change of world size or loader workers ------------------------------------
+
+def _train(shards, rank, world, workers, steps, position=None, samples=0, global_batch=16):
+    """`steps` optimizer steps of epoch 0 on rank `rank` of `world` (micro batch 8, accumulation to
+    global_batch), from `position` (None: the epoch's start): the labels seen and the rank's record."""
+    from antismooth.data.pipeline import EpochPosition
+
+    config = StreamConfig(batch_size=8, num_workers=workers, shuffle_buffer=40, shuffle_initial=10)
+    stream = build_train_stream(shards, config, rank, world, AUG, global_batch=global_batch)
+    position = position or EpochPosition()
+    deal = position.deal_for(world, workers, samples)
+    labels, batches = [], stream.accumulation * steps
+    for _, y, positions in stream.loader(0, samples, deal, position.consumed):
+        if not batches:
+            break
+        stream.record(positions)
+        labels += y.tolist()
+        batches -= 1
+    assert batches == 0, "a rank ran short of batches"
+    return labels, stream, deal
+
+
+def test_an_epoch_resumed_on_other_ranks_and_workers_uses_every_sample_exactly_once(sample_shards):
+    """2 ranks × 2 workers for 2 of the epoch's 6 steps, then 1 rank × 3 workers (2 micro batches per step) for 2,
+    then 2 ranks × 1 worker for the last 2, each resumed from the record the previous saved. Repeated
+    augmentation on: each of the epoch's images comes exactly 3 times, the images an uninterrupted epoch uses."""
+    from antismooth.data.pipeline import EpochPosition
+
+    seen, consumed, samples = [], np.zeros(NUM_SAMPLES, np.int32), 0
+    position = None
+    for world, workers, steps in ((2, 2, 2), (1, 3, 2), (2, 1, 2)):
+        for rank in range(world):
+            labels, stream, deal = _train(sample_shards, rank, world, workers, steps, position, samples)
+            seen += labels
+            consumed += stream.delivered
+        samples += steps * 16
+        position = EpochPosition(deal, consumed.copy())
+    uninterrupted = [y for rank in range(2) for y in _train(sample_shards, rank, 2, 2, 6)[0]]
+    counts = collections.Counter(seen)
+    assert len(seen) == 6 * 16 and set(counts.values()) == {3}
+    assert counts == collections.Counter(uninterrupted)
+
+
+def test_the_same_layout_continues_its_deal_sample_for_sample(sample_shards):
+    from antismooth.data.pipeline import EpochPosition
+
+    first, stream, deal = _train(sample_shards, 0, 1, 3, 2)
+    rest, _, _ = _train(sample_shards, 0, 1, 3, 4, EpochPosition(deal, stream.delivered.copy()), 32)
+    whole, _, _ = _train(sample_shards, 0, 1, 3, 6)
+    assert first + rest == whole

@@ -141,7 +141,7 @@ def load_images(data: Path, num_images: int, augment: AugmentConfig) -> torch.Te
         stream = build_eval_stream(manifest, batch_size=min(num_images, 64), rank=0, world_size=1,
                                    num_workers=0, augment=augment)
         batches, count = [], 0
-        for images, _ in stream.loader():
+        for images, *_ in stream.loader():
             batches.append(images)
             count += images.shape[0]
             if count >= num_images:

@@ -20,7 +20,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 __all__ = ["DeviceBatches", "normalize", "to_device", "pin_memory_for"]
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, ...]   # images, labels, and any fields passed through (sample positions)
 
 
 def pin_memory_for(device: torch.device | str) -> bool:
@@ -71,7 +71,8 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 class DeviceBatches:
-    """Iterates (uint8 images, int64 labels) host batches as (normalised float32 images, labels) on `device`.
+    """Iterates (uint8 images, int64 labels, ...) host batches as (normalised float32 images, labels, ...) on
+    `device`; fields after the labels are passed through on the host.
 
     On CUDA the copy (non_blocking, from the loader's pinned memory) and the normalisation of batch k+1
     are queued on a side stream before batch k is handed out, so they overlap step k. A batch must be
@@ -93,14 +94,15 @@ class DeviceBatches:
     def __iter__(self) -> Iterator[Batch]:
         if self.device.type == "cuda":
             return self._prefetched()
-        return (self._transfer(images, labels) for images, labels in self.batches)
+        return (self._transfer(*batch) for batch in self.batches)
 
-    def _transfer(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
-        """Copy one batch to the device and normalise it there, on whatever stream is current."""
+    def _transfer(self, images: torch.Tensor, labels: torch.Tensor, *rest: torch.Tensor) -> Batch:
+        """Copy one batch to the device and normalise it there, on whatever stream is current; further fields
+        (the training stream's sample positions) stay on the host, untouched."""
         _check_uint8(images)
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        return normalize(images, self.mean, self.std), labels
+        return normalize(images, self.mean, self.std), labels, *rest
 
     def _prefetched(self) -> Iterator[Batch]:
         """timm's PrefetchLoader loop: copy k+1 on the side stream, hand out k, then make the consumer wait
@@ -108,12 +110,12 @@ class DeviceBatches:
         side = _side_stream(self.device)
         consumer = torch.cuda.current_stream(self.device)
         ready: Optional[Batch] = None
-        for images, labels in self.batches:
+        for batch in self.batches:
             # Blocks the consumer released go back to the side stream's pool and may be handed to the copy
             # below at once: let the side stream write only after the consumer's queued work has read them.
             side.wait_stream(consumer)
             with torch.cuda.stream(side):
-                upcoming = self._transfer(images, labels)
+                upcoming = self._transfer(*batch)
             if ready is not None:
                 yield ready
                 consumer = torch.cuda.current_stream(self.device)

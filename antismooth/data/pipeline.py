@@ -1,21 +1,23 @@
 """Shards → augmented batches, on every rank and worker, reproducible from (seed, epoch).
 
-The reading plan is made from sample counts, not shard counts: an epoch is one
-sequence of samples (the shards in a seeded order), cut into equal contiguous ranges,
-one per rank, and each rank's range into one per loader worker. So every rank runs the
-same number of steps whatever the number of shards, ranks and workers (webdataset's
-shard-level `split_by_node`/`split_by_worker` would give unequal batch counts, or hang,
-when shards do not divide: webdataset#188, #225), each worker reads at most one shard
-it shares with a neighbour, and a position (epoch, samples consumed) names the exact
-samples still to come, which is what sample-exact resume needs (webdataset#177).
+The reading plan is made from sample counts, not shard counts: an epoch is one sequence of
+samples (the shards in a seeded order), of which it trains on the first positions, each once per
+repeated-augmentation copy. This pool is *dealt*: cut into equal contiguous parts, one per rank,
+and each rank's part into one per loader worker, in proportion to the batches each makes. So every
+rank runs the same number of steps whatever the number of shards, ranks and workers (webdataset's
+shard-level `split_by_node`/`split_by_worker` would give unequal batch counts, or hang, when shards
+do not divide: webdataset#188, #225), and each worker reads at most one shard it shares with a
+neighbour. Every batch carries its samples' positions; a checkpoint saves which copies were trained
+on (`EpochPosition`), so a run resumed on the same layout continues its deal sample-exactly
+(webdataset#177), and one resumed on another world size or worker count deals out exactly what is
+left of the epoch (see "the data position" below).
 
-Within a worker the stages are webdataset's own: tar to samples (with a logging
-handler), a seeded shuffle buffer, then our decode of the image and `cls` fields only
-(never webdataset's default decoders, which unpickle `.pyd`), timm's DeiT transform up
-to uint8 pixels (`use_prefetcher=True`), and `batched` into uint8 [B, 3, H, W]. Normalisation
-happens on the device (`antismooth.data.device.DeviceBatches`); random erasing
-(`TrainStream.random_erasing`) and Mixup/CutMix (`TrainStream.mixup`) run on the batch in the
-training loop.
+Within a worker the stages are webdataset's own: tar to samples (with a logging handler), a seeded
+shuffle buffer, then our decode of the image and `cls` fields only (never webdataset's default
+decoders, which unpickle `.pyd`), timm's DeiT transform up to uint8 pixels (`use_prefetcher=True`),
+and `batched` into uint8 [B, 3, H, W]. Normalisation happens on the device
+(`antismooth.data.device.DeviceBatches`); random erasing (`TrainStream.random_erasing`) and
+Mixup/CutMix (`TrainStream.mixup`) run on the batch in the training loop.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import itertools
 import logging
 import math
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence
@@ -38,10 +41,10 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data.random_erasing import RandomErasing
 
-from ..distributed import all_reduce
+from ..distributed import all_reduce, all_reduce_counts
 from .shards import load_manifest
 
-__all__ = ["AugmentConfig", "StreamConfig", "ShardSource", "TrainStream", "EvalStream",
+__all__ = ["AugmentConfig", "StreamConfig", "ShardSource", "TrainStream", "EvalStream", "Deal", "EpochPosition",
            "build_train_stream", "build_eval_stream", "train_transform", "eval_transform", "seed_augmentation",
            "collate_uint8", "reduce_eval_metrics"]
 
@@ -119,14 +122,6 @@ class ShardSource:
         return cls(urls=urls, counts=tuple(base + (i < extra) for i in range(len(urls))))
 
 
-@dataclass(frozen=True)
-class Range:
-    """Samples [start, stop) of one shard."""
-    url: str
-    start: int
-    stop: int
-
-
 def seed_for(*parts: Any) -> int:
     """A 63-bit seed from any parts, stable across processes and Python runs (unlike hash())."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
@@ -140,18 +135,9 @@ def epoch_shard_order(source: ShardSource, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def cut_ranges(source: ShardSource, order: Sequence[int], start: int, stop: int) -> list[Range]:
-    """The sample positions [start, stop) of the sequence `order` of shards, as per-shard ranges."""
-    ranges, offset = [], 0
-    for index in order:
-        count = source.counts[index]
-        lo, hi = max(start, offset), min(stop, offset + count)
-        if lo < hi:
-            ranges.append(Range(source.urls[index], lo - offset, hi - offset))
-        offset += count
-        if offset >= stop:
-            break
-    return ranges
+def shard_starts(source: ShardSource, order: Sequence[int]) -> np.ndarray:
+    """Where each shard of `order` begins in the epoch's sample sequence (and, last, its length)."""
+    return np.concatenate([[0], np.cumsum([source.counts[i] for i in order], dtype=np.int64)])
 
 
 def worker_batches(num_batches: int, worker: int, num_workers: int) -> int:
@@ -159,18 +145,44 @@ def worker_batches(num_batches: int, worker: int, num_workers: int) -> int:
     return len(range(worker, num_batches, num_workers))
 
 
-def _read_ranges(ranges: Iterable[Range], handler: Callable) -> Iterator[dict]:
-    """Raw samples of each range, read with webdataset's tar reader (local paths, URLs, `pipe:`)."""
-    for r in ranges:
-        samples = wds.tarfile_to_samples(handler=handler)(iter([{"url": r.url}]))
-        yield from itertools.islice(samples, r.start, r.stop)
+def proportional_cuts(total: int, weights: Sequence[int]) -> list[tuple[int, int]]:
+    """[0, total) cut into contiguous pieces in proportion to `weights`; when total ≥ sum(weights), each piece
+    is at least its weight long."""
+    whole = max(sum(weights), 1)
+    bounds = [total * before // whole for before in itertools.accumulate(weights, initial=0)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _repeat_each(samples: Iterable[dict], times: int) -> Iterator[dict]:
-    """Repeated augmentation over a stream: each sample `times` times, before the shuffle spreads them."""
-    for sample in samples:
-        for copy in range(times):
-            yield dict(sample, __copy__=copy)
+def _runs(positions: np.ndarray, starts: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """`positions` cut into runs that one pass through one shard can read: (shard slot in the order, run)."""
+    if not len(positions):
+        return
+    slots = np.searchsorted(starts, positions, side="right") - 1
+    breaks = np.flatnonzero((np.diff(slots) != 0) | (np.diff(positions) < 0)) + 1
+    for run in np.split(np.arange(len(positions)), breaks):
+        yield int(slots[run[0]]), positions[run]
+
+
+def _read_positions(source: ShardSource, order: Sequence[int], positions: np.ndarray,
+                    handler: Callable) -> Iterator[dict]:
+    """The raw samples at `positions` of the epoch's sequence (the shards in `order`), in that order, each
+    tagged with its `__position__`; a position repeated is yielded again (a copy for repeated augmentation).
+    Read with webdataset's tar reader (local paths, URLs, `pipe:`), one pass per run of a shard."""
+    starts = shard_starts(source, order)
+    for slot, run in _runs(positions, starts):
+        offset = int(starts[slot])
+        samples = wds.tarfile_to_samples(handler=handler)(iter([{"url": source.urls[order[slot]]}]))
+        indexed = enumerate(itertools.islice(samples, int(run[-1]) - offset + 1))
+        index, sample = -1, None
+        for position in run.tolist():
+            while index < position - offset:
+                index, sample = next(indexed, (None, None))
+                if index is None:   # a truncated shard ends early: its missing samples are skipped
+                    break
+            if index is None:
+                break
+            if index == position - offset:
+                yield dict(sample, __position__=position)
 
 
 def decode_sample(sample: dict) -> tuple[Image.Image, int]:
@@ -203,115 +215,88 @@ def seed_augmentation(sample_seed: int) -> None:
     torch.default_generator.manual_seed(sample_seed)  # torch.manual_seed also queues CUDA seeding: 2 ms
 
 
-def _decoded(samples: Iterable[dict], transform: Callable, seed: int, counter: _SkipCounter) -> Iterator[tuple]:
+def _decoded(samples: Iterable[tuple[int, dict]], transform: Callable, seed: int,
+             counter: _SkipCounter) -> Iterator[tuple]:
     """Decode and transform, seeding the augmentation per sample so a resumed run draws the same crops."""
-    for position, sample in samples:
+    for index, sample in samples:
         try:
             image, label = decode_sample(sample)
         except Exception as exn:  # PIL raises many types for damaged bytes
             counter(exn)
             continue
-        seed_augmentation(seed_for(seed, position))
-        yield transform(image), label
+        seed_augmentation(seed_for(seed, index))
+        yield transform(image), label, sample["__position__"]
 
 
-def collate_uint8(samples: Sequence[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images [3, H, W] (tensors or timm's ToNumpy arrays) into one uint8 [B, 3, H, W] batch and the
-    labels into int64: timm's fast_collate, as a webdataset `batched` collation."""
-    images, labels = zip(*samples)
-    return torch.stack([torch.as_tensor(image) for image in images]), torch.tensor(labels, dtype=torch.int64)
+def collate_uint8(samples: Sequence[tuple[Any, ...]]) -> tuple[torch.Tensor, ...]:
+    """uint8 images [3, H, W] (tensors or timm's ToNumpy arrays) into one uint8 [B, 3, H, W] batch, the labels
+    into int64, and any further fields (sample positions) into int64: timm's fast_collate, as a webdataset
+    `batched` collation."""
+    images, labels, *rest = zip(*samples)
+    return (torch.stack([torch.as_tensor(image) for image in images]), torch.tensor(labels, dtype=torch.int64),
+            *(torch.tensor(field, dtype=torch.int64) for field in rest))
 
 
 class _WorkerStream(torch.utils.data.IterableDataset):
-    """One rank's batches for one epoch; each DataLoader worker makes its share (batch b from worker b % W)."""
+    """One rank's batches of one deal; each DataLoader worker makes its share (batch b from worker b % W)."""
 
     def __init__(self, plan: "_EpochPlan", skip_batches: int, transform: Callable, config: StreamConfig) -> None:
         super().__init__()
         self.plan, self.skip_batches, self.transform, self.config = plan, skip_batches, transform, config
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         info = torch.utils.data.get_worker_info()
         loader_id, num_workers = (info.id, info.num_workers) if info else (0, 1)
         # The loader takes its first batch from worker 0; on resume that batch is batch `skip_batches`,
         # made by worker skip % W in the uninterrupted run, so the roles rotate by `skip_batches`.
         worker = (loader_id + self.skip_batches) % num_workers
-        plan, batch = self.plan, self.plan.batch_size
-        ranges, wanted = plan.ranges(worker, num_workers), plan.wanted(worker, num_workers)
-        done = worker_batches(self.skip_batches, worker, num_workers) * batch
+        plan = self.plan
+        wanted = plan.wanted[worker]
+        done = worker_batches(self.skip_batches, worker, num_workers) * plan.batch_size
         counter = _SkipCounter()
-        raw = self._raw_samples(ranges, worker, counter)
+        raw = self._raw_samples(plan.pieces[worker], worker, counter)
         # Resume: drop, undecoded, the samples this worker's batches before `skip_batches` used.
-        positions = itertools.islice(enumerate(raw), done, None)
-        samples = _decoded(positions, self.transform, seed_for(plan.seed, worker), counter)
+        indexed = itertools.islice(enumerate(raw), done, None)
+        samples = _decoded(indexed, self.transform, seed_for(plan.seed, worker), counter)
         samples = itertools.islice(samples, max(0, wanted - done))
         reported = 0
-        for images, labels in wds.batched(batch, collation_fn=collate_uint8, partial=plan.mode == "eval")(samples):
-            yield images, labels, counter.count - reported
+        for batch in wds.batched(plan.batch_size, collation_fn=collate_uint8, partial=plan.partial)(samples):
+            yield (*batch[:2], counter.count - reported, *batch[2:])
             reported = counter.count
 
-    def _raw_samples(self, ranges: list[Range], worker: int, counter: _SkipCounter) -> Iterator[dict]:
-        """The worker's ranges, repeated per image and shuffled; then, while corrupt samples left the
-        worker short (or repeated augmentation's rounding did), the same ranges again, read lazily."""
+    def _raw_samples(self, piece: np.ndarray, worker: int, counter: _SkipCounter) -> Iterator[dict]:
+        """The worker's piece, shuffled (training); then, while corrupt samples left the worker short, its
+        positions again, read lazily."""
         plan = self.plan
-        raw = _repeat_each(_read_ranges(ranges, counter), plan.repeats)
-        if self.config.shuffle_buffer > 1:
+        raw = _read_positions(plan.source, plan.order, piece, counter)
+        if plan.shuffle and self.config.shuffle_buffer > 1:
             raw = wds.shuffle(self.config.shuffle_buffer, self.config.shuffle_initial,
                               seed=seed_for(plan.seed, worker, "shuffle"))(raw)
         yield from raw
-        for _ in range(MAX_TOP_UP_PASSES if plan.top_up else 0):
-            yield from _read_ranges(ranges, counter)
-        if plan.top_up:
-            _logger.error("A loader worker ran out of readable samples after %d passes over its shards; "
-                          "its rank will run fewer steps. Check the shards with build_shards.py --verify.",
-                          MAX_TOP_UP_PASSES)
+        if not plan.top_up:
+            return
+        once = np.unique(piece)
+        for _ in range(MAX_TOP_UP_PASSES):
+            yield from _read_positions(plan.source, plan.order, once, counter)
+        _logger.error("A loader worker ran out of readable samples after %d passes over its shards; "
+                      "its rank will run fewer steps. Check the shards with build_shards.py --verify.",
+                      MAX_TOP_UP_PASSES)
 
 
 @dataclass(frozen=True)
 class _EpochPlan:
-    """Which sample ranges each loader worker of one rank reads, and how many samples it delivers.
-
-    exact: the rank's slice [lo, hi) of the epoch's sample sequence, shared among workers in
-    proportion to their batches; resampled: whole shards drawn with replacement per worker;
-    eval: [lo, hi) split evenly, every sample once. A plain dataclass, so that loader workers
-    started by spawn can receive it.
-    """
+    """What each loader worker of one rank reads: its piece, the positions of the epoch's sample sequence
+    (the shards in `order`) in reading order, a position repeated once per copy; and how many samples it
+    delivers. A plain dataclass, so that loader workers started by spawn can receive it."""
     source: ShardSource
-    mode: Literal["exact", "resampled", "eval"]
     order: tuple[int, ...]
-    lo: int
-    hi: int
-    num_batches: int
+    pieces: tuple[np.ndarray, ...]
+    wanted: tuple[int, ...]
     batch_size: int
-    repeats: int
     seed: int
-
-    @property
-    def top_up(self) -> bool:
-        """Training workers cycle their ranges when corrupt samples were skipped, so no rank runs short."""
-        return self.mode != "eval"
-
-    def wanted(self, worker: int, num_workers: int) -> int:
-        if self.mode == "eval":
-            lo, hi = _even_split(self.lo, self.hi, worker, num_workers)
-            return hi - lo
-        return worker_batches(self.num_batches, worker, num_workers) * self.batch_size
-
-    def ranges(self, worker: int, num_workers: int) -> list[Range]:
-        if self.mode == "eval":
-            return cut_ranges(self.source, self.order, *_even_split(self.lo, self.hi, worker, num_workers))
-        if self.mode == "exact":
-            per_rank, unique = self.num_batches * self.batch_size, self.hi - self.lo
-            before = sum(self.wanted(w, num_workers) for w in range(worker))
-            lo = self.lo + unique * before // per_rank
-            hi = self.lo + unique * (before + self.wanted(worker, num_workers)) // per_rank
-            return cut_ranges(self.source, self.order, lo, hi)
-        rng = random.Random(seed_for("resampled", self.seed, worker))
-        need, picked = math.ceil(self.wanted(worker, num_workers) / self.repeats), []
-        while need > 0:
-            i = rng.randrange(len(self.source.urls))
-            picked.append(Range(self.source.urls[i], 0, self.source.counts[i]))
-            need -= self.source.counts[i]
-        return picked
+    shuffle: bool = True            # training: a seeded shuffle buffer per worker
+    top_up: bool = True             # training: cycle the piece when corrupt samples were skipped, so no rank runs short
+    partial: bool = False           # evaluation: the last batch may be short
 
 
 def _even_split(lo: int, hi: int, part: int, parts: int) -> tuple[int, int]:
@@ -320,34 +305,130 @@ def _even_split(lo: int, hi: int, part: int, parts: int) -> tuple[int, int]:
     return lo + size * part // parts, lo + size * (part + 1) // parts
 
 
+# --- the data position ---------------------------------------------------------------------------------------
+#
+# A checkpoint must say where an epoch stands in terms that outlive the world size and the loader worker
+# count, so that a run resumed on 6 nodes instead of 8 uses every remaining sample once, on equal steps.
+# Published answers constrain the run instead: MosaicML Streaming fixes the order over a constant number of
+# "canonical nodes" (physical node counts must divide or be multiples of it), IBM fms-fsdp keeps logical-shard
+# cursors (a multiple of every world size, and ranks drain them unevenly: fine for endless streams, not for
+# epochs of equal steps), Megatron keeps one global count (exact only for its unsharded samplers). Our workers
+# shuffle through buffers, so the samples consumed so far are a scattered subset of each worker's piece, and
+# no count or cursor names them. So the position is the set itself: per sample position of the epoch's sequence,
+# the copies trained on (one byte per sample: 1.3 MB for ImageNet, summed over ranks by one all_reduce per
+# save). Any world size and worker count can then deal out exactly what is left, evenly, and corrupt samples
+# or top-ups cannot make the record drift from what was trained on.
+
+def pack_counts(counts: Optional[np.ndarray]) -> Optional[bytes]:
+    """Per-position copy counts as compressed bytes (a checkpoint's client state), None for none."""
+    if counts is None:
+        return None
+    return zlib.compress(np.minimum(counts, 255).astype(np.uint8).tobytes(), 1)
+
+
+def unpack_counts(packed: Optional[bytes]) -> Optional[np.ndarray]:
+    return None if packed is None else np.frombuffer(zlib.decompress(packed), dtype=np.uint8).astype(np.int32)
+
+
+@dataclass(frozen=True)
+class Deal:
+    """How the samples of an epoch not yet trained on are dealt to ranks and loader workers.
+
+    An epoch is dealt when it starts, and what is left of it is dealt again when a run resumes on another
+    world size or worker count. A deal is rebuilt from these fields alone, so a run resumed at the same size
+    continues its deal sample for sample (same batches, same augmentations) as if never stopped.
+    """
+    world_size: int
+    workers: int
+    samples_in_epoch: int = 0                 # global samples of the epoch trained on when it was dealt
+    basis: Optional[np.ndarray] = None        # copies of each sample position trained on then; None: none
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "workers": self.workers, "samples_in_epoch": self.samples_in_epoch,
+                "basis": pack_counts(self.basis)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "Deal":
+        return cls(state["world_size"], state["workers"], state["samples_in_epoch"], unpack_counts(state["basis"]))
+
+    def same_layout(self, world_size: int, workers: int) -> bool:
+        return (self.world_size, self.workers) == (world_size, workers)
+
+
+@dataclass(frozen=True)
+class EpochPosition:
+    """Where an epoch stands, saved with every checkpoint: the deal in force, and how many copies of each
+    sample position the run has trained on (summed over all ranks; None in the resampled mode, which draws
+    shards with replacement and promises no exactness). Only the deal's layout mentions a world size, and only
+    to continue that deal when the layout is unchanged."""
+    deal: Optional[Deal] = None               # None: the epoch has not started
+    consumed: Optional[np.ndarray] = None
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.deal is None:
+            return {}
+        return {"deal": self.deal.state_dict(), "consumed": pack_counts(self.consumed)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "EpochPosition":
+        if not state:
+            return cls()
+        return cls(Deal.from_state_dict(state["deal"]), unpack_counts(state["consumed"]))
+
+    def deal_for(self, world_size: int, workers: int, samples_in_epoch: int) -> Deal:
+        """The deal to go on with: this one on the same layout, else what is left dealt anew to this layout."""
+        if self.deal is None:
+            return Deal(world_size, workers, samples_in_epoch)
+        if self.deal.same_layout(world_size, workers):
+            return self.deal
+        return Deal(world_size, workers, samples_in_epoch, self.consumed)
+
+
 @dataclass
 class TrainStream:
-    """The training batches of one rank: equal steps on every rank, resumable at any sample."""
+    """The training batches of one rank: equal steps on every rank, resumable at any sample, on any number
+    of ranks and loader workers."""
     source: ShardSource
     config: StreamConfig
     augment: AugmentConfig
     rank: int
     world_size: int
     num_classes: int
+    global_batch: int = 0            # samples of one optimizer step on all ranks (0: batch_size × world_size)
     corrupt_skipped: int = 0
 
     def __post_init__(self) -> None:
         if self.config.mode not in ("exact", "resampled"):
             raise ValueError(f"Unknown stream mode {self.config.mode!r}: use 'exact' or 'resampled'.")
+        per_pass = self.config.batch_size * self.world_size
+        self.global_batch = self.global_batch or per_pass
+        if self.global_batch % per_pass:
+            raise ValueError(f"A global batch of {self.global_batch} is no whole number of batches of "
+                             f"{self.config.batch_size} on {self.world_size} ranks.")
         if self.steps_per_epoch < 1:
             raise ValueError(f"{self.source.num_samples} samples make no step of global batch {self.global_batch}: "
                              "lower the batch size or add data.")
         self.transform = train_transform(self.augment)
         self.mixup = self._build_mixup()
+        self._consumed_before: Optional[np.ndarray] = None     # copies trained on before this loader (all ranks)
+        self._delivered = np.zeros(self.source.num_samples, np.int32)   # ... and by this rank since
 
     @property
-    def global_batch(self) -> int:
-        return self.config.batch_size * self.world_size
+    def accumulation(self) -> int:
+        return self.global_batch // (self.config.batch_size * self.world_size)
 
     @property
     def steps_per_epoch(self) -> int:
-        """Every rank runs this many steps; the last partial global batch of an epoch is dropped."""
+        """Optimizer steps per epoch, the same on every rank; the last partial global batch is dropped."""
         return self.source.num_samples // self.global_batch
+
+    @property
+    def epoch_samples(self) -> int:
+        """Samples trained on per epoch, copies included: the same at any world size (the global batch is held)."""
+        return self.steps_per_epoch * self.global_batch
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch * self.accumulation
 
     def _build_mixup(self) -> Optional[Mixup]:
         """timm's Mixup/CutMix with label smoothing for the batch, or None when both are off."""
@@ -367,28 +448,87 @@ class TrainStream:
             return None
         return RandomErasing(a.reprob, mode=a.remode, max_count=a.recount, device=str(device))
 
-    def _plan(self, epoch: int) -> _EpochPlan:
-        per_rank = self.steps_per_epoch * self.config.batch_size   # samples this rank delivers, copies included
-        unique = math.ceil(per_rank / self.augment.repeated_aug)     # distinct images it reads for them
-        return _EpochPlan(
-            source=self.source, mode=self.config.mode, order=tuple(epoch_shard_order(self.source, self.config.seed, epoch)),
-            lo=self.rank * unique, hi=(self.rank + 1) * unique, num_batches=self.steps_per_epoch,
-            batch_size=self.config.batch_size, repeats=self.augment.repeated_aug,
-            seed=seed_for(self.config.seed, epoch, self.rank))
+    def pool(self, consumed: Optional[np.ndarray] = None) -> np.ndarray:
+        """The epoch's copies not yet trained on, as ascending sample positions, one entry per copy: an epoch
+        is the first ceil(epoch_samples / r) positions of its sequence, r copies each (repeated augmentation)."""
+        repeats = self.augment.repeated_aug
+        unique = math.ceil(self.epoch_samples / repeats)
+        copies = np.full(unique, repeats, np.int64)
+        if consumed is not None:
+            copies = np.maximum(copies - consumed[:unique], 0)
+        return np.repeat(np.arange(unique, dtype=np.int64), copies)
 
-    def loader(self, epoch: int, samples_consumed: int = 0,
-               pin_memory: bool = False) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's uint8 batches of `epoch`, starting after `samples_consumed` (global count) of it;
-        `pin_memory` (for a GPU: `device.pin_memory_for(device)`) pins them in the loader's pin thread."""
-        if samples_consumed % self.global_batch:
-            raise ValueError(f"Resume position {samples_consumed} is not a multiple of the global batch "
-                             f"{self.global_batch}: a run resumes at a step boundary.")
-        skip = samples_consumed // self.global_batch
-        dataset = _WorkerStream(self._plan(epoch), skip, self.transform, self.config)
-        return _CountingLoader(self, dataset, self.steps_per_epoch - skip, self.config.num_workers, pin_memory)
+    def _plan(self, epoch: int, deal: Deal) -> _EpochPlan:
+        """This rank's share of `deal`: the pool cut evenly between the ranks, each rank's part between its
+        workers in proportion to the batches each makes. Contiguous cuts, so a worker reads at most one shard
+        it shares with a neighbour."""
+        batch, workers = self.config.batch_size, max(1, deal.workers)
+        num_batches = (self.epoch_samples - deal.samples_in_epoch) // (batch * self.world_size)
+        wanted = [worker_batches(num_batches, w, workers) * batch for w in range(workers)]
+        order = tuple(epoch_shard_order(self.source, self.config.seed, epoch))
+        fresh = deal.samples_in_epoch == 0 and deal.basis is None
+        seed = seed_for(self.config.seed, epoch, self.rank, *(() if fresh else (deal.samples_in_epoch,)))
+        if self.config.mode == "exact":
+            pool = self.pool(deal.basis)
+            lo, hi = _even_split(0, len(pool), self.rank, self.world_size)
+            pieces = [pool[lo + a:lo + b] for a, b in proportional_cuts(hi - lo, wanted)]
+        else:
+            pieces = [self._resampled_piece(order, seed, w, wanted[w]) for w in range(workers)]
+        return _EpochPlan(source=self.source, order=order, pieces=tuple(pieces), wanted=tuple(wanted),
+                          batch_size=batch, seed=seed)
 
-    def __len__(self) -> int:
-        return self.steps_per_epoch
+    def _resampled_piece(self, order: Sequence[int], seed: int, worker: int, wanted: int) -> np.ndarray:
+        """Whole shards drawn with replacement until they hold `wanted` samples (copies counted)."""
+        rng, repeats = random.Random(seed_for("resampled", seed, worker)), self.augment.repeated_aug
+        starts, slot_of = shard_starts(self.source, order), {shard: slot for slot, shard in enumerate(order)}
+        need, runs = math.ceil(wanted / repeats), []
+        while need > 0:
+            slot = slot_of[rng.randrange(len(self.source.urls))]
+            runs.append(np.arange(starts[slot], starts[slot + 1]))
+            need -= len(runs[-1])
+        return np.repeat(np.concatenate(runs) if runs else np.zeros(0, np.int64), repeats)
+
+    def loader(self, epoch: int, samples_consumed: int = 0, deal: Optional[Deal] = None,
+               consumed: Optional[np.ndarray] = None,
+               pin_memory: bool = False) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """This rank's (uint8 images, labels, sample positions) batches of `epoch` under `deal` (default: the
+        epoch dealt to this layout from its start), after `samples_consumed` (global count) of the epoch, of
+        which `consumed` says which copies (the checkpoint's record; None: none). Give `record` the positions
+        of every batch trained on. `pin_memory` (for a GPU: `device.pin_memory_for(device)`) pins the batches
+        in the loader's pin thread."""
+        deal = deal or Deal(self.world_size, self.config.num_workers)
+        if not deal.same_layout(self.world_size, self.config.num_workers):
+            raise ValueError(f"A deal for {deal.world_size} ranks × {deal.workers} workers cannot feed "
+                             f"{self.world_size} × {self.config.num_workers}: deal the rest anew (EpochPosition.deal_for).")
+        since_deal = samples_consumed - deal.samples_in_epoch
+        if since_deal < 0 or since_deal % self.global_batch:
+            raise ValueError(f"Resume position {samples_consumed} is not a step boundary after the deal at "
+                             f"{deal.samples_in_epoch} (global batch {self.global_batch}): a run resumes at a step "
+                             "boundary.")
+        skip = since_deal // (self.config.batch_size * self.world_size)
+        self._consumed_before = consumed
+        self._delivered[:] = 0
+        dataset = _WorkerStream(self._plan(epoch, deal), skip, self.transform, self.config)
+        batches = (self.epoch_samples - samples_consumed) // (self.config.batch_size * self.world_size)
+        return _CountingLoader(self, dataset, batches, self.config.num_workers, pin_memory)
+
+    @property
+    def delivered(self) -> np.ndarray:
+        """Copies of each sample position this rank trained on since its loader began (see `record`)."""
+        return self._delivered
+
+    def record(self, positions: torch.Tensor) -> None:
+        """Count the samples of a batch this rank trained on (the loader's third field)."""
+        if self.config.mode == "exact":
+            np.add.at(self._delivered, positions.numpy(), 1)
+
+    def consumed(self) -> Optional[np.ndarray]:
+        """The copies of each sample position trained on in this epoch, on all ranks: a collective, called by
+        every rank when a checkpoint is saved. None in the resampled mode."""
+        if self.config.mode != "exact":
+            return None
+        delivered = all_reduce_counts(self._delivered)
+        return delivered if self._consumed_before is None else delivered + self._consumed_before
 
 
 class _CountingLoader:
@@ -407,10 +547,10 @@ class _CountingLoader:
     def __len__(self) -> int:
         return self.length
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, skipped in self.loader:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for images, labels, skipped, *rest in self.loader:
             self.owner.corrupt_skipped += int(skipped)
-            yield images, labels
+            yield images, labels, *rest
 
 
 def train_transform(augment: AugmentConfig) -> Callable[[Image.Image], torch.Tensor]:
@@ -447,24 +587,27 @@ class EvalStream:
     def loader(self, pin_memory: bool = False) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's uint8 batches; `pin_memory` pins them in the loader's pin thread (for a GPU)."""
         lo, hi = _even_split(0, self.source.num_samples, self.rank, self.world_size)
-        plan = _EpochPlan(source=self.source, mode="eval", order=tuple(range(len(self.source.urls))), lo=lo, hi=hi,
-                          num_batches=0, batch_size=self.batch_size, repeats=1, seed=0)
-        config = StreamConfig(batch_size=self.batch_size, num_workers=self.num_workers, shuffle_buffer=0)
         workers = max(1, self.num_workers)
-        length = sum(math.ceil(plan.wanted(w, workers) / self.batch_size) for w in range(workers))
+        pieces = [np.arange(*_even_split(lo, hi, w, workers)) for w in range(workers)]
+        plan = _EpochPlan(source=self.source, order=tuple(range(len(self.source.urls))), pieces=tuple(pieces),
+                          wanted=tuple(len(piece) for piece in pieces), batch_size=self.batch_size, seed=0,
+                          shuffle=False, top_up=False, partial=True)
+        config = StreamConfig(batch_size=self.batch_size, num_workers=self.num_workers, shuffle_buffer=0)
+        length = sum(math.ceil(len(piece) / self.batch_size) for piece in pieces)
         return _CountingLoader(self, _WorkerStream(plan, 0, self.transform, config), length, self.num_workers,
                                pin_memory)
 
 
 def build_train_stream(shards: str | Path | Sequence[str], config: StreamConfig, rank: int, world_size: int,
                        augment: AugmentConfig = AugmentConfig(), num_samples: Optional[int] = None,
-                       num_classes: Optional[int] = None) -> TrainStream:
-    """The training stream of this rank, from a manifest or shard URLs."""
+                       num_classes: Optional[int] = None, global_batch: int = 0) -> TrainStream:
+    """The training stream of this rank, from a manifest or shard URLs; `global_batch` is the samples of one
+    optimizer step on all ranks (default: one batch per rank, no accumulation)."""
     source = ShardSource.resolve(shards, num_samples)
     classes = num_classes or len(source.classes)
     if not classes:
         raise ValueError("Shard URLs without a manifest need num_classes for Mixup's label smoothing.")
-    return TrainStream(source, config, augment, rank, world_size, classes)
+    return TrainStream(source, config, augment, rank, world_size, classes, global_batch)
 
 
 def build_eval_stream(shards: str | Path | Sequence[str], batch_size: int, rank: int, world_size: int,

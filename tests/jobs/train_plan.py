@@ -7,13 +7,18 @@ plan.json is a list of {"argv": [...pretrain.py flags...], "probe": "logits.pt" 
 {"argv": [...], "status": "file"}: pretrain.main's exit status written to the file (a run expected to stop). After a
 run, the trained engine's logits on a fixed batch, probe_images(img_size), are saved to `probe` (eval
 mode; the images cast to the engine's parameter dtype, bf16 engines included; the logits in fp32), so
-tests can compare runs and exports with the live model. With ANTISMOOTH_TEST_KILL_DURING_SAVE=TAG,
+tests can compare runs and exports with the live model. Optional keys, each a file rank 0 writes:
+"state_after_load" and "state_at_end", every parameter's fp32 weights and Adam moments gathered whole
+(DeepSpeed's safe_get_full_* helpers, every ZeRO stage) right after pretrain.resume loaded a checkpoint
+and after the run (its last checkpoint saved); "record", per rank (`-rank{r}` before the suffix), the
+labels and sample positions of every batch the training loop took, with its epoch. With ANTISMOOTH_TEST_KILL_DURING_SAVE=TAG,
 the last rank SIGKILLs itself while saving checkpoint TAG, after its model files and before its
 optimizer shard: a crash in the middle of writing a checkpoint. With ANTISMOOTH_TEST_ENOSPC_DURING_SAVE=TAG,
 writing checkpoint TAG's optimizer shard fails as on a full disk.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -62,6 +67,79 @@ def full_disk_during_save(tag: str) -> None:
     TorchCheckpointEngine.save = save
 
 
+def gathered_state(engine) -> dict[str, tuple[torch.Tensor, ...]]:
+    """{name: (fp32 weights, exp_avg, exp_avg_sq)}, each whole: a collective under ZeRO-3, on every rank."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    # DeepSpeed 0.19.8's ZeRO-1/2 and bf16 optimizers link each parameter to its slice of the Adam moments once,
+    # after the first group's first step: with two parameter groups (weight decay or not) the second group's
+    # moments do not exist yet and stay unlinked. Link again, from the optimizer's current state.
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "_hp_optimizer_states_linked"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+    return {name: tuple(t.detach().cpu().clone() for t in (safe_get_full_fp32_param(p),
+                                                         safe_get_full_optimizer_state(p, "exp_avg"),
+                                                         safe_get_full_optimizer_state(p, "exp_avg_sq")))
+            for name, p in engine.module.named_parameters()}
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+@contextlib.contextmanager
+def state_after_load(path: str | None):
+    """Wrap pretrain.resume so that the engine's whole state is saved to `path` right after it loaded."""
+    if not path:
+        yield
+        return
+    original = pretrain.resume
+
+    def resume(engine, *args, **kwargs):
+        original(engine, *args, **kwargs)
+        state = gathered_state(engine)
+        if rank() == 0:
+            torch.save(state, path)
+
+    pretrain.resume = resume
+    try:
+        yield
+    finally:
+        pretrain.resume = original
+
+
+@contextlib.contextmanager
+def record_batches(path: str | None):
+    """Record (epoch, labels, positions) of every batch the training loop takes: on CPU, DeviceBatches hands out
+    batches lazily, so what it hands out is what is trained on."""
+    if not path:
+        yield
+        return
+    import antismooth.train as train
+
+    records, epoch = [], {"now": None}
+    original_batches, original_epoch = train.DeviceBatches, train.Trainer.train_epoch
+
+    class Recorded(original_batches):
+        def __iter__(self):
+            for batch in super().__iter__():
+                records.append({"epoch": epoch["now"], "labels": batch[1].tolist(), "positions": batch[2].tolist()})
+                yield batch
+
+    def train_epoch(self):
+        epoch["now"] = self.state.epoch
+        return original_epoch(self)
+
+    train.DeviceBatches, train.Trainer.train_epoch = Recorded, train_epoch
+    try:
+        yield
+    finally:
+        train.DeviceBatches, train.Trainer.train_epoch = original_batches, original_epoch
+        stem, suffix = os.path.splitext(path)
+        Path(f"{stem}-rank{rank()}{suffix}").write_text(json.dumps(records))
+
+
 def main(plan_path: str) -> None:
     if os.environ.get("ANTISMOOTH_TEST_KILL_DURING_SAVE"):
         kill_during_save(os.environ["ANTISMOOTH_TEST_KILL_DURING_SAVE"])
@@ -71,14 +149,19 @@ def main(plan_path: str) -> None:
         if entry.get("status"):  # the run as a user starts it: pretrain.main's exit status, its message on stderr
             Path(entry["status"]).write_text(str(pretrain.main(entry["argv"])))
             continue
-        engine = pretrain.run(pretrain.parse_config(entry["argv"]))
+        with state_after_load(entry.get("state_after_load")), record_batches(entry.get("record")):
+            engine = pretrain.run(pretrain.parse_config(entry["argv"]))
+        if entry.get("state_at_end") and engine is not None:
+            state = gathered_state(engine)
+            if rank() == 0:
+                torch.save(state, entry["state_at_end"])
         if entry.get("probe") and engine is not None:
             engine.eval()
             dtype = next(engine.module.parameters()).dtype  # bf16 under a bf16 engine (ZeRO-3: the partitions')
             images = probe_images(engine.module.patch_embed.img_size[0]).to(engine.device, dtype)
             with torch.no_grad():
                 logits = engine(images).float().cpu()
-            if int(os.environ.get("RANK", 0)) == 0:
+            if rank() == 0:
                 torch.save(logits, entry["probe"])
 
 
