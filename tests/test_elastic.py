@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import pretrain
+from antismooth.cli import reshard as reshard_tool
 from antismooth.engine import RunFolder
 from antismooth.reshard import convert_to_universal
 from conftest import (BF16, FULL_BATCH, REPO, TINY_MODEL, TRAIN_PLAN, VENV_BIN, clean_env, ds_config, free_port,
@@ -69,7 +70,8 @@ def elastic(tiny_shards, sample_shards, resume_reference, tmp_path_factory):
     workers = chains["workers"] = work / "workers"
     [entry] = resume_plan(data_config, sample_shards.parent, workers)
     plans["A"].append({"argv": [*entry["argv"], "--max-steps", str(WORKERS_STEPS)], "record": str(workers / "A.json")})
-    plans["C"].append({"argv": [*entry["argv"], "--workers", "3"], "record": str(workers / "C.json")})
+    plans["C"].append({"argv": [*entry["argv"], "--workers", "3", "--max-steps", "6"],   # to the end of epoch 0
+                       "record": str(workers / "C.json")})
 
     logs = {"A": wait_processes(start_processes(_torchrun_nodes(write_plan(plans["A"], work), 2), work, "A"), work, "A")}
     logs["B"] = launch_plan(plans["B"], 1, work, env=ONE_THREAD, torchrun=True)   # node 1 is gone
@@ -158,7 +160,7 @@ def _files(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_a_conversion_killed_midway_leaves_the_checkpoint_usable_and_runs_again(zero_runs, tmp_path):
+def test_a_conversion_killed_midway_leaves_the_checkpoint_usable_and_runs_again(zero_runs, tmp_path, capsys):
     import shutil
     run = Path(shutil.copytree(zero_runs[3, 2].output, tmp_path / "run"))
     tag = RunFolder(run).latest_tag()
@@ -178,12 +180,14 @@ def test_a_conversion_killed_midway_leaves_the_checkpoint_usable_and_runs_again(
     assert _files(checkpoint) == before and RunFolder(run).damaged_files(tag, 0) == []
     assert RunFolder(run).latest_tag() == tag
 
-    again = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "(saved by 2 processes) converted in" in again.stdout
-    assert not partial.exists() and (run / "checkpoints" / f"{tag}_universal" / "zero").is_dir()
+    again = convert_to_universal(run / "checkpoints", tag)   # what the tool or pretrain.py's rank 0 runs
+    assert not again.reused and again.folder == run / "checkpoints" / f"{tag}_universal"
+    assert not partial.exists() and (again.folder / "zero").is_dir()
     assert not (run / "checkpoints" / "latest_universal").exists()
-    assert convert_to_universal(run / "checkpoints", tag).reused
+    assert reshard_tool.main([str(run)]) == 0
+    assert f"{tag} (saved by 2 processes) was already converted" in capsys.readouterr().out
+    assert reshard_tool.main([str(tmp_path / "no-run")]) == 2
+    assert "has no complete checkpoint: give the --output folder of a pretrain.py run" in capsys.readouterr().err
 
 
 def test_a_world_size_that_cannot_hold_the_global_batch_stops_with_the_sizes_that_can(zero_runs, tiny_shards,
