@@ -30,6 +30,7 @@ from antismooth.data.pipeline import AugmentConfig, Deal, EpochPosition, StreamC
 from antismooth.data.shards import load_manifest
 from antismooth.distributed import (DistEnv, all_gather_object, barrier, broadcast_object, check_shared_folder,
                                     detect_launch, init_distributed, log_world)
+from antismooth.ema import ShardedEma
 from antismooth.engine import (RunFolder, TrainingStopped, TrainState, apply_activation_checkpointing,
                                build_scheduler, param_groups)
 from antismooth.models import WeightsMismatchError, load_weights
@@ -92,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--throughput", action="store_true", help="measure training images/s and exit")
     g.add_argument("--skip-nonfinite", type=int, default=d.skip_nonfinite,
                    help="steps with a non-finite loss or gradients to skip (no update) before stopping (default 0)")
+    g = p.add_argument_group("model EMA (DeiT's)")
+    g.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=d.model_ema,
+                   help="keep an exponential moving average of the weights, evaluated and saved beside them")
+    g.add_argument("--model-ema-decay", type=float, default=d.model_ema_decay)
+    g.add_argument("--model-ema-warmup", action="store_true", help="timm's EMA warmup: a smaller decay early on")
     return p
 
 
@@ -250,6 +256,7 @@ def run(config: TrainConfig):
         # The learning rate of the next step from the step count, not from whatever the loaded optimizer groups
         # hold: DeepSpeed's ZeRO-3 universal loading does not restore them.
         scheduler.step_update(state.global_step)
+    ema = build_ema(engine, env, config, run_folder, resume_tag) if config.model_ema else None
 
     if env.rank == 0:
         log_start(config, ds, derived, meta, run_folder, num_params, len(model.blocks), resume_tag)
@@ -264,7 +271,7 @@ def run(config: TrainConfig):
                                 env.rank, env.world_size, augment, global_batch=derived.global_batch)
     trainer = Trainer(config=config, ds=ds, derived=derived, env=env, engine=engine, scheduler=scheduler,
                       stream=stream, state=state, run_folder=run_folder, meta=meta, dtype=dtype,
-                      val_manifest=val_manifest, augment=augment)
+                      val_manifest=val_manifest, augment=augment, ema=ema)
     trainer.train()
     return engine
 
@@ -343,6 +350,22 @@ def resume(engine, run_folder: RunFolder, tag: str, state: TrainState, env: Dist
                 f"loader workers, now {left} to {env.world_size} × {config.workers}")
     log.info("Resumed from %s: epoch %d, step %d, %d samples into the epoch%s.", tag, state.epoch, state.global_step,
              state.samples_in_epoch, how)
+
+
+def build_ema(engine, env: DistEnv, config: TrainConfig, run_folder: RunFolder, resume_tag: Optional[str]) -> ShardedEma:
+    """DeiT's model EMA on this rank's fp32 master fragments (after any load: they are views of what was loaded),
+    resumed from the checkpoint's EMA files, which any world size can read."""
+    ema = ShardedEma(engine, env.rank, config.model_ema_decay, config.model_ema_warmup)
+    if resume_tag is None:
+        return ema
+    tag_dir = run_folder.checkpoints / resume_tag
+    try:
+        ema.load(tag_dir)
+    except (KeyError, OSError, RuntimeError) as err:
+        # A checkpoint of a run without --model-ema (or with a rank's EMA file lost): the average starts again.
+        log.warning("No model EMA could be read from %s (%s): the EMA starts again from the current weights.",
+                    tag_dir, err)
+    return ema
 
 
 def convert_for_resume(run_folder: RunFolder, tag: str, env: DistEnv) -> Conversion:

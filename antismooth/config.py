@@ -70,6 +70,10 @@ class TrainConfig:
     throughput: bool = False
     max_steps: Optional[int] = None           # stop early (smoke runs, tests); the schedule still spans epochs
     skip_nonfinite: int = 0                   # optimizer steps with non-finite loss/gradients to skip before stopping
+    # DeiT's model EMA (on by default there): antismooth.ema keeps it on each rank's fp32 master fragments
+    model_ema: bool = True
+    model_ema_decay: float = 0.99996
+    model_ema_warmup: bool = False            # timm's EMA warmup (ModelEmaV3 use_warmup)
 
     def __post_init__(self) -> None:
         checks = [
@@ -86,6 +90,7 @@ class TrainConfig:
             (not self.eval_only or self.finetune, "--eval-only evaluates given weights: add --finetune PATH."),
             (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}."),
             (self.skip_nonfinite >= 0, f"--skip-nonfinite must be 0 or more, got {self.skip_nonfinite}."),
+            (0 <= self.model_ema_decay < 1, f"--model-ema-decay must be in [0, 1), got {self.model_ema_decay}."),
         ]
         for ok, message in checks:
             if not ok:

@@ -128,8 +128,9 @@ class TrainState:
 
 # DeepSpeed's per-rank optimizer shard: zero_pp_rank_{rank}_mp_rank_00_optim_states.pt (bf16_ prefixed under bf16).
 _ZERO_SHARD = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
-# Any file of one rank's (ZeRO-3 also writes zero_pp_rank_{rank}_mp_rank_00_model_states.pt).
-_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
+# Any file of one rank's (ZeRO-3 also writes zero_pp_rank_{rank}_mp_rank_00_model_states.pt; antismooth.ema
+# ema_rank{rank}.pt).
+_RANK_FILE = re.compile(r"(?:zero_pp_rank_|ema_rank)(\d+)[_.]")
 _TAG = re.compile(r"step\d{8}")
 _UNIVERSAL = re.compile(r"step\d{8}_universal(\.partial)?")   # antismooth.reshard's conversions
 

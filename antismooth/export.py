@@ -43,7 +43,7 @@ LATEST_FILE = "latest"                 # DeepSpeed's name for the newest complet
 REQUIRED_META = ("model", "model_kwargs", "classes", "data_config")
 # Metadata values that are not strings travel JSON-encoded (safetensors metadata is str -> str).
 JSON_META_KEYS = ("model_kwargs", "classes", "data_config", "step", "epoch", "zero_stage", "world_size", "global_batch",
-                  "micro_batch")
+                  "micro_batch", "ema")
 TIMM_CONFIG = "config.json"            # a timm folder's description (timm.models.save_for_hf)
 TIMM_META_KEY = "antismooth"           # our provenance (tag, step, ZeRO stage…) inside that config.json
 DATA_CONFIG_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
@@ -410,31 +410,55 @@ def _check_against_model(state_dict: Mapping[str, torch.Tensor], meta: Mapping[s
                               f"({meta['model']} with {meta['model_kwargs']}); fix that file:\n{mismatch}")
 
 
-def consolidate_checkpoint(path: str | Path, tag: Optional[str] = None, dtype: str = "fp32"
+def consolidate_checkpoint(path: str | Path, tag: Optional[str] = None, dtype: str = "fp32", ema: bool = False
                            ) -> tuple[CheckpointRef, dict[str, torch.Tensor], dict[str, Any]]:
-    """The checked checkpoint, its consolidated state_dict in `dtype` and the description an export carries
-    (the tag's antismooth.json plus where it came from); the slow part every export format shares."""
+    """The checked checkpoint, its consolidated state_dict in `dtype` (with `ema`, the model EMA's weights instead)
+    and the description an export carries (the tag's antismooth.json plus where it came from); the slow part
+    every export format shares."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
     ref = resolve_checkpoint(path, tag)
     meta = read_model_meta(ref.tag_dir)
     if meta is None:
+        if ema:
+            raise CheckpointError(f"{ref.tag_dir} has no {META_FILE}, which names the model whose EMA to rebuild: "
+                                  "export it without --ema.")
         _logger.warning("%s has no %s: the export will not say which model it holds, so tools/eval.py needs "
                         "--model for it.", ref.tag_dir, META_FILE)
-    state_dict = consolidate(ref, DTYPES[dtype])
+    state_dict = consolidate_ema(ref, meta, DTYPES[dtype]) if ema else consolidate(ref, DTYPES[dtype])
     if meta is not None:
         _check_against_model(state_dict, meta, ref)
-    export_meta = dict(meta or {}, tag=ref.tag, zero_stage=ref.stage, world_size=ref.world_size, dtype=dtype)
+    export_meta = dict(meta or {}, tag=ref.tag, zero_stage=ref.stage, world_size=ref.world_size, dtype=dtype,
+                       **({"ema": True} if ema else {}))
     return ref, state_dict, export_meta
 
 
+def consolidate_ema(ref: CheckpointRef, meta: Mapping[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model EMA of a checkpoint (antismooth.ema's per-rank files), whole, shaped as the model's parameters."""
+    from .ema import read_ema_state_dict
+
+    with torch.device("meta"):
+        model = timm.create_model(meta["model"], **meta["model_kwargs"])
+    shapes = {name: param.shape for name, param in model.named_parameters()}
+    try:
+        state_dict = read_ema_state_dict(ref.tag_dir, shapes, dtype)
+    except (KeyError, ValueError, RuntimeError, OSError) as err:
+        raise CheckpointError(f"the model EMA of {ref.tag_dir} cannot be rebuilt ({err}): export another tag, or "
+                              "the weights without --ema.") from err
+    if state_dict is None:
+        raise CheckpointError(f"{ref.tag_dir} holds no model EMA (the run was trained with --no-model-ema): export "
+                              "the weights without --ema.")
+    return state_dict
+
+
 def export_checkpoint(path: str | Path, out: str | Path, tag: Optional[str] = None, dtype: str = "fp32",
-                      overwrite: bool = False) -> ExportResult:
-    """Consolidate one checkpoint (default: `latest`) of a run into a weights file timm loads with strict=True."""
+                      overwrite: bool = False, ema: bool = False) -> ExportResult:
+    """Consolidate one checkpoint (default: `latest`) of a run, or its model EMA, into a weights file timm loads
+    with strict=True."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
     _check_output(Path(out), overwrite)  # before the slow part
-    ref, state_dict, export_meta = consolidate_checkpoint(path, tag, dtype)
+    ref, state_dict, export_meta = consolidate_checkpoint(path, tag, dtype, ema)
     written = save_weights(state_dict, out, export_meta, overwrite)
     num_params = sum(t.numel() for t in state_dict.values())
     return ExportResult(written, ref, export_meta, num_params, written.stat().st_size)

@@ -172,12 +172,13 @@ def save_timm_folder(model: nn.Module, meta: Mapping[str, Any], out: str | Path,
 
 
 def export_timm(path: str | Path, out: str | Path, tag: Optional[str] = None, dtype: str = "fp32",
-                overwrite: bool = False) -> tuple[ExportResult, nn.Module, dict[str, Any]]:
-    """Consolidate one checkpoint into a timm folder; also returns the model and card (for push_to_hub)."""
+                overwrite: bool = False, ema: bool = False) -> tuple[ExportResult, nn.Module, dict[str, Any]]:
+    """Consolidate one checkpoint (or its model EMA) into a timm folder; also returns the model and card (for
+    push_to_hub)."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
     _check_folder_output(Path(out), overwrite)  # before the slow part
-    ref, state_dict, meta = consolidate_checkpoint(path, tag, dtype)
+    ref, state_dict, meta = consolidate_checkpoint(path, tag, dtype, ema)
     if "model" not in meta:
         raise ValueError(f"{ref.tag_dir} has no antismooth.json, so its model cannot be named in timm's config.json; "
                          "write one with antismooth.export.write_model_meta, or export a file (--format file).")

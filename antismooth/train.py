@@ -25,6 +25,7 @@ from .config import DeepSpeedSettings, Derived, TrainConfig
 from .data.device import DeviceBatches, pin_memory_for, to_device
 from .data.pipeline import AugmentConfig, Deal, EpochPosition, build_eval_stream, reduce_eval_metrics, seed_for
 from .distributed import DistEnv, all_reduce, barrier
+from .ema import ShardedEma
 from .engine import RunFolder, TrainingStopped, TrainState, checkpoint_tag
 from .evaluate import evaluate
 from .export import write_model_meta
@@ -89,6 +90,7 @@ class Trainer:
     dtype: torch.dtype
     val_manifest: Optional[Path]
     augment: AugmentConfig
+    ema: Optional[ShardedEma] = None  # DeiT's model EMA (--model-ema), updated after every optimizer step
 
     def __post_init__(self) -> None:
         self.criterion = criterion_for(self.augment, self.stream.mixup is not None)
@@ -166,6 +168,8 @@ class Trainer:
             state.samples_seen += derived.global_batch
             state.corrupt_skipped = self.stream.corrupt_skipped
             self.scheduler.step_update(state.global_step)
+            if self.ema is not None:
+                self.ema.update(state.global_step)
             # The mean over ranks: one collective per step, both the divergence check's and the logged loss
             # (a non-finite loss on any rank makes the sum non-finite).
             loss = all_reduce([torch.stack(losses).mean().item()])[0] / self.env.world_size
@@ -259,6 +263,9 @@ class Trainer:
                                  dict(self.meta, step=self.state.global_step, epoch=self.state.epoch,
                                       global_batch=self.derived.global_batch, micro_batch=self.derived.micro_batch,
                                       world_size=self.env.world_size))
+            if self.ema is not None:  # each rank's own fragments, before its files are flushed
+                (self.run_folder.checkpoints / tag).mkdir(parents=True, exist_ok=True)
+                self.ema.save(self.run_folder.checkpoints / tag)
             self.engine.save_checkpoint(str(self.run_folder.checkpoints), tag=tag, save_latest=False,
                                         client_state={"antismooth": self.state.state_dict(),
                                                       # lets DeepSpeed's ds_to_universal convert ZeRO-1/2 checkpoints
@@ -286,13 +293,23 @@ class Trainer:
                               "(or lower --keep) and run the same command to resume from it.") from err
 
     def evaluate(self) -> None:
+        """The model on the validation split, and its EMA beside it (DeiT's `Accuracy of the EMA`)."""
+        self._evaluate("eval", "")
+        if self.ema is not None:
+            self.ema.swap()      # the model holds the EMA ...
+            try:
+                self._evaluate("eval_ema", "EMA ")
+            finally:
+                self.ema.swap()  # ... and its own weights again
+
+    def _evaluate(self, prefix: str, label: str) -> None:
         metrics = evaluate_split(self.engine, self.val_manifest, self.derived.micro_batch, self.env, self.augment,
                                  self.config.workers, self.dtype, self.ds.zero_stage)
         if self.env.rank == 0:
-            log.info("eval epoch %d: top-1 %.2f %% | top-5 %.2f %% | loss %.4f | %d images", self.state.epoch,
+            log.info("eval %sepoch %d: top-1 %.2f %% | top-5 %.2f %% | loss %.4f | %d images", label, self.state.epoch,
                      metrics["top1"], metrics["top5"], metrics["loss"], metrics["count"])
             for key in ("top1", "top5", "loss"):
-                self.writer.add_scalar(f"eval/{key}", metrics[key], self.state.global_step)
+                self.writer.add_scalar(f"{prefix}/{key}", metrics[key], self.state.global_step)
 
 
 # TensorBoard tags of antismooth.spectral.paper_parameters' per-block curves.

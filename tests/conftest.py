@@ -73,7 +73,7 @@ TINY_MODEL = ["--model", "attnscale_tiny_24", "--model-kwargs", "patch_size=8", 
 # Every step sees the whole 16-image set, unaugmented: runs at any world size see the same data.
 FULL_BATCH = ["--no-aug", "--mixup", "0", "--cutmix", "0", "--smoothing", "0", "--repeated-aug", "1",
               "--drop-path", "0", "--epochs", "6", "--warmup-epochs", "0", "--lr", "0.05", "--min-lr", "1e-4",
-              "--workers", "2", "--log-every", "1", "--spectral-every", "3"]
+              "--workers", "2", "--log-every", "1", "--spectral-every", "3", "--model-ema-decay", "0.5"]
 FULL_BATCH_SIZE = 16
 
 
@@ -262,7 +262,9 @@ def zero_runs(tiny_shards: Path, uneven_val_shards: Path,
             out = outputs[key] = work / f"{name}-world{world}"
             argv = ["--deepspeed_config", str(ds_config(work / f"{name}.json", stage, **extra)), "--data",
                     str(tiny_shards), "--output", str(out), *TINY_MODEL, *FULL_BATCH, *flags, "--save-every", "4"]
-            plan.append({"argv": argv, "probe": str(out / "probe.pt")})
+            # ZeRO-1 on one process also records its weights at the start and after every step (tests/test_ema.py)
+            weights = {"weights_each_step": str(out / "weights.pt")} if (key, world) == (1, 1) else {}
+            plan.append({"argv": argv, "probe": str(out / "probe.pt"), **weights})
         log = launch_plan(plan, world, work)
         for key, out in outputs.items():
             runs[key, world] = TrainedRun(out, out / "probe.pt", log)
@@ -274,7 +276,7 @@ def zero_runs(tiny_shards: Path, uneven_val_shards: Path,
 # 103 images, global batch 16: 6 steps per epoch, 12 in all; full DeiT augmentation with Mixup/CutMix,
 # repeated augmentation and drop path; checkpoints at steps 4, 6, 8 and 12.
 RESUME_FLAGS = [*TINY_MODEL, "--epochs", "2", "--warmup-epochs", "1", "--lr", "0.01", "--workers", "2",
-                "--save-every", "4", "--keep", "2", "--log-every", "1", "--drop-path", "0.1"]
+                "--save-every", "4", "--keep", "2", "--log-every", "1", "--drop-path", "0.1", "--model-ema-decay", "0.9"]
 
 
 def resume_plan(config: Path, shards: Path, out: Path, record: bool = False) -> list[dict]:

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import pretrain
+from antismooth.cli import export as export_tool
 from antismooth.cli import reshard as reshard_tool
 from antismooth.engine import RunFolder
 from antismooth.reshard import convert_to_universal
@@ -108,10 +109,19 @@ def test_the_run_continues_as_the_uninterrupted_run_with_its_batch_and_schedule(
     assert f"step{first:08d}_universal (converted in" in logs["B"] and "saved by 2 processes, loaded on 1" in logs["B"]
     assert f"Resumed from step{second:08d}" in logs["C"] and "saved by 1 process, loaded on 2" in logs["C"]
     assert "global batch 16 = 8 per process × 2 accumulation × 1 process;" in logs["B"]
+    averages = [_ema(run, out.parent / f"{chain}-{i}.safetensors") for i, run in enumerate((out, uninterrupted))]
+    for name in averages[1]:   # the model EMA, cut and joined again at each change of world size
+        torch.testing.assert_close(averages[0][name], averages[1][name], rtol=0, atol=1e-2 if bf16 else 1e-5)
     folder = RunFolder(out)
     assert folder.latest_tag() == f"step{epochs:08d}"
     left = sorted(p.name for p in folder.checkpoints.iterdir())
     assert not [name for name in left if "universal" in name], left   # conversions pruned once superseded
+
+
+def _ema(run: Path, out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    assert export_tool.main([str(run), "--out", str(out), "--ema", "--overwrite"]) == 0
+    return load_file(out)
 
 
 # --- the data position ------------------------------------------------------------------------------------

@@ -146,6 +146,20 @@ def test_a_run_killed_twice_ends_with_the_weights_of_an_uninterrupted_run(resume
     assert scalars(resume_runs["killed"], "train/loss")[-1] == scalars(resume_runs["reference"], "train/loss")[-1]
 
 
+def test_a_run_killed_twice_ends_with_the_model_ema_of_an_uninterrupted_run(resume_runs, tmp_path):
+    from safetensors.torch import load_file
+
+    from antismooth.cli import export as export_tool
+
+    averages = []
+    for name in ("killed", "reference"):
+        out = tmp_path / f"{name}.safetensors"
+        assert export_tool.main([str(resume_runs[name]), "--out", str(out), "--ema"]) == 0
+        averages.append(load_file(out))
+    assert averages[0].keys() == averages[1].keys()
+    assert all(torch.equal(averages[0][k], averages[1][k]) for k in averages[0])
+
+
 def test_a_checkpoint_cut_short_is_never_resumed_from(resume_runs):
     """One rank died while writing step 8's optimizer shard: `latest` must still name an older checkpoint."""
     assert "Resumed from step0000000" in resume_runs["second_log"]

@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="with --format timm: also upload the model to this Hugging Face Hub repo (org/name)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                    help="dtype of the floating-point weights written (default: %(default)s)")
+    p.add_argument("--ema", action="store_true",
+                   help="export the model EMA the run kept (--model-ema, on by default) instead of its weights")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     if args.push_to_hub and args.format != "timm":
@@ -50,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.format == "timm":
             result, model, card = export_timm(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype,
-                                              overwrite=args.overwrite)
+                                              overwrite=args.overwrite, ema=args.ema)
         else:
             result = export_checkpoint(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype,
-                                       overwrite=args.overwrite)
+                                       overwrite=args.overwrite, ema=args.ema)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.format == "file":
         ref = result.ref
         model_name = result.meta.get("model", "an undescribed model (tools/eval.py will need --model)")
-        print(f"exported {ref.tag} of {ref.checkpoint_dir} (ZeRO-{ref.stage or '1/2'}, {ref.world_size} rank"
+        what = "the model EMA of " if args.ema else ""
+        print(f"exported {what}{ref.tag} of {ref.checkpoint_dir} (ZeRO-{ref.stage or '1/2'}, {ref.world_size} rank"
               f"{'s' if ref.world_size > 1 else ''}): {model_name}, {result.num_params / 1e6:.2f} M values in "
               f"{args.dtype} -> {result.path} ({result.num_bytes / 1e6:.1f} MB, {seconds:.1f} s)")
         return 0

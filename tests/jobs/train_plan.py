@@ -11,7 +11,8 @@ tests can compare runs and exports with the live model. Optional keys, each a fi
 "state_after_load" and "state_at_end", every parameter's fp32 weights and Adam moments gathered whole
 (DeepSpeed's safe_get_full_* helpers, every ZeRO stage) right after pretrain.resume loaded a checkpoint
 and after the run (its last checkpoint saved); "record", per rank (`-rank{r}` before the suffix), the
-labels and sample positions of every batch the training loop took, with its epoch. With ANTISMOOTH_TEST_KILL_DURING_SAVE=TAG,
+labels and sample positions of every batch the training loop took, with its epoch; "weights_each_step",
+the whole fp32 weights when training starts and after every optimizer step (a list). With ANTISMOOTH_TEST_KILL_DURING_SAVE=TAG,
 the last rank SIGKILLs itself while saving checkpoint TAG, after its model files and before its
 optimizer shard: a crash in the middle of writing a checkpoint. With ANTISMOOTH_TEST_ENOSPC_DURING_SAVE=TAG,
 writing checkpoint TAG's optimizer shard fails as on a full disk.
@@ -140,6 +141,37 @@ def record_batches(path: str | None):
         Path(f"{stem}-rank{rank()}{suffix}").write_text(json.dumps(records))
 
 
+@contextlib.contextmanager
+def weights_each_step(path: str | None):
+    """Record {name: whole fp32 weights} when Trainer.train starts and after every optimizer step (after_step)."""
+    if not path:
+        yield
+        return
+    import antismooth.train as train
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    history, original_train, original_after = [], train.Trainer.train, train.Trainer.after_step
+
+    def snapshot(engine):
+        history.append({n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()})
+
+    def train_(self):
+        snapshot(self.engine)
+        return original_train(self)
+
+    def after_step(self, loss):
+        snapshot(self.engine)
+        return original_after(self, loss)
+
+    train.Trainer.train, train.Trainer.after_step = train_, after_step
+    try:
+        yield
+    finally:
+        train.Trainer.train, train.Trainer.after_step = original_train, original_after
+        if rank() == 0:
+            torch.save(history, path)
+
+
 def main(plan_path: str) -> None:
     if os.environ.get("ANTISMOOTH_TEST_KILL_DURING_SAVE"):
         kill_during_save(os.environ["ANTISMOOTH_TEST_KILL_DURING_SAVE"])
@@ -149,7 +181,8 @@ def main(plan_path: str) -> None:
         if entry.get("status"):  # the run as a user starts it: pretrain.main's exit status, its message on stderr
             Path(entry["status"]).write_text(str(pretrain.main(entry["argv"])))
             continue
-        with state_after_load(entry.get("state_after_load")), record_batches(entry.get("record")):
+        with state_after_load(entry.get("state_after_load")), record_batches(entry.get("record")), \
+                weights_each_step(entry.get("weights_each_step")):
             engine = pretrain.run(pretrain.parse_config(entry["argv"]))
         if entry.get("state_at_end") and engine is not None:
             state = gathered_state(engine)
