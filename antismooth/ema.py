@@ -3,8 +3,10 @@ kept on the fp32 master weights each rank already holds, never gathered per step
 
 Every ZeRO stage splits the fp32 master copy of each parameter into fragments, one per rank (ZeRO-1/2:
 slices of the flat optimizer partition, `param._hp_mapping`; ZeRO-3: the parameter's partition). Each
-rank averages its own fragments in place after every optimizer step: the EMA costs 4 bytes per
-parameter divided by the world size, like the master copy, and one fused lerp per step.
+rank averages its own fragments after every optimizer step, on the device the masters live on (the CPU
+under optimizer offload): the EMA costs 4 bytes per parameter divided by the world size, like the master
+copy, and one fused lerp per step. DeepSpeed has no public view of these fragments (its
+safe_get_local_* helpers copy), so they are taken from the optimizers' own bookkeeping.
 
 The average is saved beside each checkpoint as one file per rank, `ema_rank{r}.pt`: per parameter, where
 its fragment starts in the flattened parameter, and the fragment. That names nothing of the world size,
@@ -22,6 +24,8 @@ from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
+
+from .config import ConfigError
 
 __all__ = ["ShardedEma", "ema_files", "read_ema_state_dict", "EMA_FILE"]
 
@@ -41,14 +45,21 @@ def local_fragments(engine, rank: int) -> tuple[list[_Fragment], bool]:
     holds them all (no ZeRO, fp32: the module's weights are the masters; only rank 0 saves them)."""
     params = list(engine.module.named_parameters())
     if engine.zero_optimization_stage() == 3:                 # this rank's partition of each, padded at the end
-        from deepspeed.utils import safe_get_local_fp32_param
-
+        optimizer = engine.optimizer
+        if getattr(optimizer, "swap_optimizer", False):
+            raise ConfigError("--model-ema cannot follow optimizer states swapped to NVMe (offload_optimizer.device "
+                              "nvme): offload to cpu, or add --no-model-ema.")
         fragments = []
         for name, param in params:
             offset = rank * param.ds_tensor.ds_numel
             valid = max(0, min(param.ds_tensor.ds_numel, param.ds_numel - offset))
             if valid:
-                fragments.append(_Fragment(name, offset, safe_get_local_fp32_param(param).view(-1)[:valid]))
+                # Where safe_get_local_fp32_param reads (stage3.py, _get_fp32_opt_state_partition), as a view: that
+                # function copies to the GPU when the masters are offloaded to CPU memory, and the average must
+                # follow the masters in place, wherever they live.
+                group, start, count = optimizer.grad_position[optimizer.get_param_id(param)]
+                master = optimizer.fp32_partitioned_groups_flat[group].narrow(0, start, count)
+                fragments.append(_Fragment(name, offset, master[:valid]))
         return fragments, False
     mapped = [(name, param._hp_mapping) for name, param in params if getattr(param, "_hp_mapping", None) is not None]
     if mapped:                                                # ZeRO-1/2, and DeepSpeed's bf16 optimizer: the slices
@@ -82,7 +93,8 @@ class ShardedEma:
         return path
 
     def load(self, tag_dir: Path) -> None:
-        """Cut this rank's fragments out of the average saved in `tag_dir` by any number of ranks."""
+        """Cut this rank's fragments out of the average saved in `tag_dir` by any number of ranks (every rank's
+        file is read into host memory: 4 bytes per parameter, once, at start-up)."""
         pieces = _read_pieces(ema_files(tag_dir))
         for i, f in enumerate(self.fragments):
             if f.name not in pieces:

@@ -29,8 +29,8 @@ from antismooth.cli import export as export_tool
 from antismooth.cli import reshard as reshard_tool
 from antismooth.engine import RunFolder
 from antismooth.reshard import convert_to_universal
-from conftest import (BF16, FULL_BATCH, REPO, TINY_MODEL, TRAIN_PLAN, VENV_BIN, clean_env, ds_config, free_port,
-                      launch_plan, resume_plan, start_processes, wait_processes, write_plan)
+from conftest import (BF16, EMA_RUNS, FULL_BATCH, REPO, TINY_MODEL, TRAIN_PLAN, VENV_BIN, WITH_EMA, clean_env,
+                      ds_config, free_port, launch_plan, resume_plan, start_processes, wait_processes, write_plan)
 from test_train import scalars
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -57,8 +57,8 @@ def elastic(tiny_shards, sample_shards, resume_reference, tmp_path_factory):
     for name, stage, extra, epochs, _, first, second in CHAINS:
         out = chains[name] = work / name
         argv = ["--deepspeed_config", str(ds_config(work / f"{name}.json", stage, **extra)), "--data", str(tiny_shards),
-                "--output", str(out), *TINY_MODEL, *FULL_BATCH, "--epochs", str(epochs), "--save-every", "4",
-                "--no-eval", "--spectral-every", "0"]
+                "--output", str(out), *TINY_MODEL, *FULL_BATCH, *WITH_EMA, "--epochs", str(epochs),
+                "--save-every", "4", "--no-eval", "--spectral-every", "0"]
         plans["A"].append({"argv": [*argv, "--max-steps", str(first)], "state_at_end": str(out / "A-end.pt")})
         plans["B"].append({"argv": [*argv, "--max-steps", str(second)], "state_after_load": str(out / "B-load.pt"),
                            "state_at_end": str(out / "B-end.pt")})
@@ -109,9 +109,10 @@ def test_the_run_continues_as_the_uninterrupted_run_with_its_batch_and_schedule(
     assert f"step{first:08d}_universal (converted in" in logs["B"] and "saved by 2 processes, loaded on 1" in logs["B"]
     assert f"Resumed from step{second:08d}" in logs["C"] and "saved by 1 process, loaded on 2" in logs["C"]
     assert "global batch 16 = 8 per process × 2 accumulation × 1 process;" in logs["B"]
-    averages = [_ema(run, out.parent / f"{chain}-{i}.safetensors") for i, run in enumerate((out, uninterrupted))]
-    for name in averages[1]:   # the model EMA, cut and joined again at each change of world size
-        torch.testing.assert_close(averages[0][name], averages[1][name], rtol=0, atol=1e-2 if bf16 else 1e-5)
+    if reference in EMA_RUNS:   # the model EMA, cut and joined again at each change of world size
+        averages = [_ema(run, out.parent / f"{chain}-{i}.safetensors") for i, run in enumerate((out, uninterrupted))]
+        for name in averages[1]:
+            torch.testing.assert_close(averages[0][name], averages[1][name], rtol=0, atol=1e-5)
     folder = RunFolder(out)
     assert folder.latest_tag() == f"step{epochs:08d}"
     left = sorted(p.name for p in folder.checkpoints.iterdir())
