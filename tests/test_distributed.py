@@ -171,13 +171,6 @@ def _latest(run: Path) -> str | None:
     return latest.read_text() if latest.is_file() else None
 
 
-def _deepspeed_nodes(hostfile: Path, plan: Path) -> list[tuple[list, dict]]:
-    """DeepSpeed's launcher run once per node, without ssh: `--hostfile H --no_ssh --node_rank N`."""
-    port = str(free_port())
-    return [([VENV_BIN / "deepspeed", "--hostfile", hostfile, "--no_ssh", "--node_rank", str(node),
-              "--master_addr", "127.0.0.1", "--master_port", port, TRAIN_PLAN, plan], ONE_THREAD) for node in (0, 1)]
-
-
 def _torchrun_nodes(plan: Path) -> list[tuple[list, dict]]:
     port = str(free_port())
     return [([VENV_BIN / "torchrun", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
@@ -185,19 +178,10 @@ def _torchrun_nodes(plan: Path) -> list[tuple[list, dict]]:
 
 
 @pytest.fixture(scope="module")
-def two_node_runs(tiny_shards, sample_shards, resume_reference, tmp_path_factory):
-    """DeepSpeed's hostfile launcher on two nodes trains the full-batch ZeRO-2 run of conftest.zero_runs; torchrun
-    on two nodes runs conftest's resume run, one node killed mid-run, then both started again."""
+def two_node_runs(sample_shards, resume_reference, tmp_path_factory):
+    """torchrun on two nodes runs conftest's resume run, one node killed mid-run, then both started again. (DeepSpeed's
+    hostfile launcher on two nodes is tests/test_elastic.py's launch C.)"""
     work = tmp_path_factory.mktemp("two-nodes")
-    hostfile = work / "hostfile"
-    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")  # one line per node, unique names
-    full = work / "full-batch"
-    argv = ["--deepspeed_config", str(ds_config(work / "zero2.json", 2)), "--data", str(tiny_shards),
-            "--output", str(full), *TINY_MODEL, *FULL_BATCH, "--save-every", "4"]
-    plan = write_plan([{"argv": argv, "probe": str(full / "probe.pt")}], work)
-    deepspeed_logs = wait_processes(start_processes(_deepspeed_nodes(hostfile, plan), work, "deepspeed"), work,
-                                    "deepspeed")
-
     config, reference = resume_reference
     killed = work / "killed"
     plan = write_plan(resume_plan(config, sample_shards.parent, killed), work)
@@ -214,33 +198,8 @@ def two_node_runs(tiny_shards, sample_shards, resume_reference, tmp_path_factory
     after_kill = _latest(killed)
     restarted = wait_processes(start_processes(_torchrun_nodes(plan), work, "torchrun-restarted"), work,
                                "torchrun-restarted")
-    return {"full": full, "deepspeed_logs": deepspeed_logs, "killed": killed, "reference": reference,
-            "after_kill": after_kill, "node0_after_kill": node0_after_kill, "restarted_logs": restarted}
-
-
-def test_two_deepspeed_nodes_train_as_the_two_process_run(two_node_runs, zero_runs):
-    log = two_node_runs["deepspeed_logs"][0]
-    assert "2 processes on 2 nodes (deepspeed launch, gloo backend)" in log
-    assert "node 1 (" in log and "ranks 1 on cpu" in log
-    full, two_processes = two_node_runs["full"], zero_runs[2, 2].output
-    assert scalars(full, "train/loss") == pytest.approx(scalars(two_processes, "train/loss"), rel=1e-4)
-    torch.testing.assert_close(torch.load(full / "probe.pt"), torch.load(zero_runs[2, 2].probe), rtol=1e-3, atol=1e-4)
-    assert _latest(full) == "step00000006"
-
-
-def test_a_two_node_run_exports(two_node_runs, tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "tools"))
-    sys.path.insert(0, str(REPO / "tests" / "jobs"))
-    import export as export_tool
-    from antismooth.export import create_model_from_weights
-    from train_plan import probe_images
-
-    out = tmp_path / "two-nodes.safetensors"
-    assert export_tool.main([str(two_node_runs["full"]), "--out", str(out)]) == 0, capsys.readouterr().err
-    model, _ = create_model_from_weights(out)
-    with torch.no_grad():
-        logits = model.eval()(probe_images(model.patch_embed.img_size[0]))
-    torch.testing.assert_close(logits, torch.load(two_node_runs["full"] / "probe.pt"), rtol=0, atol=1e-5)
+    return {"killed": killed, "reference": reference, "after_kill": after_kill, "node0_after_kill": node0_after_kill,
+            "restarted_logs": restarted}
 
 
 def test_a_node_lost_mid_run_then_both_restarted_resumes_sample_exactly(two_node_runs):

@@ -4,7 +4,9 @@ and data position (real DeepSpeed engines, real launchers, CPU and gloo).
 Three launches serve every test here (a DeepSpeed launch costs ~20-40 s on the CI machine):
   A: two torchrun "nodes" of one process each: every chain's first part, then node 1 is gone;
   B: node 0 alone (`torchrun --nnodes 1 --nproc_per_node 1`, the README's command): each chain goes on at world 1;
-  C: `deepspeed --num_gpus 2`: each chain goes on at world 2 again and finishes.
+  C: two "nodes" again, by DeepSpeed's hostfile launcher once per node (`--hostfile H --no_ssh --node_rank N`):
+     each chain goes on at world 2 and finishes; it also trains conftest's full-batch ZeRO-2 run from scratch,
+     which must equal the 2-process run of one launcher.
 The chains: ZeRO-1, 2 and 3 (fp32) and ZeRO-3 bf16 on conftest's full-batch runs (every step sees all 16 images,
 so the losses of an uninterrupted run at any world size are the reference), and conftest's resume run (103 images,
 full DeiT augmentation, repeated augmentation, 6 steps per epoch) changing size mid-epoch, batches recorded; a
@@ -48,6 +50,13 @@ def _torchrun_nodes(plan: Path, nodes: int) -> list[tuple[list, dict]]:
             for node in range(nodes)]
 
 
+def _deepspeed_nodes(hostfile: Path, plan: Path) -> list[tuple[list, dict]]:
+    """DeepSpeed's launcher run once per node, without ssh: `--hostfile H --no_ssh --node_rank N`."""
+    port = str(free_port())
+    return [([VENV_BIN / "deepspeed", "--hostfile", hostfile, "--no_ssh", "--node_rank", str(node),
+              "--master_addr", "127.0.0.1", "--master_port", port, TRAIN_PLAN, plan], ONE_THREAD) for node in (0, 1)]
+
+
 @pytest.fixture(scope="module")
 def elastic(tiny_shards, sample_shards, resume_reference, tmp_path_factory):
     work = tmp_path_factory.mktemp("elastic")
@@ -74,9 +83,18 @@ def elastic(tiny_shards, sample_shards, resume_reference, tmp_path_factory):
     plans["C"].append({"argv": [*entry["argv"], "--workers", "3", "--max-steps", "6"],   # to the end of epoch 0
                        "record": str(workers / "C.json")})
 
+    full = chains["full"] = work / "full-batch"
+    plans["C"].append({"argv": ["--deepspeed_config", str(ds_config(work / "full.json", 2)), "--data", str(tiny_shards),
+                                "--output", str(full), *TINY_MODEL, *FULL_BATCH, "--save-every", "4"],
+                       "probe": str(full / "probe.pt")})
+    hostfile = work / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")  # one line per node, unique names
+
     logs = {"A": wait_processes(start_processes(_torchrun_nodes(write_plan(plans["A"], work), 2), work, "A"), work, "A")}
     logs["B"] = launch_plan(plans["B"], 1, work, env=ONE_THREAD, torchrun=True)   # node 1 is gone
-    logs["C"] = launch_plan(plans["C"], 2, work, env=ONE_THREAD)
+    node_logs = wait_processes(start_processes(_deepspeed_nodes(hostfile, write_plan(plans["C"], work)), work, "C"),
+                               work, "C")
+    logs["C"] = node_logs[0]   # rank 0's
     return {"work": work, "chains": chains, "logs": logs}
 
 
@@ -163,6 +181,33 @@ def test_changing_only_the_loader_workers_keeps_exactly_once(elastic, resume_ref
     assert seen == _epoch_labels(_records(resume_reference[1], "record", 2), 0)
     assert _steps_per_rank(c, 0) == {3}
     assert "dealt to 2 × 2 loader workers, now the rest of its samples to 2 × 3" in elastic["logs"]["C"]
+
+
+# --- DeepSpeed's hostfile launcher on two nodes ------------------------------------------------------------------
+
+def test_two_deepspeed_nodes_train_as_the_two_process_run(elastic, zero_runs):
+    log = elastic["logs"]["C"]
+    assert "2 processes on 2 nodes (deepspeed launch, gloo backend)" in log
+    assert "node 1 (" in log and "ranks 1 on cpu" in log
+    full, two_processes = elastic["chains"]["full"], zero_runs[2, 2].output
+    assert scalars(full, "train/loss") == pytest.approx(scalars(two_processes, "train/loss"), rel=1e-4)
+    torch.testing.assert_close(torch.load(full / "probe.pt"), torch.load(zero_runs[2, 2].probe), rtol=1e-3, atol=1e-4)
+    assert RunFolder(full).latest_tag() == "step00000006"
+
+
+def test_a_two_node_run_exports(elastic, tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "tools"))
+    sys.path.insert(0, str(REPO / "tests" / "jobs"))
+    import export as export_tool
+    from antismooth.export import create_model_from_weights
+    from train_plan import probe_images
+
+    out = tmp_path / "two-nodes.safetensors"
+    assert export_tool.main([str(elastic["chains"]["full"]), "--out", str(out)]) == 0, capsys.readouterr().err
+    model, _ = create_model_from_weights(out)
+    with torch.no_grad():
+        logits = model.eval()(probe_images(model.patch_embed.img_size[0]))
+    torch.testing.assert_close(logits, torch.load(elastic["chains"]["full"] / "probe.pt"), rtol=0, atol=1e-5)
 
 
 # --- the conversion ---------------------------------------------------------------------------------------
