@@ -88,6 +88,7 @@ class ShardedEma:
         """This rank's file in checkpoint folder `tag_dir` (none from ranks > 0 when every rank holds it all)."""
         if self.replicated and self.rank:
             return None
+        Path(tag_dir).mkdir(parents=True, exist_ok=True)   # rank 0's model description may not have made it yet
         path = Path(tag_dir) / EMA_FILE.format(rank=self.rank)
         torch.save({f.name: (f.offset, a) for f, a in zip(self.fragments, self.average)}, path)
         return path

@@ -22,6 +22,7 @@ from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 
 from .config import Derived, HeldBatch, TrainConfig
+from .export import CheckpointError, read_model_meta
 
 __all__ = ["param_groups", "build_scheduler", "apply_activation_checkpointing", "CheckpointedBlocks",
            "TrainState", "RunFolder", "checkpoint_tag", "TrainingStopped"]
@@ -263,10 +264,17 @@ class RunFolder:
         if not ranks:
             return None
         try:
-            said = int(json.loads((self.checkpoints / tag / "antismooth.json").read_text()).get("world_size", 0))
-        except (OSError, ValueError, TypeError, AttributeError):
+            said = int(self._meta(tag).get("world_size", 0))
+        except (TypeError, ValueError):
             said = 0
         return max(max(ranks) + 1, said)
+
+    def _meta(self, tag: str) -> dict[str, Any]:
+        """Checkpoint `tag`'s antismooth.json ({} when it is missing or unreadable: the caller falls back)."""
+        try:
+            return read_model_meta(self.checkpoints / tag) or {}
+        except (CheckpointError, OSError):
+            return {}
 
     def saved_batch(self) -> Optional[HeldBatch]:
         """The batch the newest checkpoint was trained with (from its antismooth.json, else from run.json for
@@ -274,12 +282,11 @@ class RunFolder:
         tag = self.latest_tag()
         if tag is None:
             return None
-        for path, section in ((self.checkpoints / tag / "antismooth.json", None), (self.run_json, "derived")):
-            try:
-                saved = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            saved = saved.get(section, {}) if section else saved
+        try:
+            from_run_json = json.loads(self.run_json.read_text()).get("derived", {})
+        except (OSError, ValueError, AttributeError):
+            from_run_json = {}
+        for saved in (self._meta(tag), from_run_json):
             if {"global_batch", "micro_batch", "world_size"} <= saved.keys():
                 return HeldBatch(int(saved["global_batch"]), int(saved["micro_batch"]), int(saved["world_size"]))
         return None

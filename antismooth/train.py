@@ -264,7 +264,6 @@ class Trainer:
                                       global_batch=self.derived.global_batch, micro_batch=self.derived.micro_batch,
                                       world_size=self.env.world_size))
             if self.ema is not None:  # each rank's own fragments, before its files are flushed
-                (self.run_folder.checkpoints / tag).mkdir(parents=True, exist_ok=True)
                 self.ema.save(self.run_folder.checkpoints / tag)
             self.engine.save_checkpoint(str(self.run_folder.checkpoints), tag=tag, save_latest=False,
                                         client_state={"antismooth": self.state.state_dict(),
