@@ -263,6 +263,20 @@ def _master_from_mpi(launch: Launch) -> Launch:
     return dataclasses.replace(launch, master_addr=master)
 
 
+def _without_cpu_shm_all_reduce() -> None:
+    """Keep DeepSpeed's CPU backend from building its shared-memory all-reduce.
+
+    It JIT-compiles the op (~90 s on each new install) and maps 69 MB of /dev/shm per rank that it never unlinks:
+    every CPU launch leaks them, /dev/shm is RAM, and once it fills later launches hang in their first collective
+    or die of SIGBUS (sglang#38638). The op serves only `inference_all_reduce` (tensor-parallel inference), which
+    training never calls; its absence is a state DeepSpeed handles already (an op it could not build).
+    """
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def init_distributed(use_deepspeed: bool = True, device_type: Optional[str] = None) -> DistEnv:
     """Join the process group the launcher describes (a world of one when none does) on this process's device.
 
@@ -281,6 +295,8 @@ def init_distributed(use_deepspeed: bool = True, device_type: Optional[str] = No
     if use_deepspeed and not dist.is_initialized():  # DeepSpeed's engine wants its group even for one process
         _export(launch)
         import deepspeed
+        if device.type == "cpu":
+            _without_cpu_shm_all_reduce()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     elif launch.world_size > 1 and not dist.is_initialized():
         _export(launch)

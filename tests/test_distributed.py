@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 import time
@@ -280,3 +281,13 @@ def test_zero3_evaluation_on_uneven_splits_finishes_and_counts_every_image_once(
     assert scalars(run, "eval/top1")  # the evaluation finished
     log = (run / "log.txt").read_text()
     assert f"| {UNEVEN_VAL_IMAGES} images" in log
+
+
+# --- what a CPU launch leaves behind --------------------------------------------------------------------------------
+
+def test_a_cpu_launch_leaves_nothing_in_shared_memory(zero_runs):
+    """DeepSpeed's CPU backend would map 69 MB of /dev/shm per rank for its shared-memory all-reduce and never unlink
+    it (named after the rendezvous port): a day of test launches filled this machine's RAM until launches hung."""
+    port = re.search(r"--master_port=(\d+)", zero_runs[1, 2].log).group(1)  # the DeepSpeed launcher's 2-process launch
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert "deepspeed_shm_comm" not in zero_runs[1, 2].log  # nor JIT-builds the op (~90 s on a new install)
