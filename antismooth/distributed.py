@@ -272,9 +272,11 @@ def _without_cpu_shm_all_reduce() -> None:
     training never calls; its absence is a state DeepSpeed handles already (an op it could not build).
     """
     import deepspeed.ops
-    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+    from deepspeed.accelerator import get_accelerator
 
-    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")  # the lookup DeepSpeed's build_shm_op makes
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def init_distributed(use_deepspeed: bool = True, device_type: Optional[str] = None) -> DistEnv:

@@ -23,7 +23,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +46,9 @@ def make_checkpoint(model_name: str, stage: int, folder: str, img_size: int) -> 
     import antismooth  # noqa: F401  (the model zoo)
     from antismooth.engine import param_groups
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    from antismooth.distributed import init_distributed
+
+    init_distributed(device_type="cpu")
     torch.manual_seed(0)
     model = timm.create_model(model_name, img_size=img_size)
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage},

@@ -194,19 +194,13 @@ def measure_stage(model_name: str, stage: int, variant: str, batch: int, device_
 
 
 def worker(args: argparse.Namespace) -> None:
-    import deepspeed
-    import torch
     import torch.distributed as dist
 
     import antismooth  # noqa: F401  (registers the model zoo)
+    from antismooth.distributed import init_distributed
 
     cuda = args.device.startswith("cuda")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    else:  # ranks on one CPU share its cores instead of fighting over them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", 1))))
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    init_distributed(device_type="cuda" if cuda else "cpu")  # as pretrain.py joins: NCCL on the GPU, else gloo
     results = []
     # DeepSpeed 0.19.8's ZeRO-3 engine stays alive after destroy() (its state, ~20 bytes per parameter
     # here, is never freed in-process), so the ZeRO-3 runs come last; every figure counts only the

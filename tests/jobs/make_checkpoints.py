@@ -19,7 +19,6 @@ import argparse
 import gc
 import json
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -96,17 +95,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = p.parse_args()
-    if "RANK" not in os.environ:  # plain `python`: a world of one
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-    import deepspeed
-
     import antismooth  # noqa: F401  (registers the model zoo with timm)
+    from antismooth.distributed import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()  # as pretrain.py joins (plain `python`: a world of one)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.configs.split(","):
         train_and_save(name, args.out, args.model, args.model_kwargs, args.steps)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import antismooth  # noqa: E402,F401  (registers the model zoo)
 from antismooth.config import DeepSpeedSettings  # noqa: E402
+from antismooth.distributed import init_distributed  # noqa: E402
 from antismooth.engine import apply_activation_checkpointing, param_groups  # noqa: E402
 from antismooth.memory import allocator_peak, live_tensor_storages  # noqa: E402
 
@@ -65,8 +65,7 @@ def measure(job: dict, world: int) -> dict:
 
 
 def main(jobs_path: str, out_path: str) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", 1))))
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    init_distributed(device_type="cpu")  # as pretrain.py joins; also shares the cores between the ranks
     world = dist.get_world_size()
     results = []
     for job in json.loads(Path(jobs_path).read_text()):
