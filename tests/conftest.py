@@ -6,6 +6,17 @@ from pathlib import Path
 
 import pytest
 
+def pytest_report_header(config) -> list[str]:
+    """Say so when earlier DeepSpeed CPU launches (before antismooth stopped building DeepSpeed's shm all-reduce, or
+    any other program's) left their /dev/shm buffers: they hold RAM, and a suite on a machine short of it hangs."""
+    stale = list(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    if not stale:
+        return []
+    gib = sum(path.stat().st_size for path in stale) / 2**30
+    return [f"warning: /dev/shm holds {len(stale)} DeepSpeed all-reduce buffers ({gib:.1f} GiB of RAM) left by earlier "
+            "launches; remove them (rm /dev/shm/deepspeed_allreduce_buffer_*) when no DeepSpeed job is running."]
+
+
 # ----------------------------------------------------------------------------------------------
 # Data fixtures: the real ImageNet sample images and ImageFolder trees built from them.
 # (Used by tests/test_shards.py; keep fixtures for other concerns in their own section.)
