@@ -141,9 +141,11 @@ def start_processes(commands: list[tuple[list[str], dict]], workdir: Path, name:
 
 def wait_processes(procs: list[subprocess.Popen], workdir: Path, name: str, check: bool = True) -> list[str]:
     """Wait for every process started by start_processes; their logs (a failure shows them all)."""
-    for proc in procs:
-        proc.wait(timeout=900)
+    hung = not all([wait_or_kill(proc) for proc in procs])  # a list: every process waited for or killed
     logs = [(workdir / f"{name}-{i}.log").read_text() for i in range(len(procs))]
+    if hung:
+        pytest.fail(f"{name} hung: killed after {LAUNCH_TIMEOUT} s:\n" +
+                    "\n".join(f"--- {i}:\n{log[-4000:]}" for i, log in enumerate(logs)))
     if check and any(p.returncode for p in procs):
         codes = [p.returncode for p in procs]
         pytest.fail(f"{name} failed (exits {codes}):\n" + "\n".join(f"--- {i}:\n{log[-4000:]}" for i, log in enumerate(logs)))
@@ -171,6 +173,23 @@ def kill_tree(pid: int) -> None:
             pass
 
 
+LAUNCH_TIMEOUT = 600  # s; a launch takes under 90 s here: past this it hangs, and its log tail says where
+
+
+def wait_or_kill(proc: subprocess.Popen) -> bool:
+    """Wait for a launch; False if it hung. A hung or abandoned launch (pytest's own timeout, a failing fixture) is
+    killed with all its processes, so that it neither burns the cores of the tests after it nor outlives the suite."""
+    try:
+        proc.wait(timeout=LAUNCH_TIMEOUT)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait()
+
+
 def launch_plan(plan: list[dict], world: int, workdir: Path, env: dict | None = None, check: bool = True,
                 popen: bool = False, torchrun: bool = False):
     """Run a plan with `deepspeed --num_gpus world` (world > 1), `torchrun`, or plain python (world 1)."""
@@ -189,9 +208,11 @@ def launch_plan(plan: list[dict], world: int, workdir: Path, env: dict | None = 
                             start_new_session=True)
     if popen:
         return proc
-    proc.wait(timeout=900)
+    hung = not wait_or_kill(proc)
     log_file.close()
     output = (workdir / f"{plan_file.stem}.log").read_text()
+    if hung:
+        pytest.fail(f"training plan hung: killed after {LAUNCH_TIMEOUT} s:\n{output[-6000:]}")
     if check and proc.returncode != 0:
         pytest.fail(f"training plan failed (exit {proc.returncode}):\n{output[-6000:]}")
     return output
