@@ -6,15 +6,24 @@ from pathlib import Path
 
 import pytest
 
+
+# ----------------------------------------------------------------------------------------------
+# Session header: what in this machine's state can slow or hang the suite.
+
 def pytest_report_header(config) -> list[str]:
-    """Say so when earlier DeepSpeed CPU launches (before antismooth stopped building DeepSpeed's shm all-reduce, or
-    any other program's) left their /dev/shm buffers: they hold RAM, and a suite on a machine short of it hangs."""
-    stale = list(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
-    if not stale:
+    """DeepSpeed CPU launches that built its shared-memory all-reduce (antismooth's before this was fixed, or another
+    program's) leave 69 MB /dev/shm buffers per rank: RAM that stays taken, and a suite short of RAM hangs."""
+    sizes = []
+    for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
+        try:
+            sizes.append(path.stat().st_size)
+        except OSError:
+            pass  # removed meanwhile
+    if not sizes:
         return []
-    gib = sum(path.stat().st_size for path in stale) / 2**30
-    return [f"warning: /dev/shm holds {len(stale)} DeepSpeed all-reduce buffers ({gib:.1f} GiB of RAM) left by earlier "
-            "launches; remove them (rm /dev/shm/deepspeed_allreduce_buffer_*) when no DeepSpeed job is running."]
+    return [f"warning: /dev/shm holds {len(sizes)} DeepSpeed all-reduce buffers ({sum(sizes) / 2**30:.1f} GiB of RAM) "
+            "left by earlier launches; remove them (rm /dev/shm/deepspeed_allreduce_buffer_*) when no DeepSpeed job "
+            "is running."]
 
 
 # ----------------------------------------------------------------------------------------------
