@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
-import os
 import sys
 import time
 import warnings
@@ -29,7 +28,7 @@ from antismooth.config import ConfigError, DeepSpeedSettings, Derived, TrainConf
 from antismooth.data.pipeline import AugmentConfig, Deal, EpochPosition, StreamConfig, build_train_stream
 from antismooth.data.shards import load_manifest
 from antismooth.distributed import (DistEnv, all_gather_object, barrier, broadcast_object, check_shared_folder,
-                                    detect_launch, init_distributed, log_world)
+                                    detect_launch, init_distributed, log_world, usable_cpus)
 from antismooth.ema import ShardedEma
 from antismooth.engine import (RunFolder, TrainingStopped, TrainState, apply_activation_checkpointing,
                                build_scheduler, param_groups)
@@ -393,7 +392,7 @@ def processes(count: int) -> str:
 def conversion_workers() -> int:
     """Processes for DeepSpeed's converter: the node's other ranks wait meanwhile, so half its CPUs (at most 8);
     1 (no process pool) on small machines."""
-    return max(1, min(8, len(os.sched_getaffinity(0)) // 2))
+    return max(1, min(8, usable_cpus() // 2))
 
 
 def log_start(config: TrainConfig, ds: DeepSpeedSettings, derived: Derived, meta: dict, run_folder: RunFolder,

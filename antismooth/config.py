@@ -210,9 +210,9 @@ class DeepSpeedSettings:
             micro = batch // (accum * world_size)   # the JSON fixes the accumulation: DeepSpeed's own rule
         # Otherwise the micro batch it ran with (its memory per GPU is known to fit), the accumulation following.
         micro = int(micro or held.micro_batch)
-        if micro < 1 or batch % (micro * world_size) == 0:
-            if micro < 1:
-                raise ConfigError(f"{name}: the batch size per process must be at least 1.")
+        if micro < 1:
+            raise ConfigError(f"{name}: the batch size per process must be at least 1.")
+        if batch % (micro * world_size) == 0:
             return micro, batch // (micro * world_size)
         raise ConfigError(f"{world_size} processes × {micro} per process (train_micro_batch_size_per_gpu) cannot make "
                           f"the global batch of {batch} this run was trained with: {_batch_alternatives(batch, micro, world_size)}.")

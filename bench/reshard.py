@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from antismooth.distributed import usable_cpus
+
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
 
@@ -110,7 +112,7 @@ def main() -> None:
     p.add_argument("--model", default="attnscale_base_24")
     p.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     p.add_argument("--img-size", type=int, default=32, help="small images: the step is only there to fill Adam's state")
-    p.add_argument("--workers", type=int, default=max(1, min(8, len(os.sched_getaffinity(0)))))
+    p.add_argument("--workers", type=int, default=max(1, min(8, usable_cpus())))
     p.add_argument("--json", help="write the rows here too")
     args = p.parse_args()
     rows = []

@@ -10,10 +10,10 @@ a newer checkpoint is saved. DeepSpeed's converter shows a progress bar per phas
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional
 
+from antismooth.distributed import usable_cpus
 from antismooth.engine import RunFolder
 from antismooth.reshard import convert_to_universal
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a pretrain.py --output folder")
     p.add_argument("--tag", help="checkpoint to convert (default: the newest complete one, as `latest` names it)")
-    p.add_argument("--workers", type=int, default=max(1, min(8, len(os.sched_getaffinity(0)))),
+    p.add_argument("--workers", type=int, default=max(1, min(8, usable_cpus())),
                    help="processes for DeepSpeed's extract and merge phases (default: the CPUs here, at most 8)")
     return p
 
