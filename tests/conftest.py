@@ -97,7 +97,8 @@ FULL_BATCH = ["--no-aug", "--mixup", "0", "--cutmix", "0", "--smoothing", "0", "
 FULL_BATCH_SIZE = 16
 # The model EMA where a test looks at it (tests/test_ema.py, test_elastic.py): decay 0.5, so that 6 steps move it.
 # Off elsewhere: its epoch-end evaluation doubles every run's evaluations.
-WITH_EMA = ["--model-ema", "--model-ema-decay", "0.5"]
+EMA_DECAY = 0.5
+WITH_EMA = ["--model-ema", "--model-ema-decay", str(EMA_DECAY)]
 EMA_RUNS = {(1, 1), (1, 2), (2, 2), (3, 2)}   # zero_runs keys that keep one
 
 
@@ -135,6 +136,16 @@ def write_plan(plan: list[dict], workdir: Path) -> Path:
     plan_file = workdir / f"plan-{len(list(workdir.glob('plan-*.json')))}.json"
     plan_file.write_text(json.dumps(plan))
     return plan_file
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}   # for processes that share the cores with another "node"
+
+
+def torchrun_nodes(plan: Path) -> list[tuple[list, dict]]:
+    """Two torchrun "nodes" of one process each on this machine, running `plan` (for start_processes)."""
+    port = str(free_port())
+    return [([VENV_BIN / "torchrun", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+              "--master_addr", "127.0.0.1", "--master_port", port, TRAIN_PLAN, plan], ONE_THREAD) for node in (0, 1)]
 
 
 def start_processes(commands: list[tuple[list[str], dict]], workdir: Path, name: str) -> list[subprocess.Popen]:

@@ -21,11 +21,10 @@ import torch.multiprocessing as mp
 
 from antismooth.distributed import (Launch, LaunchError, all_reduce, barrier, broadcast_object, check_shared_folder,
                                     collective_device, detect_launch, first_host, tasks_on_node)
-from conftest import (FULL_BATCH, REPO, TINY_MODEL, TRAIN_PLAN, UNEVEN_VAL_IMAGES, VENV_BIN, ds_config, free_port,
-                      kill_tree, resume_plan, start_processes, wait_processes, write_plan)
+from conftest import (FULL_BATCH, ONE_THREAD, REPO, TINY_MODEL, TRAIN_PLAN, UNEVEN_VAL_IMAGES, ds_config, free_port,
+                      kill_tree, resume_plan, start_processes, torchrun_nodes, wait_processes, write_plan)
 from test_train import scalars
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 # --- what each launcher's variables say -----------------------------------------------------------------------
@@ -172,12 +171,6 @@ def _latest(run: Path) -> str | None:
     return latest.read_text() if latest.is_file() else None
 
 
-def _torchrun_nodes(plan: Path) -> list[tuple[list, dict]]:
-    port = str(free_port())
-    return [([VENV_BIN / "torchrun", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
-              "--master_addr", "127.0.0.1", "--master_port", port, TRAIN_PLAN, plan], ONE_THREAD) for node in (0, 1)]
-
-
 @pytest.fixture(scope="module")
 def two_node_runs(sample_shards, resume_reference, tmp_path_factory):
     """torchrun on two nodes runs conftest's resume run, one node killed mid-run, then both started again. (DeepSpeed's
@@ -186,7 +179,7 @@ def two_node_runs(sample_shards, resume_reference, tmp_path_factory):
     config, reference = resume_reference
     killed = work / "killed"
     plan = write_plan(resume_plan(config, sample_shards.parent, killed), work)
-    nodes = start_processes(_torchrun_nodes(plan), work, "torchrun-killed")
+    nodes = start_processes(torchrun_nodes(plan), work, "torchrun-killed")
     deadline = time.time() + 600
     while _latest(killed) is None and nodes[1].poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -197,7 +190,7 @@ def two_node_runs(sample_shards, resume_reference, tmp_path_factory):
         node0_after_kill = None
     kill_tree(nodes[0].pid)                           # what is left of the job is stopped before the restart
     after_kill = _latest(killed)
-    restarted = wait_processes(start_processes(_torchrun_nodes(plan), work, "torchrun-restarted"), work,
+    restarted = wait_processes(start_processes(torchrun_nodes(plan), work, "torchrun-restarted"), work,
                                "torchrun-restarted")
     return {"killed": killed, "reference": reference, "after_kill": after_kill, "node0_after_kill": node0_after_kill,
             "restarted_logs": restarted}

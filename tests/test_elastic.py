@@ -27,27 +27,20 @@ import pytest
 import torch
 
 import pretrain
-from antismooth.cli import export as export_tool
 from antismooth.cli import reshard as reshard_tool
 from antismooth.engine import RunFolder
 from antismooth.reshard import convert_to_universal
-from conftest import (BF16, EMA_RUNS, FULL_BATCH, REPO, TINY_MODEL, TRAIN_PLAN, VENV_BIN, WITH_EMA, clean_env,
-                      ds_config, free_port, launch_plan, resume_plan, start_processes, wait_processes, write_plan)
+from conftest import (BF16, EMA_RUNS, FULL_BATCH, ONE_THREAD, REPO, TINY_MODEL, TRAIN_PLAN, VENV_BIN, WITH_EMA,
+                      clean_env, ds_config, free_port, launch_plan, resume_plan, start_processes, torchrun_nodes,
+                      wait_processes, write_plan)
+from test_ema import export
 from test_train import scalars
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 # (name, ZeRO stage, extra JSON, --epochs, the zero_runs reference key, the steps after launch A and after B)
 CHAINS = [("zero1", 1, {}, 6, (1, 2), 2, 4), ("zero2", 2, {}, 6, (2, 2), 2, 4), ("zero3", 3, {}, 6, (3, 2), 2, 4),
           ("zero3-bf16", 3, BF16, 3, ("zero3-bf16", 2), 1, 2)]
 DATA_STEPS = (3, 8)          # the resume run: world 2 to step 3 (mid epoch 0), world 1 to step 8 (mid epoch 1), world 2
 WORKERS_STEPS = 3            # the workers chain: 2 workers to step 3, then 3 workers
-
-
-def _torchrun_nodes(plan: Path, nodes: int) -> list[tuple[list, dict]]:
-    port = str(free_port())
-    return [([VENV_BIN / "torchrun", "--nnodes", str(nodes), "--node_rank", str(node), "--nproc_per_node", "1",
-              "--master_addr", "127.0.0.1", "--master_port", port, TRAIN_PLAN, plan], ONE_THREAD)
-            for node in range(nodes)]
 
 
 def _deepspeed_nodes(hostfile: Path, plan: Path) -> list[tuple[list, dict]]:
@@ -90,7 +83,7 @@ def elastic(tiny_shards, sample_shards, resume_reference, tmp_path_factory):
     hostfile = work / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")  # one line per node, unique names
 
-    logs = {"A": wait_processes(start_processes(_torchrun_nodes(write_plan(plans["A"], work), 2), work, "A"), work, "A")}
+    logs = {"A": wait_processes(start_processes(torchrun_nodes(write_plan(plans["A"], work)), work, "A"), work, "A")}
     logs["B"] = launch_plan(plans["B"], 1, work, env=ONE_THREAD, torchrun=True)   # node 1 is gone
     node_logs = wait_processes(start_processes(_deepspeed_nodes(hostfile, write_plan(plans["C"], work)), work, "C"),
                                work, "C")
@@ -128,19 +121,14 @@ def test_the_run_continues_as_the_uninterrupted_run_with_its_batch_and_schedule(
     assert f"Resumed from step{second:08d}" in logs["C"] and "saved by 1 process, loaded on 2" in logs["C"]
     assert "global batch 16 = 8 per process × 2 accumulation × 1 process;" in logs["B"]
     if reference in EMA_RUNS:   # the model EMA, cut and joined again at each change of world size
-        averages = [_ema(run, out.parent / f"{chain}-{i}.safetensors") for i, run in enumerate((out, uninterrupted))]
+        averages = [export(run, out.parent / f"{chain}-{i}.safetensors", "--ema", "--overwrite")
+                    for i, run in enumerate((out, uninterrupted))]
         for name in averages[1]:
             torch.testing.assert_close(averages[0][name], averages[1][name], rtol=0, atol=1e-5)
     folder = RunFolder(out)
     assert folder.latest_tag() == f"step{epochs:08d}"
     left = sorted(p.name for p in folder.checkpoints.iterdir())
     assert not [name for name in left if "universal" in name], left   # conversions pruned once superseded
-
-
-def _ema(run: Path, out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    assert export_tool.main([str(run), "--out", str(out), "--ema", "--overwrite"]) == 0
-    return load_file(out)
 
 
 # --- the data position ------------------------------------------------------------------------------------

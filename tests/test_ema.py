@@ -12,14 +12,11 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from timm.utils import ModelEmaV3
 
-from conftest import REPO
+from conftest import EMA_DECAY, REPO
 from test_train import scalar_tags
 
 sys.path.insert(0, str(REPO / "tools"))
 import export as export_tool  # noqa: E402  (tools/export.py)
-
-DECAY = 0.5   # conftest.FULL_BATCH's --model-ema-decay
-
 
 def export(run: Path, out: Path, *flags: str) -> dict[str, torch.Tensor]:
     assert export_tool.main([str(run), "--out", str(out), *flags]) == 0
@@ -29,7 +26,7 @@ def export(run: Path, out: Path, *flags: str) -> dict[str, torch.Tensor]:
 def reference_ema(history: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """timm's EMA rule on the weights a run recorded: the initial weights, then one lerp per optimizer step with
     ModelEmaV3's decay for that step."""
-    schedule = ModelEmaV3(nn.Linear(1, 1, bias=False), decay=DECAY)
+    schedule = ModelEmaV3(nn.Linear(1, 1, bias=False), decay=EMA_DECAY)
     average = {name: w.clone() for name, w in history[0].items()}
     for step, weights in enumerate(history[1:], start=1):
         decay = schedule.get_decay(step)
