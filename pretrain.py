@@ -25,15 +25,13 @@ from timm.utils import ParseKwargs
 
 import antismooth  # noqa: F401  (registers the model zoo with timm)
 from antismooth.config import ConfigError, DeepSpeedSettings, Derived, TrainConfig, derive
-from antismooth.data.pipeline import AugmentConfig, Deal, EpochPosition, StreamConfig, build_train_stream
+from antismooth.checkpoint import RunFolder, choose_resume_tag, processes, resume
+from antismooth.data.pipeline import AugmentConfig, StreamConfig, build_train_stream
 from antismooth.data.shards import load_manifest
-from antismooth.distributed import (DistEnv, all_gather_object, barrier, broadcast_object, check_shared_folder,
-                                    detect_launch, init_distributed, log_world, usable_cpus)
+from antismooth.distributed import DistEnv, barrier, check_shared_folder, detect_launch, init_distributed, log_world
 from antismooth.ema import ShardedEma
-from antismooth.engine import (RunFolder, TrainingStopped, TrainState, apply_activation_checkpointing,
-                               build_scheduler, param_groups)
-from antismooth.models import WeightsMismatchError, load_weights
-from antismooth.reshard import Conversion, convert_to_universal, load_checkpoint
+from antismooth.engine import TrainingStopped, TrainState, apply_activation_checkpointing, build_scheduler, param_groups
+from antismooth.models import WeightsMismatchError, load_for_finetuning, load_weights
 from antismooth.train import Trainer, evaluate_split
 
 log = logging.getLogger("pretrain")
@@ -240,7 +238,7 @@ def run(config: TrainConfig):
 
     resume_tag = choose_resume_tag(run_folder, env)
     if config.finetune and resume_tag is None:
-        load_finetune_weights(model, config.finetune)
+        load_for_finetuning(model, config.finetune)
     apply_activation_checkpointing(model, ds.blocks_per_checkpoint, ds.offload_checkpoints)
     num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
 
@@ -251,7 +249,7 @@ def run(config: TrainConfig):
     dtype = getattr(torch, ds.dtype)
     state = TrainState()
     if resume_tag is not None:
-        resume(engine, run_folder, resume_tag, state, env, config)
+        resume(engine, run_folder, resume_tag, state, env, config.workers)
         # The learning rate of the next step from the step count, not from whatever the loaded optimizer groups
         # hold: DeepSpeed's ZeRO-3 universal loading does not restore them.
         scheduler.step_update(state.global_step)
@@ -275,89 +273,13 @@ def run(config: TrainConfig):
     return engine
 
 
-def load_finetune_weights(model: nn.Module, path: str) -> None:
-    """Plain weights for fine-tuning: a head of another class count is dropped (the model keeps its new
-    head), the position embedding is resampled, missing AttnScale/FeatScale parameters start at 0."""
-    from antismooth.models import clean_state_dict, read_checkpoint
-
-    state_dict = clean_state_dict(read_checkpoint(path))
-    own = model.state_dict()
-    for key in [k for k in state_dict if k.startswith(("head.", "head_dist.")) and k in own]:
-        if state_dict[key].shape != own[key].shape:
-            log.info("Fine-tuning: dropping %s %s, the model has %s classes.", key, tuple(state_dict[key].shape),
-                     model.num_classes)
-            state_dict[key] = own[key]
-    load_weights(model, state_dict)
-    log.info("Fine-tuning from %s.", path)
-
-
-def choose_resume_tag(run_folder: RunFolder, env: DistEnv) -> Optional[str]:
-    """The newest complete checkpoint that every rank can read back, one decision for all ranks (a rank that
-    chose alone could load while the others start fresh, and hang them). Newer damaged ones are renamed
-    `<tag>.damaged`, never deleted, and `latest` names the one the run continues from."""
-    tags = broadcast_object(run_folder.complete_tags() if env.rank == 0 else None)
-    damaged: dict[str, list[str]] = {}
-    for tag in reversed(tags):
-        files = [name for names in all_gather_object(run_folder.damaged_files(tag, env.rank, env.world_size))
-                 for name in names]
-        if not files:
-            break
-        damaged[tag] = files
-    else:
-        if tags:
-            listing = "; ".join(f"{bad}: " + ", ".join(files) for bad, files in damaged.items())
-            raise ConfigError(f"No checkpoint in {run_folder.checkpoints} can be read back ({listing}): restore "
-                              "them from a backup, or start a new --output (--finetune from an export of an older run).")
-        return None
-    if damaged and env.rank == 0:
-        for bad, files in damaged.items():
-            aside = run_folder.set_aside(bad)
-            log.warning("Checkpoint %s cannot be read back (%s): moved to %s; going on from %s.", bad,
-                        ", ".join(files), aside.name, tag)
-        run_folder.commit(tag)
-    barrier()
-    return tag
-
-
-def resume(engine, run_folder: RunFolder, tag: str, state: TrainState, env: DistEnv, config: TrainConfig) -> None:
-    """Load checkpoint `tag` into the engine and `state`: as it is when this world size saved it, else through
-    DeepSpeed's universal checkpoint (made once, by rank 0). One line says what happened."""
-    saved_world = run_folder.saved_world_size(tag)
-    universal = saved_world is not None and saved_world != env.world_size
-    load_tag, how = tag, ""
-    if universal:
-        conversion = convert_for_resume(run_folder, tag, env)
-        load_tag = conversion.folder.name
-        how = (f"; saved by {processes(saved_world)}, loaded on {env.world_size} through DeepSpeed's universal "
-               f"checkpoint {conversion.folder.name} (" + ("reused" if conversion.reused else
-                                                          f"converted in {conversion.seconds:.1f} s") + ")")
-    load_path, client_state = load_checkpoint(engine, run_folder.checkpoints, load_tag, universal)
-    if load_path is None:
-        raise ConfigError(f"Checkpoint {run_folder.checkpoints / tag} could not be loaded: move it away to "
-                          "start from the previous one, or start a new --output.")
-    saved = client_state["antismooth"]
-    state.load_state_dict(saved)
-    if "data" not in saved and state.samples_in_epoch:
-        # Saved before checkpoints recorded the samples trained on: only the deal's layout is known.
-        state.data = EpochPosition(Deal(saved.get("world_size", 1), saved.get("workers", 0))).state_dict()
-    position = EpochPosition.from_state_dict(state.data)
-    deal = position.deal_for(env.world_size, config.workers, state.samples_in_epoch)
-    if position.deal is not None and deal is not position.deal:
-        left = "the rest of its samples" if position.consumed is not None else \
-            "its samples by count (this checkpoint predates the record of which were trained on: some may repeat)"
-        how += (f"; epoch {state.epoch}'s data was dealt to {position.deal.world_size} × {position.deal.workers} "
-                f"loader workers, now {left} to {env.world_size} × {config.workers}")
-    log.info("Resumed from %s: epoch %d, step %d, %d samples into the epoch%s.", tag, state.epoch, state.global_step,
-             state.samples_in_epoch, how)
-
-
 def build_ema(engine, env: DistEnv, config: TrainConfig, run_folder: RunFolder, resume_tag: Optional[str]) -> ShardedEma:
     """DeiT's model EMA on this rank's fp32 master fragments (after any load: they are views of what was loaded),
     resumed from the checkpoint's EMA files, which any world size can read."""
     ema = ShardedEma(engine, env.rank, config.model_ema_decay, config.model_ema_warmup)
     if resume_tag is None:
         return ema
-    tag_dir = run_folder.checkpoints / resume_tag
+    tag_dir = run_folder.tag_dir(resume_tag)
     try:
         ema.load(tag_dir)
     except (KeyError, OSError, RuntimeError) as err:
@@ -365,34 +287,6 @@ def build_ema(engine, env: DistEnv, config: TrainConfig, run_folder: RunFolder, 
         log.warning("No model EMA could be read from %s (%s): the EMA starts again from the current weights.",
                     tag_dir, err)
     return ema
-
-
-def convert_for_resume(run_folder: RunFolder, tag: str, env: DistEnv) -> Conversion:
-    """Rank 0 converts checkpoint `tag` to a universal checkpoint (or finds it converted) while the others wait;
-    a failure stops every rank with rank 0's reason."""
-    result: Conversion | str = ""
-    if env.rank == 0:
-        try:
-            result = convert_to_universal(run_folder.checkpoints, tag, workers=conversion_workers())
-        except Exception as err:  # noqa: BLE001  (any converter failure: every rank must hear of it)
-            result = f"{type(err).__name__}: {err}"
-    result = broadcast_object(result)
-    if isinstance(result, str):
-        saved = processes(run_folder.saved_world_size(tag))
-        raise ConfigError(f"Checkpoint {run_folder.checkpoints / tag} could not be converted for a resume on "
-                          f"{processes(env.world_size)} ({result}): resume on the {saved} that saved it, or convert "
-                          "it by hand with tools/reshard.py to see DeepSpeed's full error.")
-    return result
-
-
-def processes(count: int) -> str:
-    return f"{count} process" if count == 1 else f"{count} processes"
-
-
-def conversion_workers() -> int:
-    """Processes for DeepSpeed's converter: the node's other ranks wait meanwhile, so half its CPUs (at most 8);
-    1 (no process pool) on small machines."""
-    return max(1, min(8, usable_cpus() // 2))
 
 
 def log_start(config: TrainConfig, ds: DeepSpeedSettings, derived: Derived, meta: dict, run_folder: RunFolder,

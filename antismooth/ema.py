@@ -8,7 +8,7 @@ under optimizer offload): the EMA costs 4 bytes per parameter divided by the wor
 copy, and one fused lerp per step. DeepSpeed has no public view of these fragments (its
 safe_get_local_* helpers copy), so they are taken from the optimizers' own bookkeeping.
 
-The average is saved beside each checkpoint as one file per rank, `ema_rank{r}.pt`: per parameter, where
+The average is saved beside each checkpoint as one file per rank, `ema_rank{r}.pt` (antismooth.checkpoint names it): per parameter, where
 its fragment starts in the flattened parameter, and the fragment. That names nothing of the world size,
 so a run resumed on any number of processes cuts its own fragments from all the files
 (`ShardedEma.load`), and an export joins them into whole tensors (`read_ema_state_dict`), with no
@@ -17,7 +17,6 @@ the update is timm's too (`torch._foreach_lerp_`), on fragments instead of a mod
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -25,12 +24,10 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 
+from .checkpoint import ema_file, ema_files
 from .config import ConfigError
 
-__all__ = ["ShardedEma", "ema_files", "read_ema_state_dict", "EMA_FILE"]
-
-EMA_FILE = "ema_rank{rank}.pt"
-_EMA_FILE = re.compile(r"ema_rank(\d+)\.pt$")
+__all__ = ["ShardedEma", "read_ema_state_dict"]
 
 
 @dataclass(frozen=True)
@@ -89,7 +86,7 @@ class ShardedEma:
         if self.replicated and self.rank:
             return None
         Path(tag_dir).mkdir(parents=True, exist_ok=True)   # rank 0's model description may not have made it yet
-        path = Path(tag_dir) / EMA_FILE.format(rank=self.rank)
+        path = ema_file(tag_dir, self.rank)
         torch.save({f.name: (f.offset, a) for f, a in zip(self.fragments, self.average)}, path)
         return path
 
@@ -132,12 +129,6 @@ class ShardedEma:
         if optimizer.persistent_parameters:
             optimizer.persistent_parameters[0].all_gather(optimizer.persistent_parameters)
         optimizer.invalidate_secondary_tensor()
-
-
-def ema_files(tag_dir: str | Path) -> list[Path]:
-    """The EMA files of a checkpoint, by rank; [] for a run without --model-ema."""
-    files = [p for p in Path(tag_dir).iterdir() if _EMA_FILE.search(p.name)]
-    return sorted(files, key=lambda p: int(_EMA_FILE.search(p.name).group(1)))
 
 
 def _read_pieces(files: Iterable[Path]) -> dict[str, list[tuple[int, torch.Tensor]]]:

@@ -1,19 +1,13 @@
 """DeepSpeed glue: parameter groups, the learning-rate schedule, activation checkpointing as a
-policy applied to a built model, the trainer state, and the run folder's checkpoints.
+policy applied to a built model, and the trainer state (saved by antismooth.checkpoint).
 
 Nothing here parses flags or prints; pretrain.py wires these pieces together.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
-import shutil
-import zipfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -21,11 +15,10 @@ from timm.models import checkpoint_seq
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 
-from .config import Derived, HeldBatch, TrainConfig
-from .export import CheckpointError, read_model_meta
+from .config import Derived, TrainConfig
 
 __all__ = ["param_groups", "build_scheduler", "apply_activation_checkpointing", "CheckpointedBlocks",
-           "TrainState", "RunFolder", "checkpoint_tag", "TrainingStopped"]
+           "TrainState", "TrainingStopped"]
 
 _logger = logging.getLogger(__name__)
 
@@ -125,192 +118,3 @@ class TrainState:
         for key, value in state.items():
             if hasattr(self, key):
                 setattr(self, key, value)
-
-
-# DeepSpeed's per-rank optimizer shard: zero_pp_rank_{rank}_mp_rank_00_optim_states.pt (bf16_ prefixed under bf16).
-_ZERO_SHARD = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
-# Any file of one rank's (ZeRO-3 also writes zero_pp_rank_{rank}_mp_rank_00_model_states.pt; antismooth.ema
-# ema_rank{rank}.pt).
-_RANK_FILE = re.compile(r"(?:zero_pp_rank_|ema_rank)(\d+)[_.]")
-_TAG = re.compile(r"step\d{8}")
-_UNIVERSAL = re.compile(r"step\d{8}_universal(\.partial)?")   # antismooth.reshard's conversions
-
-
-def checkpoint_tag(global_step: int) -> str:
-    return f"step{global_step:08d}"
-
-
-def fsync_folder(folder: Path) -> None:
-    """Flush a folder's entries (new names, renames) to the disk."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class RunFolder:
-    """The `--output` folder: checkpoints/ (DeepSpeed), tensorboard/, run.json, log.txt.
-
-    The newest complete checkpoint is the one the `latest` file names (DeepSpeed's format, so
-    DeepSpeed's loader and zero_to_fp32 read it too). DeepSpeed 0.19.8's rank 0 writes `latest` as
-    soon as its *own* files are written, before the barrier that waits for the other ranks, and
-    not atomically: a rank dying mid-write could leave `latest` naming a half-written checkpoint.
-    So checkpoints are saved with save_latest=False and `commit()` writes `latest` here, after
-    save_checkpoint's closing barrier, by an atomic rename.
-    """
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        self.checkpoints = self.root / "checkpoints"
-        self.tensorboard = self.root / "tensorboard"
-        self.run_json = self.root / "run.json"
-        self.log_file = self.root / "log.txt"
-
-    def latest_tag(self) -> Optional[str]:
-        """The tag of the newest complete checkpoint, or None when there is none."""
-        latest = self.checkpoints / "latest"
-        if not latest.is_file():
-            return None
-        tag = latest.read_text().strip()
-        if not tag or not (self.checkpoints / tag).is_dir():
-            _logger.warning("%s names no checkpoint folder (%r): starting from scratch.", latest, tag)
-            return None
-        return tag
-
-    def complete_tags(self) -> list[str]:
-        """Every complete checkpoint, oldest first: the tags `latest` named when they were saved."""
-        latest = self.latest_tag()
-        if latest is None:
-            return []
-        return sorted(p.name for p in self.checkpoints.iterdir()
-                      if p.is_dir() and _TAG.fullmatch(p.name) and p.name <= latest)
-
-    def commit(self, tag: str) -> None:
-        """Name `tag` the newest complete checkpoint: call on rank 0 after every rank's files are on disk.
-
-        Written to a temporary file, flushed to the disk, renamed over `latest`, and the rename itself
-        flushed (the folder's fsync), so neither a crash nor a power loss leaves `latest` half-written
-        or naming files the disk never received.
-        """
-        tmp = self.checkpoints / "latest.tmp"
-        with open(tmp, "w") as f:
-            f.write(tag)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.checkpoints / "latest")
-        fsync_folder(self.checkpoints)
-
-    def sync_files(self, tag: str, rank: int) -> None:
-        """Flush the files this rank wrote for checkpoint `tag` (rank 0: also the shared ones) to the disk."""
-        folder = self.checkpoints / tag
-        for path in self.rank_files(tag, rank):
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        if rank == 0:
-            fsync_folder(folder)
-            fsync_folder(self.checkpoints)
-
-    def rank_files(self, tag: str, rank: int) -> list[Path]:
-        """The files of checkpoint `tag` that rank `rank` reads and writes: its own ZeRO shards; rank 0
-        also every file no rank owns (model states, antismooth.json)."""
-        files = []
-        for path in sorted((self.checkpoints / tag).iterdir()):
-            owner = _RANK_FILE.search(path.name)
-            if path.is_file() and (int(owner.group(1)) == rank if owner else rank == 0):
-                files.append(path)
-        return files
-
-    def damaged_files(self, tag: str, rank: int, world_size: Optional[int] = None) -> list[str]:
-        """The files of checkpoint `tag` that rank `rank` of `world_size` checks and that cannot be read back: a
-        truncated or corrupted zip archive (torch.save's format, checked to the last CRC), unreadable JSON, or
-        a missing ZeRO shard; [] when all are sound. Each rank checks the files of the saving ranks it stands
-        for (saving rank % world_size == rank: its own, at the same world size); rank 0 also the shared ones."""
-        saved = self.saved_world_size(tag)
-        world_size = world_size or saved or 1
-        owners = [r for r in range(saved or 0) if r % world_size == rank]
-        files = [p for owner in owners for p in self.rank_files(tag, owner) if _RANK_FILE.search(p.name)]
-        if rank == 0:
-            files += [p for p in self.rank_files(tag, 0) if not _RANK_FILE.search(p.name)]
-        damaged = []
-        for path in files:
-            try:
-                if path.suffix == ".pt":
-                    with zipfile.ZipFile(path) as archive:
-                        if archive.testzip() is not None:
-                            raise zipfile.BadZipFile("CRC mismatch")
-                elif path.suffix == ".json":
-                    json.loads(path.read_text())
-            except (OSError, ValueError, zipfile.BadZipFile, EOFError):
-                damaged.append(path.name)
-        for owner in owners:
-            if not any(_ZERO_SHARD.search(p.name) for p in self.rank_files(tag, owner)):
-                damaged.append(f"zero_pp_rank_{owner}_…_optim_states.pt (missing)")
-        return damaged
-
-    def set_aside(self, tag: str) -> Path:
-        """Rename a damaged checkpoint out of the way (never deleted: its files may still be worth a look)."""
-        target = self.checkpoints / f"{tag}.damaged"
-        suffix = 1
-        while target.exists():
-            target, suffix = self.checkpoints / f"{tag}.damaged-{suffix}", suffix + 1
-        os.replace(self.checkpoints / tag, target)
-        return target
-
-    def saved_world_size(self, tag: str) -> Optional[int]:
-        """How many processes wrote checkpoint `tag`: from its ZeRO optimizer shards and its antismooth.json (so a
-        lost shard does not shrink it); None without ZeRO shards (ZeRO-0 checkpoints load at any world size)."""
-        ranks = {int(m.group(1)) for p in (self.checkpoints / tag).iterdir() if (m := _ZERO_SHARD.search(p.name))}
-        if not ranks:
-            return None
-        try:
-            said = int(self._meta(tag).get("world_size", 0))
-        except (TypeError, ValueError):
-            said = 0
-        return max(max(ranks) + 1, said)
-
-    def _meta(self, tag: str) -> dict[str, Any]:
-        """Checkpoint `tag`'s antismooth.json ({} when it is missing or unreadable: the caller falls back)."""
-        try:
-            return read_model_meta(self.checkpoints / tag) or {}
-        except (CheckpointError, OSError):
-            return {}
-
-    def saved_batch(self) -> Optional[HeldBatch]:
-        """The batch the newest checkpoint was trained with (from its antismooth.json, else from run.json for
-        checkpoints saved before it said), None without a checkpoint."""
-        tag = self.latest_tag()
-        if tag is None:
-            return None
-        try:
-            from_run_json = json.loads(self.run_json.read_text()).get("derived", {})
-        except (OSError, ValueError, AttributeError):
-            from_run_json = {}
-        for saved in (self._meta(tag), from_run_json):
-            if {"global_batch", "micro_batch", "world_size"} <= saved.keys():
-                return HeldBatch(int(saved["global_batch"]), int(saved["micro_batch"]), int(saved["world_size"]))
-        return None
-
-    def write_run_json(self, content: dict[str, Any]) -> None:
-        """The resolved configuration, rewritten atomically at each start (a resume may change the world size)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.run_json.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(content, indent=2, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, self.run_json)
-
-    def prune(self, keep: int) -> list[str]:
-        """Delete all but the newest `keep` complete checkpoints, any incomplete one older than `latest`, and
-        the universal conversions (antismooth.reshard) of checkpoints older than `latest`: a newer checkpoint
-        at the new world size makes them redundant, and they can be made again."""
-        latest = self.latest_tag()
-        if latest is None:
-            return []
-        tags = sorted(p.name for p in self.checkpoints.iterdir()
-                      if p.is_dir() and _TAG.fullmatch(p.name) and p.name <= latest)
-        doomed = tags[:-keep]
-        for tag in doomed:
-            shutil.rmtree(self.checkpoints / tag, ignore_errors=True)
-        for converted in self.checkpoints.iterdir():
-            if _UNIVERSAL.fullmatch(converted.name) and converted.name.split("_")[0] < latest:
-                shutil.rmtree(converted, ignore_errors=True)
-        return doomed

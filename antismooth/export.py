@@ -1,9 +1,8 @@
 """DeepSpeed ZeRO checkpoints -> one plain weights file that timm loads, with the model's description in it.
 
-A run's `checkpoints/` folder is DeepSpeed's save_dir: one folder per tag, and a `latest` file naming
-the newest complete one (written after every rank's files, so it is the completeness signal). Next to
-DeepSpeed's files each tag holds `antismooth.json` (`write_model_meta`): the timm name and kwargs that
-rebuild the model, the class list and the evaluation data config. Export consolidates the ZeRO-1/2/3
+The run folder's layout (tags, `latest`, each tag's `antismooth.json` with the timm name and kwargs that
+rebuild the model, the class list and the evaluation data config) is antismooth.checkpoint's; it finds
+and checks the checkpoint (`resolve_checkpoint`). Export consolidates the ZeRO-1/2/3
 partitions of any world size with DeepSpeed's own zero_to_fp32 (lazily, so memory stays near two fp32
 copies of the model), strips wrapper prefixes so the keys are the model's own, and writes .safetensors
 (the description in its metadata) or .pth (the description in a side-car `<file>.json`). Output is
@@ -20,7 +19,6 @@ import io
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
@@ -29,18 +27,14 @@ import timm
 import torch
 import torch.nn as nn
 
+from .checkpoint import META_FILE, CheckpointError, CheckpointRef, read_model_meta, resolve_checkpoint
 from .models.weights import _describe_mismatch, clean_state_dict, load_weights
 
-__all__ = ["META_FILE", "CheckpointError", "CheckpointRef", "ExportResult", "DTYPES", "write_model_meta",
-           "read_model_meta", "list_tags", "resolve_checkpoint", "consolidate", "save_weights",
-           "read_export_meta", "read_timm_config", "consolidate_checkpoint", "export_checkpoint",
-           "create_model_from_weights"]
+__all__ = ["ExportResult", "DTYPES", "consolidate", "save_weights", "read_export_meta", "read_timm_config",
+           "consolidate_checkpoint", "export_checkpoint", "create_model_from_weights"]
 
 _logger = logging.getLogger(__name__)
 
-META_FILE = "antismooth.json"          # beside DeepSpeed's files in every tag folder
-LATEST_FILE = "latest"                 # DeepSpeed's name for the newest complete tag
-REQUIRED_META = ("model", "model_kwargs", "classes", "data_config")
 # Metadata values that are not strings travel JSON-encoded (safetensors metadata is str -> str).
 JSON_META_KEYS = ("model_kwargs", "classes", "data_config", "step", "epoch", "zero_stage", "world_size", "global_batch",
                   "micro_batch", "ema")
@@ -49,183 +43,6 @@ TIMM_META_KEY = "antismooth"           # our provenance (tag, step, ZeRO stageâ€
 DATA_CONFIG_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
-# zero_pp_rank_{dp}_mp_rank_{mp}_optim_states.pt, with a bf16_ prefix when bf16 training saved it.
-_OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-_ZERO3_MODEL_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
-_ZERO12_MODEL_FILE = "mp_rank_00_model_states.pt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be exported; the message names the problem and the fix."""
-
-
-# ----------------------------------------------------------------------------------------------
-# The model description beside each checkpoint
-
-
-def write_model_meta(tag_dir: str | Path, meta: Mapping[str, Any]) -> Path:
-    """Write `antismooth.json` into a tag folder (created if needed) atomically; any rank may call it."""
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise ValueError(f"the model description lacks {', '.join(missing)}: an export could not rebuild the "
-                         "model without them.")
-    tag_dir = Path(tag_dir)
-    tag_dir.mkdir(parents=True, exist_ok=True)
-    path = tag_dir / META_FILE
-    tmp = tag_dir / f".{META_FILE}.{os.getpid()}.tmp"  # one name per process: ranks never share a temporary
-    tmp.write_text(json.dumps(dict(meta), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def read_model_meta(tag_dir: str | Path) -> Optional[dict[str, Any]]:
-    """The `antismooth.json` of a tag folder, or None when there is none."""
-    path = Path(tag_dir) / META_FILE
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); rewrite it (see antismooth.export."
-                              "write_model_meta) or delete it and pass --model to tools/eval.py.") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object; rewrite it with "
-                              "antismooth.export.write_model_meta.")
-    return meta
-
-
-# ----------------------------------------------------------------------------------------------
-# Finding and checking a checkpoint
-
-
-@dataclass(frozen=True)
-class CheckpointRef:
-    """One complete DeepSpeed checkpoint: save_dir, tag, ZeRO stage (None: 1 or 2) and data-parallel world size."""
-    checkpoint_dir: Path
-    tag: str
-    stage: Optional[int]
-    world_size: int
-
-    @property
-    def tag_dir(self) -> Path:
-        return self.checkpoint_dir / self.tag
-
-
-def _is_tag_dir(path: Path) -> bool:
-    return path.is_dir() and any(path.glob("*_model_states.pt"))
-
-
-def list_tags(checkpoint_dir: str | Path) -> list[str]:
-    """The tag folders of a save_dir (folders holding DeepSpeed model states), sorted by name."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        return []
-    return sorted(p.name for p in checkpoint_dir.iterdir() if _is_tag_dir(p))
-
-
-def _tags_sentence(checkpoint_dir: Path) -> str:
-    tags = list_tags(checkpoint_dir)
-    return f"the tags there are {', '.join(tags)}" if tags else "it holds no checkpoint tags"
-
-
-def _find_save_dir(path: Path, tag: Optional[str]) -> tuple[Path, Optional[str]]:
-    """Accept a run folder (its checkpoints/), a save_dir, or a tag folder itself."""
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint folder at {path}: give a run folder (runs/<run>), its checkpoints/ "
-                              "folder, or one tag folder inside it.")
-    if (path / "checkpoints").is_dir() and not (path / LATEST_FILE).exists() and not _is_tag_dir(path):
-        path = path / "checkpoints"
-    if _is_tag_dir(path):
-        if tag is not None and tag != path.name:
-            raise CheckpointError(f"{path} is itself the tag folder {path.name}, but --tag {tag} was given; "
-                                  "drop --tag or point at the checkpoints/ folder.")
-        return path.parent, path.name
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is a file, not a checkpoint folder: give the run folder or its checkpoints/.")
-    return path, tag
-
-
-def _read_latest(checkpoint_dir: Path) -> Optional[str]:
-    latest = checkpoint_dir / LATEST_FILE
-    if not latest.is_file():
-        return None
-    return latest.read_text().strip() or None
-
-
-def _step_of(checkpoint_dir: Path, tag: str) -> Optional[int]:
-    try:
-        meta = read_model_meta(checkpoint_dir / tag)
-    except CheckpointError:
-        return None
-    step = (meta or {}).get("step")
-    return step if isinstance(step, int) else None
-
-
-def _recorded_layout(model_file: Path) -> tuple[Optional[int], Optional[int]]:
-    """(world size, ZeRO stage) as DeepSpeed recorded them in a model-states file (memory-mapped, tensors
-    unread); None for what it did not record (the stage is there only when the config was given as a dict)."""
-    try:
-        states = torch.load(model_file, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:  # an unreadable or unusual file: DeepSpeed's own checks will speak
-        return None, None
-    config = states.get("ds_config")
-    stage = config.get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
-    world = states.get("dp_world_size")
-    return (int(world) if isinstance(world, int) else None), (int(stage) if isinstance(stage, int) else None)
-
-
-def _check_rank_files(tag_dir: Path) -> tuple[Optional[int], int]:
-    """(ZeRO stage, world size) of a tag folder whose every rank's files are present, else CheckpointError.
-    The stage is None for a stage-1/2 checkpoint whose config DeepSpeed did not record (a JSON path)."""
-    names = [p.name for p in tag_dir.iterdir() if p.is_file()]
-    zero3_models = {int(m.group(1)) for n in names if (m := _ZERO3_MODEL_FILE.match(n))}
-    optim = {int(m.group(1)) for n in names if (m := _OPTIM_FILE.match(n))}
-    if not zero3_models and _ZERO12_MODEL_FILE not in names:
-        raise CheckpointError(f"{tag_dir} holds no DeepSpeed model states (*_model_states.pt): it is not a "
-                              f"DeepSpeed checkpoint, or its save did not finish; {_tags_sentence(tag_dir.parent)}.")
-    if not optim:
-        raise CheckpointError(
-            f"{tag_dir} holds no ZeRO optimizer partitions (*_optim_states.pt): it is a ZeRO stage-0 checkpoint "
-            "(or one saved without optimizer state), which DeepSpeed's zero_to_fp32 cannot consolidate; train "
-            "with a ZeRO stage 1-3 config (ds_configs/zero1.json, zero2.json, zero3.json).")
-    model_file = tag_dir / (f"zero_pp_rank_{min(zero3_models)}_mp_rank_00_model_states.pt" if zero3_models
-                            else _ZERO12_MODEL_FILE)
-    world, stage = _recorded_layout(model_file)
-    world = world or max(optim | zero3_models) + 1
-    stage = 3 if zero3_models else stage  # stage 1 and 2 checkpoints are laid out alike
-    missing = sorted(set(range(world)) - optim) + (sorted(set(range(world)) - zero3_models) if zero3_models else [])
-    if missing:
-        raise CheckpointError(
-            f"{tag_dir} was saved by {world} ranks but lacks the files of rank(s) "
-            f"{', '.join(str(r) for r in sorted(set(missing)))}: every rank writes its own partition, so copy all "
-            "ranks' files of this tag into that one folder (multi-node runs without shared storage keep them on "
-            "each node), or export another tag.")
-    return stage, world
-
-
-def resolve_checkpoint(path: str | Path, tag: Optional[str] = None) -> CheckpointRef:
-    """Find the checkpoint to export (default: the one `latest` names) and check every rank's files are there."""
-    checkpoint_dir, tag = _find_save_dir(Path(path), tag)
-    latest = _read_latest(checkpoint_dir)
-    if tag is None:
-        if latest is None:
-            raise CheckpointError(
-                f"{checkpoint_dir} has no '{LATEST_FILE}' file naming a complete checkpoint, so no save finished "
-                f"there; {_tags_sentence(checkpoint_dir)}: pass --tag to pick one, or point at the checkpoints/ "
-                "folder of a run that saved.")
-        tag = latest
-    tag_dir = checkpoint_dir / tag
-    if not tag_dir.is_dir():
-        raise CheckpointError(f"there is no checkpoint {tag!r} in {checkpoint_dir}; {_tags_sentence(checkpoint_dir)}.")
-    if latest is not None and tag != latest:
-        step, latest_step = _step_of(checkpoint_dir, tag), _step_of(checkpoint_dir, latest)
-        if step is not None and latest_step is not None and step > latest_step:
-            raise CheckpointError(
-                f"{tag} is newer than the checkpoint '{LATEST_FILE}' names ({latest}): its save did not finish "
-                f"(DeepSpeed names a tag in '{LATEST_FILE}' only once every rank wrote it); export {latest}, or "
-                "wait until training has saved it.")
-    stage, world = _check_rank_files(tag_dir)
-    return CheckpointRef(checkpoint_dir, tag, stage, world)
 
 
 # ----------------------------------------------------------------------------------------------

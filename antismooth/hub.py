@@ -5,14 +5,12 @@ which registers the architectures), or with "hf-hub:org/name" once pushed. The f
 own `save_for_hf`: config.json carries the architecture, its constructor arguments (`model_args`), the
 class names (`label_names`) and the evaluation transform (`pretrained_cfg`: input size, mean, std, crop,
 interpolation), plus our provenance under "antismooth". The card says what the model is, cites the paper,
-and gives the run's derived numbers (run.json) and its last evaluation (log.txt).
+and gives the run's derived numbers (run.json) and its last evaluation (eval.jsonl).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -21,6 +19,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from .checkpoint import RunFolder
 from .export import DATA_CONFIG_KEYS, DTYPES, TIMM_META_KEY, ExportResult, consolidate_checkpoint
 
 __all__ = ["CARD_FILE", "PAPER", "HubError", "build_model", "run_summary", "model_card",
@@ -38,9 +37,6 @@ CITATION = """@inproceedings{wang2022antioversmoothing,
   year={2022}
 }"""
 PROVENANCE_KEYS = ("tag", "step", "epoch", "zero_stage", "world_size", "dtype")
-# pretrain.py's evaluation line in log.txt: "eval epoch 3: top-1 12.50 % | top-5 50.00 % | loss 2.7000 | 16 images"
-_EVAL_LINE = re.compile(r"eval epoch (\d+): top-1 ([\d.]+) % \| top-5 ([\d.]+) % \| "
-                        r"loss ([\d.naninf]+) \| (\d+) images")
 
 
 class HubError(RuntimeError):
@@ -59,33 +55,38 @@ def build_model(state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any])
 # The model card
 
 
-def _last_eval(log_file: Path) -> Optional[dict[str, Any]]:
-    """The last evaluation pretrain.py logged, or None when there was none."""
-    if not log_file.is_file():
-        return None
-    matches = _EVAL_LINE.findall(log_file.read_text(errors="replace"))
-    if not matches:
-        return None
-    epoch, top1, top5, loss, count = matches[-1]
-    return {"epoch": int(epoch), "top1": float(top1), "top5": float(top5), "loss": float(loss), "images": int(count)}
+def _last_eval(run: RunFolder) -> Optional[dict[str, Any]]:
+    """The last evaluation of the model's own weights (not its EMA) that the run recorded, or None."""
+    records = [r for r in run.eval_records() if not r.get("ema") and {"epoch", "top1", "top5", "loss", "images"} <= r.keys()]
+    return records[-1] if records else None
+
+
+def _recipe(run_json: Mapping[str, Any]) -> dict[str, Any]:
+    """The training recipe as the card shows it: flags from run.json, weight decay from its DeepSpeed JSON."""
+    flags = run_json.get("flags", {})
+    recipe = {k: flags[k] for k in ("epochs", "lr", "min_lr", "warmup_epochs", "drop_path", "mixup", "cutmix",
+                                    "smoothing", "data") if k in flags}
+    weight_decay = run_json.get("deepspeed", {}).get("optimizer", {}).get("params", {}).get("weight_decay")
+    if weight_decay is not None:
+        recipe["weight_decay"] = weight_decay
+    return recipe
 
 
 def run_summary(run_dir: Optional[Path]) -> dict[str, Any]:
     """What a card reports about the training run: run.json's flags, DeepSpeed stage and derived numbers, and the
-    last evaluation in log.txt; empty for a checkpoint folder outside a run folder."""
-    if run_dir is None or not (run_dir / "run.json").is_file():
+    last evaluation in eval.jsonl; empty for a checkpoint folder outside a run folder."""
+    if run_dir is None:
         return {}
-    try:
-        run = json.loads((run_dir / "run.json").read_text())
-    except ValueError:
-        _logger.warning("%s is not valid JSON: the model card leaves out the training run.", run_dir / "run.json")
+    run = RunFolder(run_dir)
+    if not run.run_json.is_file():
         return {}
-    flags = run.get("flags", {})
-    summary = {"derived": run.get("derived", {}),
-               "recipe": {k: flags[k] for k in ("epochs", "lr", "min_lr", "warmup_epochs", "weight_decay",
-                                                "drop_path", "mixup", "cutmix", "smoothing", "data") if k in flags},
-               "zero_stage": run.get("deepspeed", {}).get("zero_optimization", {}).get("stage")}
-    last = _last_eval(run_dir / "log.txt")
+    run_json = run.read_run_json()
+    if not run_json:
+        _logger.warning("%s is not valid JSON: the model card leaves out the training run.", run.run_json)
+        return {}
+    summary = {"derived": run_json.get("derived", {}), "recipe": _recipe(run_json),
+               "zero_stage": run_json.get("deepspeed", {}).get("zero_optimization", {}).get("stage")}
+    last = _last_eval(run)
     if last is not None:
         summary["eval"] = last
     return summary
@@ -115,7 +116,7 @@ def model_card(name: str, meta: Mapping[str, Any], num_params: int, run: Mapping
         details["Training recipe"] = dict(run["recipe"])
     if run.get("eval"):
         ev = run["eval"]
-        details["Evaluation (last in log.txt)"] = {"epoch": ev["epoch"], "top-1 (%)": ev["top1"],
+        details["Evaluation (last in eval.jsonl)"] = {"epoch": ev["epoch"], "top-1 (%)": ev["top1"],
                                                    "top-5 (%)": ev["top5"], "loss": ev["loss"], "images": ev["images"]}
     description = (f"`{meta['model']}` trained with antismooth (DeepSpeed ZeRO), carrying the anti-oversmoothing "
                    f"techniques (AttnScale / FeatScale) of {PAPER}.")
@@ -181,11 +182,11 @@ def export_timm(path: str | Path, out: str | Path, tag: Optional[str] = None, dt
     ref, state_dict, meta = consolidate_checkpoint(path, tag, dtype, ema)
     if "model" not in meta:
         raise ValueError(f"{ref.tag_dir} has no antismooth.json, so its model cannot be named in timm's config.json; "
-                         "write one with antismooth.export.write_model_meta, or export a file (--format file).")
+                         "write one with antismooth.checkpoint.write_model_meta, or export a file (--format file).")
     model = build_model(state_dict, meta)
     num_params = sum(t.numel() for t in state_dict.values())
-    run_dir = ref.checkpoint_dir.parent if ref.checkpoint_dir.name == "checkpoints" else None
-    card = model_card(Path(out).name, meta, num_params, run_summary(run_dir))
+    run = ref.run_folder
+    card = model_card(Path(out).name, meta, num_params, run_summary(run.root if run else None))
     written = save_timm_folder(model, meta, out, card, overwrite)
     size = sum(p.stat().st_size for p in written.iterdir())
     return ExportResult(written, ref, meta, num_params, size), model, card

@@ -10,7 +10,6 @@ import itertools
 import logging
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,9 @@ from .data.device import DeviceBatches, pin_memory_for, to_device
 from .data.pipeline import AugmentConfig, Deal, EpochPosition, build_eval_stream, reduce_eval_metrics, seed_for
 from .distributed import DistEnv, all_reduce, barrier
 from .ema import ShardedEma
-from .engine import RunFolder, TrainingStopped, TrainState, checkpoint_tag
+from .checkpoint import RunFolder, checkpoint_tag
+from .engine import TrainingStopped, TrainState
 from .evaluate import evaluate
-from .export import write_model_meta
 from .models.weights import ANTI_OVERSMOOTHING_PARAMS
 from .spectral import measure, paper_parameters, write_spectral
 
@@ -37,7 +36,6 @@ __all__ = ["Trainer", "evaluate_split", "criterion_for", "seed_step", "technique
 log = logging.getLogger(__name__)
 
 SPECTRAL_PROBE_IMAGES = 16
-UNIVERSAL_CHECKPOINT_INFO = "universal_checkpoint_info"  # deepspeed.checkpoint.constants' key, without importing it
 
 
 def criterion_for(augment: AugmentConfig, mixup_on: bool) -> nn.Module:
@@ -257,20 +255,12 @@ class Trainer:
         if self.state.samples_in_epoch:  # mid-epoch: which samples were trained on, gathered from every rank
             self.state.data = EpochPosition(self.deal, self.stream.consumed()).state_dict()
         try:
-            if self.env.rank == 0:  # the model's description (tools/export.py, tools/eval.py) and the batch it
-                # trained with (a resume at another world size holds it)
-                write_model_meta(self.run_folder.checkpoints / tag,
-                                 dict(self.meta, step=self.state.global_step, epoch=self.state.epoch,
-                                      global_batch=self.derived.global_batch, micro_batch=self.derived.micro_batch,
-                                      world_size=self.env.world_size))
-            if self.ema is not None:  # each rank's own fragments, before its files are flushed
-                self.ema.save(self.run_folder.checkpoints / tag)
-            self.engine.save_checkpoint(str(self.run_folder.checkpoints), tag=tag, save_latest=False,
-                                        client_state={"antismooth": self.state.state_dict(),
-                                                      # lets DeepSpeed's ds_to_universal convert ZeRO-1/2 checkpoints
-                                                      # for a resume at another world size (as its own tests save)
-                                                      UNIVERSAL_CHECKPOINT_INFO: {}})
-            self.run_folder.sync_files(tag, self.env.rank)
+            # The model's description (tools/export.py, tools/eval.py) and the batch it trained with (a resume at
+            # another world size holds it) travel with the checkpoint.
+            meta = dict(self.meta, step=self.state.global_step, epoch=self.state.epoch,
+                        global_batch=self.derived.global_batch, micro_batch=self.derived.micro_batch,
+                        world_size=self.env.world_size)
+            self.run_folder.write_checkpoint(self.engine, tag, self.env.rank, self.state.state_dict(), meta, self.ema)
         except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
             self.abandon_save(tag, err)
         barrier()  # every rank's files are on the disk
@@ -286,7 +276,7 @@ class Trainer:
         full = isinstance(err, OSError) and err.errno == errno.ENOSPC or "write failed" in str(err) \
             or "No space left" in str(err)
         reason = "the disk is full" if full else f"{type(err).__name__}: {err}".splitlines()[0][:200]
-        shutil.rmtree(self.run_folder.checkpoints / tag, ignore_errors=True)
+        self.run_folder.discard(tag)
         raise TrainingStopped(f"Checkpoint {tag} could not be written to {self.run_folder.checkpoints} ({reason}); "
                               f"{self.run_folder.latest_tag()} is still the newest checkpoint, intact: free space there "
                               "(or lower --keep) and run the same command to resume from it.") from err
@@ -309,6 +299,10 @@ class Trainer:
                      metrics["top1"], metrics["top5"], metrics["loss"], metrics["count"])
             for key in ("top1", "top5", "loss"):
                 self.writer.add_scalar(f"{prefix}/{key}", metrics[key], self.state.global_step)
+            # A record for the model card and other readers: the log line above is for people and may change.
+            self.run_folder.append_eval({"epoch": self.state.epoch, "step": self.state.global_step, "ema": bool(label),
+                                         "top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
+                                         "images": int(metrics["count"])})
 
 
 # TensorBoard tags of antismooth.spectral.paper_parameters' per-block curves.

@@ -4,7 +4,7 @@ For each ZeRO stage (2 and 3 by default), a real 2-process DeepSpeed engine (CPU
 of --model takes one training step (so Adam's moments exist) and saves a checkpoint as pretrain.py does.
 Then, each in a fresh process:
   - baseline: read every file of the checkpoint with torch.load (the least any conversion must do);
-  - conversion: antismooth.reshard.convert_to_universal (DeepSpeed's ds_to_universal), serial (--workers 1)
+  - conversion: antismooth.checkpoint.convert_to_universal (DeepSpeed's ds_to_universal), serial (--workers 1)
     and with --workers processes.
 Reported: the checkpoint's and the universal checkpoint's size on disk, wall time, the ratio to the
 baseline's time, and the peak resident memory (ru_maxrss: the larger of the process's and of its largest worker
@@ -98,7 +98,7 @@ def bench_stage(model: str, stage: int, img_size: int, workers: int, work: Path)
     for count in dict.fromkeys((1, workers)):
         shutil.rmtree(checkpoints / "step00000001_universal", ignore_errors=True)
         rows.append({"what": f"convert, {count} worker{'s' if count > 1 else ''}", **_measure(
-            "from antismooth.reshard import convert_to_universal\n"
+            "from antismooth.checkpoint import convert_to_universal\n"
             f"convert_to_universal({str(checkpoints)!r}, 'step00000001', workers={count})")})
     checkpoint_bytes, universal_bytes = _size(tag), _size(checkpoints / "step00000001_universal")
     for row in rows:

@@ -28,8 +28,7 @@ import torch
 
 import pretrain
 from antismooth.cli import reshard as reshard_tool
-from antismooth.engine import RunFolder
-from antismooth.reshard import convert_to_universal
+from antismooth.checkpoint import RunFolder, convert_to_universal
 from conftest import (BF16, EMA_RUNS, FULL_BATCH, ONE_THREAD, REPO, TINY_MODEL, TRAIN_PLAN, VENV_BIN, WITH_EMA,
                       clean_env, ds_config, free_port, launch_plan, resume_plan, start_processes, torchrun_nodes,
                       wait_processes, write_plan)

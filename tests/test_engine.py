@@ -11,7 +11,8 @@ import torch
 
 import antismooth  # noqa: F401
 from antismooth.config import ConfigError, DeepSpeedSettings, HeldBatch, TrainConfig, derive
-from antismooth.engine import RunFolder, TrainState, apply_activation_checkpointing, build_scheduler, param_groups
+from antismooth.checkpoint import RunFolder
+from antismooth.engine import TrainState, apply_activation_checkpointing, build_scheduler, param_groups
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, num_heads=4, num_classes=10)
 

@@ -28,8 +28,8 @@ import antismooth  # noqa: F401  (registers the zoo)
 from antismooth.data.pipeline import reduce_eval_metrics
 from antismooth.data.shards import ShardOptions, build
 from antismooth.evaluate import EvalData, evaluate, match_classes
-from antismooth.export import (create_model_from_weights, read_export_meta, read_model_meta, save_weights,
-                               write_model_meta)
+from antismooth.checkpoint import read_model_meta, write_model_meta
+from antismooth.export import create_model_from_weights, read_export_meta, save_weights
 from antismooth.models import read_checkpoint
 from conftest import FULL_BATCH_SIZE, TINY_MODEL, TrainedRun, free_port
 

@@ -1,5 +1,5 @@
 """timm's own folder format (antismooth.hub): written with timm's save_for_hf, loaded by timm's local-dir: source,
-read by tools/eval.py and tools/analyze.py, with a model card from the run folder's run.json and log.txt.
+read by tools/eval.py and tools/analyze.py, with a model card from the run folder's run.json and eval.jsonl.
 
 The DeepSpeed path (tools/export.py --format timm on a real ZeRO checkpoint) is tested in test_export.py;
 here the weights are a fresh model's, so the folder's round trip is checked without launching DeepSpeed.
@@ -18,6 +18,7 @@ import torch
 from timm.data import resolve_data_config, resolve_model_data_config
 
 import antismooth  # noqa: F401  (registers the zoo)
+from antismooth.checkpoint import RunFolder
 from antismooth.evaluate import build_eval_model, model_data_config
 from antismooth.export import read_export_meta, save_weights
 from antismooth.hub import model_card, run_summary, save_timm_folder
@@ -33,11 +34,13 @@ KWARGS = dict(num_classes=103, img_size=32, patch_size=8, embed_dim=64, num_head
 DATA_CONFIG = {"input_size": [3, 32, 32], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "crop_pct": 0.9,
                "interpolation": "bilinear"}
 RUN_JSON = {"flags": {"epochs": 6, "lr": 0.05, "data": "shards/imagenet"},
-            "deepspeed": {"zero_optimization": {"stage": 3}},
+            "deepspeed": {"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW", "params": {"weight_decay": 0.05}}},
             "derived": {"world_size": 2, "micro_batch": 8, "grad_accum": 1, "global_batch": 16, "num_samples": 16,
                         "steps_per_epoch": 1, "total_steps": 6, "warmup_steps": 0, "peak_lr": 0.0015625}}
-LOG = ("2026-01-01 00:00:00 INFO eval epoch 4: top-1 12.50 % | top-5 50.00 % | loss 2.7000 | 16 images\n"
-       "2026-01-01 00:00:01 INFO eval epoch 5: top-1 25.00 % | top-5 62.50 % | loss 2.5000 | 16 images\n")
+# What pretrain.py's evaluations record (antismooth.checkpoint.RunFolder.append_eval): the model's, then its EMA's.
+EVALS = [{"epoch": 4, "step": 4, "ema": False, "top1": 12.5, "top5": 50.0, "loss": 2.7, "images": 16},
+         {"epoch": 5, "step": 5, "ema": False, "top1": 25.0, "top5": 62.5, "loss": 2.5, "images": 16},
+         {"epoch": 5, "step": 5, "ema": True, "top1": 31.25, "top5": 68.75, "loss": 2.4, "images": 16}]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +59,8 @@ def exported(imagenet_sample, tmp_path_factory) -> tuple[Path, Path, torch.nn.Mo
     run = root / "run"
     run.mkdir()
     (run / "run.json").write_text(json.dumps(RUN_JSON))
-    (run / "log.txt").write_text(LOG)
+    for record in EVALS:
+        RunFolder(run).append_eval(record)
     num_params = sum(p.numel() for p in model.parameters())
     card = model_card("as24", meta, num_params, run_summary(run))
     folder = save_timm_folder(model, meta, root / "as24", card)
@@ -103,7 +107,8 @@ def test_model_card_names_the_model_paper_run_and_eval(exported):
     assert "attnscale_tiny_24" in card and "Anti-Oversmoothing in Deep Vision Transformers" in card
     assert "ICLR 2022" in card and "@inproceedings{wang2022antioversmoothing" in card
     assert "global_batch: 16" in card and "total_steps: 6" in card and "zero_stage: 3" in card
-    assert "top-1 (%): 25.0" in card and "epoch: 5" in card  # the last evaluation in log.txt
+    assert "top-1 (%): 25.0" in card and "epoch: 5" in card  # the last evaluation of the model's own weights
+    assert "weight_decay: 0.05" in card and "31.25" not in card  # from the DeepSpeed JSON; not the EMA's figure
     assert 'timm.create_model("local-dir:as24", pretrained=True)' in card
 
 

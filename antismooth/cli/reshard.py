@@ -14,8 +14,7 @@ import sys
 from typing import Optional
 
 from antismooth.distributed import usable_cpus
-from antismooth.engine import RunFolder
-from antismooth.reshard import convert_to_universal
+from antismooth.checkpoint import RunFolder, convert_to_universal
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +30,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     run = RunFolder(args.run)
     tag = args.tag or run.latest_tag()
-    if tag is None or not (run.checkpoints / tag).is_dir():
+    if tag is None or not run.tag_dir(tag).is_dir():
         what = f"no checkpoint {tag}" if tag else "no complete checkpoint"
         print(f"error: {run.checkpoints} has {what}: give the --output folder of a pretrain.py run "
               "(and --tag one of its step* folders).", file=sys.stderr)

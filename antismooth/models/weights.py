@@ -18,7 +18,7 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
 __all__ = ["ANTI_OVERSMOOTHING_PARAMS", "TIMM_WEIGHTS_FILES", "weights_file", "read_checkpoint", "clean_state_dict",
-           "checkpoint_filter_fn", "load_weights", "WeightsMismatchError"]
+           "checkpoint_filter_fn", "load_weights", "load_for_finetuning", "WeightsMismatchError"]
 
 _logger = logging.getLogger(__name__)
 
@@ -134,4 +134,20 @@ def load_weights(model: nn.Module, source: str | Path | Mapping[str, Any], *, fi
         raise WeightsMismatchError(
             f"The checkpoint does not match model {name}; pick the model it was trained as (--model):\n{mismatch}")
     model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def load_for_finetuning(model: nn.Module, source: str | Path | Mapping[str, Any]) -> nn.Module:
+    """Plain weights to fine-tune from: a head of another class count is dropped (the model keeps its new
+    head), the position embedding is resampled, missing AttnScale/FeatScale parameters start at 0."""
+    state_dict = clean_state_dict(read_checkpoint(source) if isinstance(source, (str, Path)) else source)
+    own = model.state_dict()
+    for key in [k for k in state_dict if k.startswith(("head.", "head_dist.")) and k in own]:
+        if state_dict[key].shape != own[key].shape:
+            _logger.info("Fine-tuning: dropping %s %s, the model has %s classes.", key, tuple(state_dict[key].shape),
+                         model.num_classes)
+            state_dict[key] = own[key]
+    load_weights(model, state_dict)
+    if isinstance(source, (str, Path)):
+        _logger.info("Fine-tuning from %s.", source)
     return model

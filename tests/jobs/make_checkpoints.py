@@ -43,7 +43,7 @@ def train_and_save(name: str, out: Path, model_name: str, model_kwargs: dict, st
     import timm
     import torch.distributed as dist
 
-    from antismooth.export import write_model_meta
+    from antismooth.checkpoint import write_model_meta
 
     stage, bf16 = CONFIGS[name]
     rank, world = dist.get_rank(), dist.get_world_size()
