@@ -152,8 +152,11 @@ def test_attnscale_fused_equals_explicit_forward_and_every_gradient(name):
     torch.manual_seed(0)
     model = _randomize_paper_params(timm.create_model(name, **SMALL))
     x = torch.randn(3, 3, 32, 32)
+    attention = [m for m in model.modules() if isinstance(m, AttnScaleAttention)]
     fused_out, fused_grads = _attn_forward_and_grads(set_fused_attn(model, True), x)
+    assert attention and all(m.fused_attn for m in attention)  # whatever the environment's default
     explicit_out, explicit_grads = _attn_forward_and_grads(set_fused_attn(model, False), x)
+    assert not any(m.fused_attn for m in attention)
     torch.testing.assert_close(fused_out, explicit_out, rtol=1e-5, atol=1e-5)
     for key in fused_grads:
         torch.testing.assert_close(fused_grads[key], explicit_grads[key], rtol=1e-5, atol=1e-5, msg=key)
@@ -164,6 +167,7 @@ def test_attention_dropout_uses_the_official_explicit_form():
     with torch.no_grad():
         attn.lamb.copy_(torch.tensor([0.5, -0.2, 1.0, 0.3]))
     x = torch.randn(2, 9, 32)
+    attn.fused_attn = True   # set, not the environment's default (TIMM_FUSED_ATTN): else this compares explicit with itself
     torch.manual_seed(7)
     fused_flag = attn(x)
     attn.fused_attn = False
