@@ -5,8 +5,13 @@ benchmarks (bench/zero_memory.py) and the tests that check the planner against r
 """
 from __future__ import annotations
 
+import contextlib
 import gc
-from typing import Callable, Optional
+import os
+import re
+import sys
+import tempfile
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -56,7 +61,7 @@ def allocation_timeline(fn: Callable[[], object]) -> list[int]:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_noise(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     stack, sizes = list(prof.profiler.kineto_results.experimental_event_tree()), []
     while stack:
@@ -65,3 +70,28 @@ def allocation_timeline(fn: Callable[[], object]) -> list[int]:
         if event.tag == _EventType.Allocation and str(event.extra_fields.device) == "cpu":
             sizes.append((event.start_time_ns, event.extra_fields.alloc_size))
     return [size for _, size in sorted(sizes)]
+
+
+# What the profiler's C++ side (kineto) writes to stderr on every CPU profile: its start/stop markers, and, on a
+# machine without a CUDA driver, a failed device count (code 35: cudaErrorInsufficientDriver). Not errors.
+_PROFILER_NOISE = re.compile(r"^(?:USDT|STAGE):.*SyncActivityProfilerHandler|gpuGetDeviceCount failed with code 35")
+
+
+@contextlib.contextmanager
+def _without_profiler_noise() -> Iterator[None]:
+    """Capture the process's stderr (file descriptor 2, where C++ writes) while the profiler runs; pass on every
+    line but kineto's noise. Python's own stderr output in between goes through the same descriptor, in order."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not _PROFILER_NOISE.search(line)]
+            sys.stderr.write("".join(kept))

@@ -59,7 +59,10 @@ def print_plan(plan: MemoryPlan) -> None:
           f"{plan.micro_batch}, {plan.dtype}, ZeRO-{plan.zero_stage}{' + optimizer offload' if plan.offload_optimizer else ''}"
           f" over {plan.world_size} ranks, activation checkpointing {every}\n")
     print(f"per rank{'GiB':>43}")
-    rows = [("parameters", plan.parameters), ("gradients held (ZeRO-3's partition)", plan.gradients),
+    # ZeRO-3 keeps its gradient partition between steps; ZeRO-0/1/2 reduce the gradients into backward's buffers.
+    held_gradients = "gradients held (ZeRO-3's partition)" if plan.zero_stage == 3 else \
+        f"gradients held (none: ZeRO-{plan.zero_stage} in buffers)"
+    rows = [("parameters", plan.parameters), (held_gradients, plan.gradients),
             ("optimizer moments (Adam m, v; fp32)", plan.optimizer_moments), ("fp32 master copy", plan.master_copy),
             ("model states", plan.model_states),
             ("ZeRO-3 reduce bucket (preallocated)", plan.reduce_bucket),
