@@ -26,8 +26,7 @@ from timm.utils import ParseKwargs
 import antismooth  # noqa: F401  (registers the model zoo with timm)
 from antismooth.config import ConfigError, DeepSpeedSettings, Derived, TrainConfig, derive
 from antismooth.checkpoint import RunFolder, choose_resume_tag, processes, resume
-from antismooth.data.pipeline import AugmentConfig, StreamConfig, build_train_stream
-from antismooth.data.shards import load_manifest
+from antismooth.data.pipeline import AugmentConfig, ShardSource, StreamConfig, build_train_stream
 from antismooth.distributed import DistEnv, barrier, check_shared_folder, detect_launch, init_distributed, log_world
 from antismooth.ema import ShardedEma
 from antismooth.engine import TrainingStopped, TrainState, apply_activation_checkpointing, build_scheduler, param_groups
@@ -115,15 +114,15 @@ def check_model_name(name: str) -> None:
         raise ConfigError(f"Unknown model {name!r}.{hint}")
 
 
-def check_same_classes(train_manifest: Optional[Path], val_manifest: Optional[Path], classes: list[str]) -> None:
+def check_same_classes(train_manifest: Optional[Path], val_manifest: Optional[Path], train: Optional[ShardSource],
+                       val: Optional[ShardSource]) -> None:
     """Validation labels must index the training split's class list (shards built before the builder numbered
     every split by train/'s classes may not)."""
-    if train_manifest is None or val_manifest is None:
+    if train is None or val is None:
         return
-    val_classes = [c["wnid"] for c in load_manifest(val_manifest)["classes"]]
-    if val_classes != classes:
+    if val.classes != train.classes:
         raise ConfigError(f"{val_manifest} numbers its labels by another class list than {train_manifest} "
-                          f"({len(val_classes)} classes there, {len(classes)} here): rebuild the shards with "
+                          f"({len(val.classes)} classes there, {len(train.classes)} here): rebuild the shards with "
                           "tools/build_shards.py, which labels every split by train/'s classes.")
 
 
@@ -210,10 +209,12 @@ def run(config: TrainConfig):
     check_model_name(config.model)
     train_manifest = find_manifest(config.data, "train", required=not config.eval_only)
     val_manifest = find_manifest(config.data, "val", required=config.eval_only)
-    manifest = load_manifest(train_manifest or val_manifest)
-    classes = [c["wnid"] for c in manifest["classes"]]
-    check_same_classes(train_manifest, val_manifest, classes)
-    derived = derive(config, ds, world_size, manifest["num_samples"]) if train_manifest else None
+    # Each manifest is read once, here: the training stream, every evaluation and the spectral probe take these.
+    train_source = ShardSource.resolve(train_manifest) if train_manifest else None
+    val_source = ShardSource.resolve(val_manifest) if val_manifest else None
+    classes = list((train_source or val_source).classes)
+    check_same_classes(train_manifest, val_manifest, train_source, val_source)
+    derived = derive(config, ds, world_size, train_source.num_samples) if train_source else None
     if config.finetune and not Path(config.finetune).is_file():
         raise ConfigError(f"--finetune {config.finetune} does not exist: give the path of a .pth or .safetensors file.")
 
@@ -230,7 +231,7 @@ def run(config: TrainConfig):
 
     if config.eval_only:
         load_weights(model, config.finetune)
-        metrics = evaluate_split(model.to(env.device), val_manifest, ds.micro_batch, env, augment, config.workers, None)
+        metrics = evaluate_split(model.to(env.device), val_source, ds.micro_batch, env, augment, config.workers, None)
         if env.rank == 0:
             print(f"eval {config.finetune}: top-1 {metrics['top1']:.2f} %  top-5 {metrics['top5']:.2f} %  "
                   f"loss {metrics['loss']:.4f}  ({metrics['count']} images)")
@@ -262,13 +263,13 @@ def run(config: TrainConfig):
         measure_throughput(engine, env, ds, dtype, model.patch_embed.img_size, len(classes))
         return None
 
-    stream = build_train_stream(str(train_manifest),
+    stream = build_train_stream(train_source,
                                 StreamConfig(batch_size=ds.micro_batch, mode=config.stream_mode, seed=config.seed,
                                              num_workers=config.workers),
                                 env.rank, env.world_size, augment, global_batch=derived.global_batch)
     trainer = Trainer(config=config, ds=ds, derived=derived, env=env, engine=engine, scheduler=scheduler,
                       stream=stream, state=state, run_folder=run_folder, meta=meta, dtype=dtype,
-                      val_manifest=val_manifest, augment=augment, ema=ema)
+                      val_source=val_source, augment=augment, ema=ema)
     trainer.train()
     return engine
 

@@ -24,8 +24,8 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_model_data_config
 
 from .data.device import DeviceBatches
-from .data.pipeline import AugmentConfig, build_eval_stream, eval_transform
-from .data.shards import load_manifest, name_list
+from .data.pipeline import AugmentConfig, ShardSource, build_eval_stream, eval_transform
+from .data.shards import name_list
 from .export import create_model_from_weights, read_export_meta
 
 __all__ = ["evaluate", "EvalData", "resolve_eval_data", "eval_batches", "augment_from_data_config",
@@ -95,6 +95,7 @@ class EvalData:
     path: Path
     classes: tuple[str, ...]
     label_map: Optional[tuple[int, ...]] = None  # the model's output for each data label; None: the label itself
+    source: Optional[ShardSource] = None         # the shards, resolved once from the manifest (kind "shards")
 
 
 def resolve_eval_data(data: str | Path, split: str = "val") -> EvalData:
@@ -102,8 +103,8 @@ def resolve_eval_data(data: str | Path, split: str = "val") -> EvalData:
     data = Path(data)
     manifest = data if data.suffix == ".json" else data / f"{split}.json"
     if manifest.is_file() or data.suffix == ".json":
-        m = load_manifest(manifest)
-        return EvalData("shards", manifest, tuple(c["wnid"] for c in m["classes"]))
+        source = ShardSource.resolve(manifest)
+        return EvalData("shards", manifest, source.classes, source=source)
     root = data / split if (data / split).is_dir() else data
     if not root.is_dir():
         raise FileNotFoundError(f"no evaluation data at {data}: give a shard folder holding {split}.json, a "
@@ -158,7 +159,7 @@ def eval_batches(data: EvalData, augment: AugmentConfig, batch_size: int, rank: 
     way; `pin_memory` (for a GPU) pins them in the loader's pin thread; targets are the model's class indices
     when `data.label_map` says how they differ from the data's."""
     if data.kind == "shards":
-        batches = build_eval_stream(str(data.path), batch_size, rank, world_size, num_workers,
+        batches = build_eval_stream(data.source or data.path, batch_size, rank, world_size, num_workers,
                                     augment).loader(pin_memory)
     else:
         batches = _ImageFolderBatches(data.path, augment, batch_size, rank, world_size, num_workers, pin_memory)

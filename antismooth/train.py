@@ -12,7 +12,6 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -22,7 +21,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from .config import DeepSpeedSettings, Derived, TrainConfig
 from .data.device import DeviceBatches, pin_memory_for, to_device
-from .data.pipeline import AugmentConfig, Deal, EpochPosition, build_eval_stream, reduce_eval_metrics, seed_for
+from .data.pipeline import (AugmentConfig, Deal, EpochPosition, ShardSource, build_eval_stream, reduce_eval_metrics,
+                            seed_for)
 from .distributed import DistEnv, all_reduce, barrier
 from .ema import ShardedEma
 from .checkpoint import RunFolder, checkpoint_tag
@@ -57,13 +57,13 @@ def seed_step(seed: int, step: int, micro: int, rank: int) -> None:
 
 # --- the run -------------------------------------------------------------------------------------------
 
-def evaluate_split(model_or_engine, manifest: Path, batch_size: int, env: DistEnv, augment: AugmentConfig,
+def evaluate_split(model_or_engine, source: ShardSource, batch_size: int, env: DistEnv, augment: AugmentConfig,
                    workers: int, dtype: Optional[torch.dtype], zero_stage: int = 0) -> dict[str, float]:
     """Top-1/top-5/loss over the validation shards, every sample exactly once across ranks.
 
     Under ZeRO-3 each forward is a collective: every rank runs as many as the rank with the most batches.
     """
-    stream = build_eval_stream(str(manifest), batch_size, env.rank, env.world_size, num_workers=workers,
+    stream = build_eval_stream(source, batch_size, env.rank, env.world_size, num_workers=workers,
                                augment=augment)
     batches = stream.loader(pin_memory_for(env.device))
     forwards = int(all_reduce([len(batches)], op="max")[0]) if zero_stage == 3 else None
@@ -86,7 +86,7 @@ class Trainer:
     run_folder: RunFolder
     meta: dict[str, Any]             # the model's description, saved beside every checkpoint
     dtype: torch.dtype
-    val_manifest: Optional[Path]
+    val_source: Optional[ShardSource]  # the validation shards (None: no val.json), resolved once at start-up
     augment: AugmentConfig
     ema: Optional[ShardedEma] = None  # DeiT's model EMA (--model-ema), updated after every optimizer step
 
@@ -101,8 +101,8 @@ class Trainer:
 
     def _probe_images(self) -> torch.Tensor:
         """A fixed batch for the spectral diagnostics: the first validation (else training) images, eval transform."""
-        manifest = self.val_manifest or Path(self.config.data) / "train.json"
-        stream = build_eval_stream(str(manifest), SPECTRAL_PROBE_IMAGES, 0, 1, num_workers=0, augment=self.augment)
+        source = self.val_source or self.stream.source
+        stream = build_eval_stream(source, SPECTRAL_PROBE_IMAGES, 0, 1, num_workers=0, augment=self.augment)
         images, *_ = next(iter(stream.loader()))
         return to_device(images, self.env.device, self.augment.mean, self.augment.std).to(self.dtype)
 
@@ -126,7 +126,7 @@ class Trainer:
             state.samples_in_epoch = 0
             state.data = {}
             self.save()
-            if self.config.eval_every_epoch and self.val_manifest is not None:
+            if self.config.eval_every_epoch and self.val_source is not None:
                 self.evaluate()
         if self.last_saved_step != state.global_step:
             self.save()
@@ -292,7 +292,7 @@ class Trainer:
                 self.ema.swap()  # ... and its own weights again
 
     def _evaluate(self, prefix: str, label: str) -> None:
-        metrics = evaluate_split(self.engine, self.val_manifest, self.derived.micro_batch, self.env, self.augment,
+        metrics = evaluate_split(self.engine, self.val_source, self.derived.micro_batch, self.env, self.augment,
                                  self.config.workers, self.dtype, self.ds.zero_stage)
         if self.env.rank == 0:
             log.info("eval %sepoch %d: top-1 %.2f %% | top-5 %.2f %% | loss %.4f | %d images", label, self.state.epoch,

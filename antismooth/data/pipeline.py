@@ -103,8 +103,11 @@ class ShardSource:
         return sum(self.counts)
 
     @classmethod
-    def resolve(cls, shards: str | Path | Sequence[str], num_samples: Optional[int] = None) -> "ShardSource":
-        """A manifest path (`train.json`), or URLs / a brace pattern / `pipe:` commands plus num_samples."""
+    def resolve(cls, shards: "Shards", num_samples: Optional[int] = None) -> "ShardSource":
+        """A manifest path (`train.json`), or URLs / a brace pattern / `pipe:` commands plus num_samples; a source
+        resolved before is returned as it is (a run reads each manifest once and hands the source down)."""
+        if isinstance(shards, ShardSource):
+            return shards
         if isinstance(shards, (str, Path)) and str(shards).endswith(".json"):
             manifest = load_manifest(shards)
             root = Path(shards).parent
@@ -120,6 +123,9 @@ class ShardSource:
                              "pass it, or point at the manifest the shard builder wrote.")
         base, extra = divmod(num_samples, len(urls))
         return cls(urls=urls, counts=tuple(base + (i < extra) for i in range(len(urls))))
+
+
+Shards = str | Path | Sequence[str] | ShardSource   # what the stream builders take
 
 
 def seed_for(*parts: Any) -> int:
@@ -598,10 +604,10 @@ class EvalStream:
                                pin_memory)
 
 
-def build_train_stream(shards: str | Path | Sequence[str], config: StreamConfig, rank: int, world_size: int,
+def build_train_stream(shards: Shards, config: StreamConfig, rank: int, world_size: int,
                        augment: AugmentConfig = AugmentConfig(), num_samples: Optional[int] = None,
                        num_classes: Optional[int] = None, global_batch: int = 0) -> TrainStream:
-    """The training stream of this rank, from a manifest or shard URLs; `global_batch` is the samples of one
+    """The training stream of this rank, from a manifest, shard URLs or a ShardSource; `global_batch` is the samples of one
     optimizer step on all ranks (default: one batch per rank, no accumulation)."""
     source = ShardSource.resolve(shards, num_samples)
     classes = num_classes or len(source.classes)
@@ -610,10 +616,10 @@ def build_train_stream(shards: str | Path | Sequence[str], config: StreamConfig,
     return TrainStream(source, config, augment, rank, world_size, classes, global_batch)
 
 
-def build_eval_stream(shards: str | Path | Sequence[str], batch_size: int, rank: int, world_size: int,
+def build_eval_stream(shards: Shards, batch_size: int, rank: int, world_size: int,
                       num_workers: int = 4, augment: AugmentConfig = AugmentConfig(),
                       num_samples: Optional[int] = None) -> EvalStream:
-    """The evaluation stream of this rank, from a manifest or shard URLs."""
+    """The evaluation stream of this rank, from a manifest, shard URLs or a ShardSource."""
     return EvalStream(ShardSource.resolve(shards, num_samples), batch_size, rank, world_size, num_workers, augment)
 
 
