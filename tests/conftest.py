@@ -27,27 +27,27 @@ def pytest_report_header(config) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Data fixtures: the real ImageNet sample images and ImageFolder trees built from them.
+# Data fixtures: the repository's own real photographs and ImageFolder trees built from them.
 # (Used by tests/test_shards.py; keep fixtures for other concerns in their own section.)
 
-IMAGENET_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+# 103 crops of CC0/public-domain photographs, one per class, with ImageNet's odd files (tests/data/images/README.md).
+SAMPLE_IMAGES = Path(__file__).resolve().parent / "data" / "images"
 
 
 @pytest.fixture(scope="session")
-def imagenet_sample() -> Path:
-    """The 103 real ImageNet JPEGs (train/<wnid>/<file>.JPEG) next to the repo, never copied into it."""
-    if not (IMAGENET_SAMPLE / "train").is_dir():
-        pytest.fail(f"the ImageNet sample images are missing: expected them at {IMAGENET_SAMPLE} "
-                    "(../shared/data/imagenet-sample from the repo root).")
-    return IMAGENET_SAMPLE
+def sample_images() -> Path:
+    """The 103 real photographs of tests/data/images (train/<class>/<file>.JPEG), one per class."""
+    if not (SAMPLE_IMAGES / "train").is_dir():
+        pytest.fail(f"the test images are missing: expected them at {SAMPLE_IMAGES} (tests/data/make_images.py).")
+    return SAMPLE_IMAGES
 
 
 @pytest.fixture
-def imagefolder(imagenet_sample: Path, tmp_path: Path) -> Path:
+def imagefolder(sample_images: Path, tmp_path: Path) -> Path:
     """A fresh ImageFolder root in tmp: train/ holds all 103 images, val/ the same 103 class folders
     with every fourth one holding its image and the rest empty (torchvision still counts them)."""
     root = tmp_path / "imagenet"
-    shutil.copytree(imagenet_sample / "train", root / "train")
+    shutil.copytree(sample_images / "train", root / "train")
     for i, class_dir in enumerate(sorted((root / "train").iterdir())):
         val_dir = root / "val" / class_dir.name
         val_dir.mkdir(parents=True)
@@ -61,13 +61,13 @@ def imagefolder(imagenet_sample: Path, tmp_path: Path) -> Path:
 # Stream fixtures: shards of the sample images, built once per session with the real builder.
 
 @pytest.fixture(scope="session")
-def sample_shards(imagenet_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sample_shards(sample_images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train.json and 11 shards of 10 (the last of 3) real JPEGs: 103 images, one per class, so a label
     names its image; 11 shards divide neither by 2 ranks × 2 workers nor by anything else."""
     from antismooth.data.shards import ShardOptions, build
 
     out = tmp_path_factory.mktemp("sample-shards")
-    build(str(imagenet_sample), str(out), ShardOptions(max_count=10), splits=("train",))
+    build(str(sample_images), str(out), ShardOptions(max_count=10), splits=("train",))
     return out / "train.json"
 
 
@@ -239,13 +239,13 @@ def launch_plan(plan: list[dict], world: int, workdir: Path, env: dict | None = 
 
 
 @pytest.fixture(scope="session")
-def tiny_shards(imagenet_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_shards(sample_images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train/val shards of 16 real JPEGs of 16 classes (val = the same images), shards of 5."""
     from antismooth.data.shards import ShardOptions, build
 
     root = tmp_path_factory.mktemp("tiny-imagefolder")
     for split in ("train", "val"):
-        for class_dir in sorted((imagenet_sample / "train").iterdir())[:FULL_BATCH_SIZE]:
+        for class_dir in sorted((sample_images / "train").iterdir())[:FULL_BATCH_SIZE]:
             shutil.copytree(class_dir, root / split / class_dir.name)
     out = tmp_path_factory.mktemp("tiny-shards")
     build(str(root), str(out), ShardOptions(max_count=5))

@@ -21,14 +21,14 @@ from antismooth.train import seed_step  # the training loop's per-micro-step see
 NUM_SAMPLES = 103
 
 
-def _jpeg(imagenet_sample: Path, wnid: str) -> Image.Image:
+def _jpeg(sample_images: Path, wnid: str) -> Image.Image:
     """The one sample image of class `wnid`, decoded as the pipeline decodes it (RGB)."""
-    with Image.open(next((imagenet_sample / "train" / wnid).iterdir())) as img:
+    with Image.open(next((sample_images / "train" / wnid).iterdir())) as img:
         return img.convert("RGB")
 
 
 def test_eval_batches_normalised_on_the_device_equal_timms_float_transform_bit_for_bit(sample_shards,
-                                                                                       imagenet_sample):
+                                                                                       sample_images):
     augment = AugmentConfig()  # 224 px, resize 256 / crop 224, bicubic, ImageNet mean and std
     float_transform = create_transform(augment.input_size, is_training=False, interpolation=augment.interpolation,
                                        crop_pct=augment.eval_crop_pct, mean=augment.mean, std=augment.std)
@@ -38,20 +38,20 @@ def test_eval_batches_normalised_on_the_device_equal_timms_float_transform_bit_f
     for images, labels, *_ in DeviceBatches(stream.loader(), "cpu", augment.mean, augment.std):
         assert images.dtype == torch.float32 and images.shape[1:] == (3, 224, 224)
         for image, label in zip(images, labels):
-            assert torch.equal(image, float_transform(_jpeg(imagenet_sample, classes[label])))
+            assert torch.equal(image, float_transform(_jpeg(sample_images, classes[label])))
         seen += len(labels)
     assert seen == NUM_SAMPLES
 
 
-def test_deit_training_transform_normalised_on_the_device_equals_timms_float_transform_bit_for_bit(imagenet_sample):
+def test_deit_training_transform_normalised_on_the_device_equals_timms_float_transform_bit_for_bit(sample_images):
     augment = AugmentConfig(reprob=0)  # the full DeiT recipe (RandomResizedCrop, flip, RandAugment), erasing off
     float_transform = create_transform(
         augment.input_size, is_training=True, color_jitter=augment.color_jitter, auto_augment=augment.auto_augment,
         interpolation=augment.interpolation, re_prob=0, mean=augment.mean, std=augment.std)
     uint8_transform = train_transform(augment)
-    wnids = sorted(p.name for p in (imagenet_sample / "train").iterdir())
+    wnids = sorted(p.name for p in (sample_images / "train").iterdir())
     for position, wnid in enumerate(wnids):
-        image = _jpeg(imagenet_sample, wnid)
+        image = _jpeg(sample_images, wnid)
         seed_augmentation(position)
         expected = float_transform(image)
         seed_augmentation(position)  # the same per-sample seed, as the workers draw it
@@ -97,10 +97,10 @@ def test_erasing_is_off_at_reprob_0_and_under_no_aug(sample_shards):
         assert stream.random_erasing("cpu") is None
 
 
-def test_device_stage_takes_uint8_only_and_keeps_length_and_order(imagenet_sample):
+def test_device_stage_takes_uint8_only_and_keeps_length_and_order(sample_images):
     augment = AugmentConfig(input_size=32)
-    pixels = torch.stack([eval_transform(augment)(_jpeg(imagenet_sample, w))
-                          for w in sorted(p.name for p in (imagenet_sample / "train").iterdir())[:6]])
+    pixels = torch.stack([eval_transform(augment)(_jpeg(sample_images, w))
+                          for w in sorted(p.name for p in (sample_images / "train").iterdir())[:6]])
     batches = [(pixels[:4], torch.arange(4)), (pixels[4:], torch.arange(4, 6))]
     stage = DeviceBatches(batches, "cpu", augment.mean, augment.std)
     out = list(stage)

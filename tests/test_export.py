@@ -61,9 +61,9 @@ def _latest(run: TrainedRun) -> str:
 
 
 @pytest.fixture(scope="module")
-def wnids(imagenet_sample) -> list[str]:
+def wnids(sample_images) -> list[str]:
     """tiny_shards' classes: the first 16 class folders of the sample images, in label order."""
-    return sorted(p.name for p in (imagenet_sample / "train").iterdir())[:FULL_BATCH_SIZE]
+    return sorted(p.name for p in (sample_images / "train").iterdir())[:FULL_BATCH_SIZE]
 
 
 # --- exports reproduce the live model -------------------------------------------------------------------
@@ -234,12 +234,12 @@ DATA_CONFIG = {"input_size": [3, 32, 32], "mean": [0.485, 0.456, 0.406], "std": 
 
 
 @pytest.fixture(scope="module")
-def classifier(imagenet_sample, tmp_path_factory) -> tuple[Path, dict, tuple[torch.Tensor, torch.Tensor]]:
+def classifier(sample_images, tmp_path_factory) -> tuple[Path, dict, tuple[torch.Tensor, torch.Tensor]]:
     """A 103-class model that gets every third sample image right (its head fitted by least squares on
     those images' features), saved with its description; its figures from a direct loop over the files
     (timm's float transform, normalised in place: independent of our uint8 path), and the images as
     uint8 (the loaders' form) with their labels."""
-    root = imagenet_sample / "train"
+    root = sample_images / "train"
     classes = sorted(p.name for p in root.iterdir())
     files = [Image.open(next((root / c).iterdir())).convert("RGB") for c in classes]
     transforms = [create_transform(DATA_CONFIG["input_size"], is_training=False, crop_pct=DATA_CONFIG["crop_pct"],
@@ -281,22 +281,22 @@ def _same_figures(a: dict, b: dict) -> None:
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
 
-def test_eval_on_shards_and_imagefolder_match_a_direct_loop(classifier, sample_shards, imagenet_sample, tmp_path,
+def test_eval_on_shards_and_imagefolder_match_a_direct_loop(classifier, sample_shards, sample_images, tmp_path,
                                                             capsys):
     weights, direct, _ = classifier
     shards = _eval(tmp_path, capsys, "--weights", weights, "--data", sample_shards.parent, "--split", "train",
                    "--workers", "2", "--batch-size", "16")
     _same_figures(shards, direct)
-    folder = _eval(tmp_path, capsys, "--weights", weights, "--data", imagenet_sample, "--split", "train",
+    folder = _eval(tmp_path, capsys, "--weights", weights, "--data", sample_images, "--split", "train",
                    "--workers", "0", "--batch-size", "16")
     _same_figures(folder, direct)
     assert folder["images_per_s"] > 0 and "top-1 33.98 %" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("source", ["shards", "imagefolder"])
-def test_eval_on_two_processes_counts_every_image_once(classifier, sample_shards, imagenet_sample, tmp_path, source):
+def test_eval_on_two_processes_counts_every_image_once(classifier, sample_shards, sample_images, tmp_path, source):
     weights, direct, _ = classifier
-    data = sample_shards if source == "shards" else imagenet_sample  # the manifest itself / an ImageFolder root
+    data = sample_shards if source == "shards" else sample_images  # the manifest itself / an ImageFolder root
     out = tmp_path / "eval.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(REPO / "tools" / "eval.py"), "--weights", str(weights), "--data", str(data), "--split", "train",
@@ -336,11 +336,11 @@ def _folders(root: Path, source: Path, classes: list[str], filled: list[str]) ->
     return root
 
 
-def test_eval_maps_a_subset_of_the_model_classes_by_name(classifier, imagenet_sample, tmp_path, capsys):
+def test_eval_maps_a_subset_of_the_model_classes_by_name(classifier, sample_images, tmp_path, capsys):
     weights, _, (images, labels) = classifier
     classes = read_export_meta(weights)["classes"]
     fifth = classes[::5]  # 21 classes, 7 of them among the ones the model gets right
-    source = imagenet_sample / "train"
+    source = sample_images / "train"
     full = _folders(tmp_path / "full", source, classes, fifth)  # all 103 folders, only the fifth filled
     subset = _folders(tmp_path / "subset", source, fifth, fifth)  # labels 0..20 here mean classes 0, 5, ..., 100
     args = ["--weights", weights, "--workers", "0", "--batch-size", "8"]

@@ -44,9 +44,9 @@ EVALS = [{"epoch": 4, "step": 4, "ema": False, "top1": 12.5, "top5": 50.0, "loss
 
 
 @pytest.fixture(scope="module")
-def exported(imagenet_sample, tmp_path_factory) -> tuple[Path, Path, torch.nn.Module, dict]:
+def exported(sample_images, tmp_path_factory) -> tuple[Path, Path, torch.nn.Module, dict]:
     """A 103-class AttnScale model (λ set away from 0, so they must load) as a timm folder and as a file."""
-    classes = sorted(p.name for p in (imagenet_sample / "train").iterdir())
+    classes = sorted(p.name for p in (sample_images / "train").iterdir())
     torch.manual_seed(0)
     model = timm.create_model("attnscale_tiny_24", **KWARGS).eval()
     with torch.no_grad():

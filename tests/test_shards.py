@@ -1,4 +1,4 @@
-"""The shard builder on real ImageNet JPEGs: round trip, determinism, resume after SIGKILL, bad input, --verify."""
+"""The shard builder on real photographs: round trip, determinism, resume after SIGKILL, bad input, --verify."""
 from __future__ import annotations
 
 import io
@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -52,7 +53,7 @@ def test_round_trip_is_byte_identical_with_torchvision_classes(imagefolder: Path
     printed = capsys.readouterr().out
     assert "train: wrote 103 images in 11 shards" in printed and "skipped 0 files" in printed
 
-    modes = set()
+    modes, formats = set(), set()
     for split in ("train", "val"):
         manifest = load_manifest(out / f"{split}.json")
         classes, _ = tv_folder.find_classes(imagefolder / split)
@@ -65,10 +66,13 @@ def test_round_trip_is_byte_identical_with_torchvision_classes(imagefolder: Path
             meta = json.loads(sample["json"])
             n = [p for p, _ in expected].index(meta["path"])
             assert sample["__key__"] == f"{split}_{n:08d}" and "." not in sample["__key__"]
-            assert sample["jpg"] == (imagefolder / split / meta["path"]).read_bytes()
+            ext = "png" if "png" in sample else "jpg"  # the PNG named .JPEG is stored as what it is
+            assert sample[ext] == (imagefolder / split / meta["path"]).read_bytes()
             assert int(sample["cls"]) == meta["cls"] == expected[n][1]
             assert meta["wnid"] == classes[expected[n][1]]
-            modes.add(Image.open(io.BytesIO(sample["jpg"])).mode)
+            with Image.open(io.BytesIO(sample[ext])) as im:
+                modes.add(im.mode)
+                formats.add((ext, im.format))
         order = [json.loads(s["json"])["cls"] for s in samples]
         assert order != sorted(order), "samples must be shuffled across shards, not class-sorted"
 
@@ -80,9 +84,11 @@ def test_round_trip_is_byte_identical_with_torchvision_classes(imagefolder: Path
                 for m in tar.getmembers():
                     assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o444)
                 names = tar.getnames()
-                assert names == [f"{k}.{ext}" for k in dict.fromkeys(n.split(".")[0] for n in names)
-                                 for ext in ("cls", "jpg", "json")]
-    assert "L" in modes  # the grayscale JPEGs are kept as they are
+                keys = dict.fromkeys(n.split(".")[0] for n in names)
+                assert names == [f"{k}.{ext}" for k in keys
+                                 for ext in sorted(("cls", "png" if f"{k}.png" in names else "jpg", "json"))]
+    assert "L" in modes and "CMYK" in modes  # the grayscale and CMYK JPEGs are kept as they are
+    assert formats == {("jpg", "JPEG"), ("png", "PNG")}
 
 
 def test_output_is_identical_for_any_worker_count_and_follows_the_seed(imagefolder: Path, tmp_path: Path):
@@ -101,12 +107,14 @@ def test_output_is_identical_for_any_worker_count_and_follows_the_seed(imagefold
 
 
 def test_shards_respect_count_and_size_limits(imagefolder: Path, tmp_path: Path):
-    options = ShardOptions(max_count=6, max_size_mb=0.4)
+    # About four images' worth of bytes: a shard of 6 is usually over it, so the byte limit cuts before the count.
+    limit = round(4 * statistics.mean(p.stat().st_size for p in (imagefolder / "train").glob("*/*")))
+    options = ShardOptions(max_count=6, max_size_mb=limit / 1_000_000)
     report = build(str(imagefolder), str(tmp_path / "out"), options, workers=2)["train"]
     entries = report.manifest["shards"]
     assert sum(e["num_samples"] for e in entries) == 103
     assert all(e["num_samples"] <= 6 for e in entries)
-    assert all(e["bytes"] <= 400_000 or e["num_samples"] == 1 for e in entries)
+    assert all(e["bytes"] <= limit or e["num_samples"] == 1 for e in entries)
     assert any(e["num_samples"] < 6 for e in entries[:-1])  # the byte limit did cut some shards
 
 
@@ -140,7 +148,7 @@ def test_resume_after_sigkill_gives_the_same_bytes(imagefolder: Path, tmp_path: 
 def _make_bad_inputs(train: Path, sample_jpeg: bytes) -> tuple[dict[str, str], list[str]]:
     """Add every kind of bad and odd input to an ImageFolder train/; (skipped path -> reason word, kept paths)."""
     first, second, third = sorted(p.name for p in train.iterdir())[:3]
-    (train / "n00000000_empty").mkdir()  # sorts first: every index shifts, as in torchvision
+    (train / "a000_empty").mkdir()  # sorts first: every index shifts, as in torchvision
     (train / "notes.txt").write_text("not a class folder")
     (train / first / "zero.JPEG").write_bytes(b"")
     (train / first / "truncated.JPEG").write_bytes(sample_jpeg[: len(sample_jpeg) // 2])
@@ -182,7 +190,7 @@ def _make_bad_inputs(train: Path, sample_jpeg: bytes) -> tuple[dict[str, str], l
 
 def test_bad_input_is_listed_and_skipped_never_fatal(imagefolder: Path, tmp_path: Path, capsys):
     train = imagefolder / "train"
-    sample_jpeg = next(train.glob("*/*.JPEG")).read_bytes()
+    sample_jpeg = sorted(train.glob("*/*.JPEG"))[0].read_bytes()  # c000's: a baseline RGB JPEG
     skipped, kept = _make_bad_inputs(train, sample_jpeg)
     out = tmp_path / "out"
     assert tool.main(["--src", str(imagefolder), "--out", str(out), "--splits", "train", "--max-count", "16"]) == 0
@@ -194,7 +202,7 @@ def test_bad_input_is_listed_and_skipped_never_fatal(imagefolder: Path, tmp_path
         assert word in listed[path], (path, listed[path])
 
     classes, class_to_idx = tv_folder.find_classes(train)
-    assert [c["wnid"] for c in manifest["classes"]] == classes and classes[0] == "n00000000_empty"
+    assert [c["wnid"] for c in manifest["classes"]] == classes and classes[0] == "a000_empty"
     samples = {json.loads(s["json"])["path"]: s for s in read_back(out, "train")}
     assert len(samples) == manifest["num_samples"] == 103 + len(kept)
     for path in kept:
@@ -205,11 +213,15 @@ def test_bad_input_is_listed_and_skipped_never_fatal(imagefolder: Path, tmp_path
     assert Image.open(io.BytesIO(samples[kept[-1]]["jpg"])).mode == "CMYK"
 
 
-def test_structural_check_catches_every_truncation(imagenet_sample: Path):
-    for path in sorted((imagenet_sample / "train").glob("*/*")):
+def test_structural_check_catches_every_truncation(sample_images: Path):
+    for path in sorted((sample_images / "train").glob("*/*")):
         data = path.read_bytes()
-        assert probe_image(data)[0] == "jpg"
-        for cut in (len(data) - 2, len(data) // 2, data.find(b"\xff\xda") + 4, 100):
+        png = data.startswith(b"\x89PNG\r\n\x1a\n")  # the one PNG named .JPEG
+        assert probe_image(data)[0] == ("png" if png else "jpg")
+        # A PNG cut into its IEND chunk (PIL's verify stops at IEND: its 4 CRC bytes cut go unseen), mid-file, early.
+        cuts = (len(data) - 5, len(data) // 2, 100) if png else (len(data) - 2, len(data) // 2,
+                                                                  data.find(b"\xff\xda") + 4, 100)
+        for cut in cuts:
             with pytest.raises(BadImage):
                 probe_image(data[:cut])
 
@@ -232,8 +244,8 @@ def test_verify_passes_then_catches_a_flipped_byte(imagefolder: Path, tmp_path: 
     assert "train: verified 6 shards, 103 images: 1 problem(s)" in printed
 
 
-def test_verify_decodes_every_image(tmp_path: Path, imagenet_sample: Path):
-    jpeg = next((imagenet_sample / "train").glob("*/*")).read_bytes()
+def test_verify_decodes_every_image(tmp_path: Path, sample_images: Path):
+    jpeg = sorted((sample_images / "train").glob("*/*"))[0].read_bytes()  # c000's: a baseline RGB JPEG
     shard = tmp_path / "train-000000.tar"
     with open(shard, "wb") as f, wds.TarWriter(f, encoder=False) as tar:
         tar.write({"__key__": "train_00000000", "jpg": jpeg, "cls": b"0", "json": b'{"cls": 0}'})
@@ -384,7 +396,7 @@ def test_resume_refuses_shards_labelled_by_another_class_list(imagefolder: Path,
     assert tool.main(args) == 0 and "kept from an earlier run" in capsys.readouterr().out
     before = folder_bytes(out)
 
-    (imagefolder / "train" / "n00000000_new").mkdir()  # sorts first: every train index shifts by one
+    (imagefolder / "train" / "a000_new").mkdir()  # sorts first: every train index shifts by one
     assert tool.main(args) == 2
     err = capsys.readouterr().err
     assert "val shards labelled by another class list (103 classes there, 104 now" in err and "--overwrite" in err

@@ -176,7 +176,7 @@ def test_log_spectral_writes_scalars_per_block_and_a_figure(images, tmp_path):
 
 # --- tools/analyze.py on real images ---------------------------------------------------------------------
 
-def test_analyze_compares_weights_files_on_real_images(imagenet_sample, tmp_path, capsys):
+def test_analyze_compares_weights_files_on_real_images(sample_images, tmp_path, capsys):
     kwargs = dict(TINY, depth=3)
     plain = timm.create_model("vit_tiny_12", **kwargs)
     save_file(plain.state_dict(), tmp_path / "plain.safetensors",
@@ -190,7 +190,7 @@ def test_analyze_compares_weights_files_on_real_images(imagenet_sample, tmp_path
     out = tmp_path / "report"
 
     assert tool.main(["--weights", str(tmp_path / "plain.safetensors"), str(tmp_path / "scaled.pth"),
-                      "--data", str(imagenet_sample / "train"), "--num-images", "8", "--attention",
+                      "--data", str(sample_images / "train"), "--num-images", "8", "--attention",
                       "--out", str(out)]) == 0
 
     pngs = {p.stem for p in out.glob("*.png")}
@@ -219,8 +219,8 @@ def test_analyze_random_init_from_a_shard_manifest(sample_shards, tmp_path):
     assert (out / "featscale_s_d.png").is_file()
 
 
-def test_analyze_says_what_to_do_about_missing_or_ignored_model_names(imagenet_sample, tmp_path, capsys):
-    data = ["--data", str(imagenet_sample / "train"), "--out", str(tmp_path / "r")]
+def test_analyze_says_what_to_do_about_missing_or_ignored_model_names(sample_images, tmp_path, capsys):
+    data = ["--data", str(sample_images / "train"), "--out", str(tmp_path / "r")]
     torch.save(_tiny("vit_tiny_12").state_dict(), tmp_path / "bare.pth")
     assert tool.main(["--weights", str(tmp_path / "bare.pth"), *data]) == 2
     assert "pass --model NAME" in capsys.readouterr().err

@@ -25,27 +25,12 @@ import torch.distributed as dist
 
 import antismooth  # noqa: F401  (registers the zoo)
 from antismooth.models import set_fused_attn
-from conftest import (BF16, FULL_BATCH, IMAGENET_SAMPLE, REPO, TINY_MODEL, ZERO3_REGATHER, clean_env, ds_config,
-                      free_port, launch_plan)
+from conftest import BF16, FULL_BATCH, REPO, TINY_MODEL, ZERO3_REGATHER, clean_env, ds_config, free_port, launch_plan
 
 sys.path.insert(0, str(REPO / "tests" / "jobs"))
 from train_plan import probe_images  # noqa: E402  (the batch each run's probe logits were taken on)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-# A GPU machine receives the repository alone: bench/gpu_wheels.sh copies the sample classes that tiny_shards
-# takes into .whl/, which travels with it.
-CARRIED_SAMPLE = REPO / ".whl" / "imagenet-sample"
-
-
-@pytest.fixture(scope="session")
-def imagenet_sample() -> Path:
-    """conftest's sample images beside the repo, else the copy carried in .whl/ (overrides conftest's fixture)."""
-    for path in (IMAGENET_SAMPLE, CARRIED_SAMPLE):
-        if (path / "train").is_dir():
-            return path
-    pytest.fail(f"no ImageNet sample images at {IMAGENET_SAMPLE} or {CARRIED_SAMPLE}: run `bash bench/gpu_wheels.sh` "
-                "on a machine that has them and carry .whl/ to this one.")
 
 
 # --- collectives under NCCL ----------------------------------------------------------------------------------
