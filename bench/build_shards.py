@@ -1,11 +1,11 @@
 """Shard builder throughput beside GNU tar writing the same files, measured in the same run.
 
-Replicates ../shared/data/imagenet-sample (103 real ImageNet JPEGs) into a temporary ImageFolder,
+Replicates an ImageFolder's train/ split (default tests/data/images: 103 real photographs) into a temporary one,
 then times `tar -cf` of the same file list (alone, and followed by sha256sum of the archive, as the
 builder hashes every byte it writes) and the builder with 1 and 2 workers (default structural
 check, and --decode-check), each 3x with the median kept. Outputs go to the same disk.
 
-    python bench/build_shards.py [--copies 20] [--repeats 3] [--max-count 128]
+    python bench/build_shards.py [--images DIR] [--copies 20] [--repeats 3] [--max-count 128]
 """
 from __future__ import annotations
 
@@ -21,16 +21,16 @@ from pathlib import Path
 
 from antismooth.data.shards import ShardOptions, build
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+IMAGES = Path(__file__).resolve().parents[1] / "tests" / "data" / "images"  # the repository's own 103 photographs
 
 
-def make_imagefolder(root: Path, copies: int) -> tuple[list[str], int]:
-    """Copy every sample image `copies` times into root/train/<wnid>/; (relative paths, total bytes).
+def make_imagefolder(images: Path, root: Path, copies: int) -> tuple[list[str], int]:
+    """Copy every image of images/train `copies` times into root/train/<class>/; (relative paths, total bytes).
 
     Copies, not hard links: tar would store a hard link as a link and write no data for it.
     """
     rel_paths, total = [], 0
-    for src in sorted((SAMPLE / "train").glob("*/*")):
+    for src in sorted((images / "train").glob("*/*")):
         dst_dir = root / "train" / src.parent.name
         dst_dir.mkdir(parents=True, exist_ok=True)
         for k in range(copies):
@@ -65,20 +65,22 @@ def time_build(root: Path, out: Path, workers: int, options: ShardOptions) -> fl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--copies", type=int, default=20, help="copies of each sample image (default 20)")
+    parser.add_argument("--images", type=Path, default=IMAGES,
+                        help="an ImageFolder root whose train/ split is copied (default: tests/data/images)")
+    parser.add_argument("--copies", type=int, default=20, help="copies of each image (default 20)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method; the median is kept")
     parser.add_argument("--max-count", type=int, default=128,
                         help="samples per shard (default 128, so 2 workers have shards to share)")
     parser.add_argument("--workdir", default=None, help="folder for input and outputs (default: a temp dir)")
     args = parser.parse_args(argv)
-    if not (SAMPLE / "train").is_dir():
-        print(f"error: the sample images are not at {SAMPLE}.", file=sys.stderr)
+    if not (args.images / "train").is_dir():
+        print(f"error: no train/ split of class folders in {args.images}.", file=sys.stderr)
         return 2
 
     work = Path(tempfile.mkdtemp(prefix="bench-shards-", dir=args.workdir))
     try:
         root = work / "src"
-        rel_paths, total_bytes = make_imagefolder(root, args.copies)
+        rel_paths, total_bytes = make_imagefolder(args.images, root, args.copies)
         file_list = work / "files.txt"
         file_list.write_bytes(b"".join(p.encode() + b"\0" for p in rel_paths))
         n = len(rel_paths)

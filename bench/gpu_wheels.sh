@@ -8,15 +8,13 @@
 #   builds into a pure-Python wheel (no ops compiled: antismooth's configs use torch's AdamW);
 # - what that machine's image lacks of their needs (device KINDS.md's package list): hjson, pydantic with
 #   annotated-types, typing-inspection and the typing-extensions it asks for, braceexpand; pydantic-core, the
-#   one compiled wheel, for CPython $TARGET_PYTHON on manylinux x86-64, the target's Python, not this one's;
-# - the 16 classes of the ImageNet sample that tests/gpu's tiny_shards fixture builds from (the sample lives
-#   beside the repository, which travels alone).
+#   one compiled wheel, for CPython $TARGET_PYTHON on manylinux x86-64, the target's Python, not this one's.
+# The test images travel with the repository itself (tests/data/images).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 TARGET_PYTHON=${TARGET_PYTHON:-3.12}
-SAMPLE=${IMAGENET_SAMPLE:-../shared/data/imagenet-sample}
 DEST=.whl
 # The versions this project's environment runs (pip show in .venv); pydantic-core follows pydantic's own pin.
 NEEDS=(hjson==3.1.0 pydantic==2.14.3 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
@@ -35,16 +33,6 @@ core=$(unzip -p "$DEST"/pydantic-[0-9]*.whl '*/METADATA' | sed -n 's/^Requires-D
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version "$TARGET_PYTHON" --implementation cp \
   "${PLATFORMS[@]/#/--platform=}" -d "$DEST" "pydantic-core==$core"
 
-# tiny_shards takes the first 16 class folders in Python's sorted() order: byte order, as LC_ALL=C sorts.
-if [ -d "$SAMPLE/train" ]; then
-  mkdir -p "$DEST/imagenet-sample/train"
-  for class in $(find "$SAMPLE/train" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' | LC_ALL=C sort | head -16); do
-    cp -r "$SAMPLE/train/$class" "$DEST/imagenet-sample/train/"
-  done
-else
-  echo "warning: no ImageNet sample at $SAMPLE: tests/gpu's training tests will fail there (set IMAGENET_SAMPLE)" >&2
-fi
-
 # Every wheel must at least unpack; the pure-Python ones must also install. The cp$TARGET_PYTHON one cannot
 # install into this Python unless it is that version: pip refuses it, as it should.
 check=$(mktemp -d)
@@ -56,6 +44,5 @@ done
 
 ls -1 "$DEST"
 wheels=("$DEST"/*.whl)
-classes=$(find "$DEST/imagenet-sample/train" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | wc -l)
-echo "${#wheels[@]} wheels, $classes sample classes;" \
-     "total $(du -sh "$DEST" | cut -f1) (the device tool carries at most 64 MiB with the working tree)"
+echo "${#wheels[@]} wheels; total $(du -sh "$DEST" | cut -f1) (the device tool carries at most 64 MiB with the" \
+     "working tree, tests/data/images' $(du -sh tests/data/images | cut -f1) included)"

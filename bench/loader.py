@@ -1,10 +1,11 @@
 """Images/s of the training stream (full DeiT augmentation, uint8 out) beside a torchvision ImageFolder
 loader and beside the raw decode + augment rate of one core, all measured in one run on the same images.
 
-    python bench/loader.py                       # the 103 sample JPEGs ×10, 224 px
-    python bench/loader.py --src /data/imagenet/train --limit 5000
+    python bench/loader.py                       # tests/data/images' 103 photographs ×10, 224 px
+    python bench/loader.py --images /data/imagenet --copies 1     # an ImageFolder's train/ split
+    python bench/loader.py --src /data/imagenet/val --copies 1    # or any split folder of class folders
 
-The ImageFolder is made of hard links to the sample images (nothing is copied), the shards
+The ImageFolder is made of hard links to the images (nothing is copied), the shards
 by the real shard builder from that folder.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torchvision.datasets import ImageFolder
 from antismooth.data.pipeline import AugmentConfig, StreamConfig, build_train_stream
 from antismooth.data.shards import ShardOptions, build
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample" / "train"
+IMAGES = Path(__file__).resolve().parents[1] / "tests" / "data" / "images"  # the repository's own 103 photographs
 
 
 def replicate_imagefolder(src: Path, dst: Path, copies: int) -> int:
@@ -68,7 +69,10 @@ def raw_rate(folder: Path, transform, limit: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", type=Path, default=SAMPLE, help="an ImageFolder split (class folders of images)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--images", type=Path, default=IMAGES,
+                        help="an ImageFolder root: its train/ split is read (default: tests/data/images)")
+    source.add_argument("--src", type=Path, help="an ImageFolder split (class folders of images) instead")
     parser.add_argument("--copies", type=int, default=10, help="hard-linked copies of each image")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "imagefolder" / "train"
-        n = replicate_imagefolder(args.src, folder, args.copies)
+        n = replicate_imagefolder(args.src or args.images / "train", folder, args.copies)
         build(str(folder.parent), str(Path(tmp) / "shards"), ShardOptions(max_count=250), splits=("train",))
         manifest = Path(tmp) / "shards" / "train.json"
         augment = AugmentConfig()
