@@ -30,7 +30,7 @@ import torch.distributed as dist
 from .config import ConfigError
 
 __all__ = ["Launch", "DistEnv", "LaunchError", "detect_launch", "init_distributed", "log_world", "collective_device",
-           "all_reduce", "all_reduce_counts", "all_gather_object", "broadcast_object", "barrier", "check_shared_folder", "usable_cpus",
+           "all_reduce", "all_reduce_tensor", "all_reduce_counts", "all_gather_object", "broadcast_object", "barrier", "check_shared_folder", "usable_cpus",
            "first_host", "tasks_on_node"]
 
 _logger = logging.getLogger(__name__)
@@ -352,6 +352,16 @@ def all_reduce(values: Sequence[float], op: str = "sum") -> list[float]:
     tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor, op=_OPS[op])
     return tensor.tolist()
+
+
+def all_reduce_tensor(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """`tensor` reduced over all ranks on the backend's device, no host round trip (under NCCL it stays on the
+    GPU: the caller reads it back when it needs the values); `tensor` itself without a group."""
+    if not _joined():
+        return tensor
+    reduced = tensor.to(collective_device(), copy=True)
+    dist.all_reduce(reduced, op=_OPS[op])
+    return reduced
 
 
 def all_reduce_counts(counts: np.ndarray) -> np.ndarray:

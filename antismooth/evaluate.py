@@ -49,7 +49,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     fewer batches (uneven splits, skipped samples) must keep joining until the busiest one is done.
     """
     device = torch.device(device)
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # on device: one sync at the end, not per batch
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # on device: one sync at the end, not per batch
+    count = 0                                                      # on the host: a shape, known without a sync
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     was_training = model.training
     model.eval()
@@ -64,14 +65,14 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
                 totals += torch.stack([
                     (top[:, 0] == targets).sum().double(),
                     (top == targets[:, None]).any(dim=-1).sum().double(),
-                    nn.functional.cross_entropy(logits, targets, reduction="sum").double(),
-                    torch.tensor(targets.numel(), dtype=torch.float64, device=device)])
+                    nn.functional.cross_entropy(logits, targets, reduction="sum").double()])
+                count += targets.numel()
             for _ in range(done, forwards or 0):
                 model(_idle_input(model, images, device, dtype))
     finally:
         model.train(was_training)
-    correct1, correct5, loss_sum, count = totals.tolist()
-    return {"correct1": correct1, "correct5": correct5, "loss_sum": loss_sum, "count": int(count)}
+    correct1, correct5, loss_sum = totals.tolist()
+    return {"correct1": correct1, "correct5": correct5, "loss_sum": loss_sum, "count": count}
 
 
 def _idle_input(model: nn.Module, last: Optional[torch.Tensor], device: torch.device,

@@ -23,7 +23,7 @@ from .config import DeepSpeedSettings, Derived, TrainConfig
 from .data.device import DeviceBatches, pin_memory_for, to_device
 from .data.pipeline import (AugmentConfig, Deal, EpochPosition, ShardSource, build_eval_stream, reduce_eval_metrics,
                             seed_for)
-from .distributed import DistEnv, all_reduce, barrier
+from .distributed import DistEnv, all_reduce, all_reduce_tensor, barrier, collective_device
 from .ema import ShardedEma
 from .checkpoint import RunFolder, checkpoint_tag
 from .engine import TrainingStopped, TrainState
@@ -94,7 +94,7 @@ class Trainer:
         self.criterion = criterion_for(self.augment, self.stream.mixup is not None)
         self.writer = self._writer() if self.env.rank == 0 else None
         self.last_saved_step = self.state.global_step if self.state.global_step else -1
-        self.skipped_updates = self.engine.skipped_steps   # DeepSpeed's count of updates it dropped
+        self.pending = PendingLosses(self.engine.skipped_steps)   # the steps' losses not yet read back
         self.nonfinite_steps = 0
         self.probe = self._probe_images() if self.config.spectral_every else None
         self.deal: Optional[Deal] = None   # how the current epoch's samples are dealt (train_epoch)
@@ -168,26 +168,36 @@ class Trainer:
             self.scheduler.step_update(state.global_step)
             if self.ema is not None:
                 self.ema.update(state.global_step)
-            # The mean over ranks: one collective per step, both the divergence check's and the logged loss
-            # (a non-finite loss on any rank makes the sum non-finite).
-            loss = all_reduce([torch.stack(losses).mean().item()])[0] / self.env.world_size
-            self.check_finite(loss)
-            self.after_step(loss)
-            self.log_spectral()
+            # The loss stays on the device; it is read back, and checked, at log steps and before every save.
+            self.pending.add(state.global_step, torch.stack(losses).mean(), engine.skipped_steps)
             losses = []
+            self.after_step()
             if state.global_step >= self.stop_step():
                 return
-            if state.global_step % self.config.save_every == 0 and not self.epoch_complete():
+            if self.save_due():
                 self.save()
 
     def epoch_complete(self) -> bool:
         return self.state.samples_in_epoch // self.derived.global_batch >= self.derived.steps_per_epoch
 
-    def after_step(self, loss_value: float) -> None:
-        state = self.state
+    def save_due(self) -> bool:
+        """A mid-epoch checkpoint now (the epoch's end saves anyway)."""
+        return self.state.global_step % self.config.save_every == 0 and not self.epoch_complete()
+
+    def after_step(self) -> None:
+        """After each optimizer step: the losses read back and checked at log steps and before any save (epoch
+        ends and the last step included), the log and the spectral diagnostics when due."""
         self.timer.tick()
-        if state.global_step % self.config.log_every and state.global_step != self.stop_step():
-            return
+        step = self.state.global_step
+        log_now = step % self.config.log_every == 0 or step >= self.stop_step()
+        if log_now or self.save_due() or self.epoch_complete():
+            loss_value = self.check_pending()
+            if log_now:
+                self.log_step(loss_value)
+        self.log_spectral()
+
+    def log_step(self, loss_value: float) -> None:
+        state = self.state
         technique = technique_param_stats(self.engine.module, self.ds.zero_stage)
         if self.env.rank != 0:
             return
@@ -215,12 +225,19 @@ class Trainer:
         if self.writer:
             write_spectral(self.writer, report, self.state.global_step)
 
-    def check_finite(self, loss: float) -> None:
+    def check_pending(self) -> float:
+        """Read back the losses of the steps since the last check (one collective) and check each; the last
+        step's loss, the mean over ranks."""
+        loss = math.nan
+        for step, loss, dropped in self.pending.read(self.env.world_size):
+            self.check_finite(step, loss, dropped)
+        return loss
+
+    def check_finite(self, step: int, loss: float, dropped: int) -> None:
         """Stop a diverged run before it saves anything: a non-finite loss on any rank, or an update DeepSpeed
         dropped for non-finite gradients (under fp16 the loss scaler drops overflows by design: left alone).
-        With --skip-nonfinite N, up to N such steps go by without an update instead."""
-        dropped = self.engine.skipped_steps - self.skipped_updates
-        self.skipped_updates = self.engine.skipped_steps
+        With --skip-nonfinite N, up to N such steps go by without an update instead. Checked at the log step
+        after it (and before any save), so a run may take up to --log-every steps past the bad one first."""
         loss_bad = not math.isfinite(loss)
         if not loss_bad and (dropped == 0 or self.ds.dtype == "float16"):
             return
@@ -228,20 +245,23 @@ class Trainer:
         what = "the loss" if loss_bad else "the gradient norm"
         if dropped and self.nonfinite_steps <= self.config.skip_nonfinite:
             log.warning("step %d: %s is not finite; the update was skipped (%d of --skip-nonfinite %d).",
-                        self.state.global_step, what, self.nonfinite_steps, self.config.skip_nonfinite)
+                        step, what, self.nonfinite_steps, self.config.skip_nonfinite)
             return
-        raise TrainingStopped(f"Step {self.state.global_step}: {what} is not finite, so the run stopped without "
-                              f"saving; its newest checkpoint, {self.run_folder.latest_tag()} in "
-                              f"{self.run_folder.checkpoints}, holds finite weights: lower --lr or lengthen "
-                              "--warmup-epochs and run the same command to resume from it (or from an older one, by "
-                              "writing its tag into `latest`), or let such steps pass without an update with "
-                              "--skip-nonfinite N.")
+        kept = self.run_folder.latest_tag()
+        how = (f"its newest checkpoint, {kept} in {self.run_folder.checkpoints}, holds finite weights: lower --lr or "
+               "lengthen --warmup-epochs and run the same command to resume from it (or from an older one, by writing "
+               "its tag into `latest`)" if kept else
+               "it had saved no checkpoint yet: lower --lr or lengthen --warmup-epochs and run the same command again")
+        raise TrainingStopped(f"Step {step}: {what} is not finite, so the run stopped without saving; {how}, or let "
+                              "such steps pass without an update with --skip-nonfinite N.")
 
     def check_parameters_finite(self, tag: str) -> None:
         """Never save non-finite weights: each rank checks what it holds (its partition under ZeRO-3)."""
         held = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
-        bad = not all(bool(torch.isfinite(t).all()) for t in held if t.numel())
-        if all_reduce([float(bad)], op="max")[0] > 0:
+        device = collective_device()
+        # One flag per tensor on the device, one read-back in all (not one sync per parameter).
+        finite = torch.stack([torch.isfinite(t).all().to(device) for t in held if t.numel()]).all()
+        if not bool(all_reduce_tensor(finite.to(torch.int32), op="min")):
             raise TrainingStopped(f"The weights at step {self.state.global_step} hold non-finite values, so "
                                   f"checkpoint {tag} was not saved; the newest checkpoint, {self.run_folder.latest_tag()} "
                                   f"in {self.run_folder.checkpoints}, holds finite weights: lower --lr and run the same "
@@ -251,6 +271,7 @@ class Trainer:
         """A checkpoint on every rank (DeepSpeed needs all of them), the model meta beside it, every file flushed
         to the disk before rank 0 names it `latest`, old ones pruned."""
         tag = checkpoint_tag(self.state.global_step)
+        self.check_pending()   # a diverged step stops the run before anything is saved
         self.check_parameters_finite(tag)
         if self.state.samples_in_epoch:  # mid-epoch: which samples were trained on, gathered from every rank
             self.state.data = EpochPosition(self.deal, self.stream.consumed()).state_dict()
@@ -303,6 +324,31 @@ class Trainer:
             self.run_folder.append_eval({"epoch": self.state.epoch, "step": self.state.global_step, "ema": bool(label),
                                          "top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
                                          "images": int(metrics["count"])})
+
+
+class PendingLosses:
+    """Each optimizer step's loss, kept on the device until read back: `.item()` and a collective per step would
+    stop the host until the GPU catches up, every step. Read in one all-reduce for all the steps since the last."""
+
+    def __init__(self, skipped_steps: int) -> None:
+        self.skipped = skipped_steps             # DeepSpeed's count of updates it dropped, when last read
+        self.steps: list[tuple[int, int]] = []   # (step, updates DeepSpeed dropped in it): host counts, no sync
+        self.losses: list[torch.Tensor] = []     # this rank's mean loss of each step, on the device
+
+    def add(self, step: int, loss: torch.Tensor, skipped_steps: int) -> None:
+        self.steps.append((step, skipped_steps - self.skipped))
+        self.skipped = skipped_steps
+        self.losses.append(loss.float())
+
+    def read(self, world_size: int) -> list[tuple[int, float, int]]:
+        """(step, loss averaged over ranks, updates dropped) of every pending step, oldest first; a non-finite
+        loss on any rank makes the mean non-finite."""
+        if not self.steps:
+            return []
+        sums = all_reduce_tensor(torch.stack(self.losses).double()).tolist()
+        read = [(step, total / world_size, dropped) for (step, dropped), total in zip(self.steps, sums)]
+        self.steps, self.losses = [], []
+        return read
 
 
 # TensorBoard tags of antismooth.spectral.paper_parameters' per-block curves.

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FULL_BATCH, REPO, TINY_MODEL, ds_config, launch_plan
+from conftest import FULL_BATCH, TINY_MODEL
+from launch import REPO, ds_config, launch_plan
 from test_train import scalars
 
 DIVERGING_LR = "1e9"       # per 512 images: the weights blow up in the first step, the loss is NaN from step 2
@@ -45,6 +46,11 @@ def reliability_runs(zero_runs, tiny_shards, tmp_path_factory):
     plan = [
         {"argv": [*common, "--output", str(work / "diverged"), "--lr", DIVERGING_LR, "--save-every", "1"],
          "status": str(work / "diverged.status")},
+        # The losses are read back at log steps and before saves only: with 4 steps per epoch, the NaN of step 2
+        # is found at step 3's save.
+        {"argv": [*common, "--deepspeed_config", str(ds_config(work / "zero2-batch4.json", 2, batch=4)),
+                  "--output", str(work / "diverged-late"), "--lr", DIVERGING_LR, "--save-every", "3", "--log-every", "4"],
+         "status": str(work / "diverged-late.status")},
         {"argv": [*common, "--output", str(damaged), "--save-every", "4", "--epochs", "7"],
          "status": str(work / "damaged.status")},
         {"argv": [*common, "--output", str(full_disk / "run"), "--save-every", "1", "--no-eval"],
@@ -52,14 +58,19 @@ def reliability_runs(zero_runs, tiny_shards, tmp_path_factory):
     ]
     env = {} if mounted else {"ANTISMOOTH_TEST_ENOSPC_DURING_SAVE": "step00000002"}
     log = launch_plan(plan, 1, work, env=env)
-    status = {name: int((work / f"{name}.status").read_text()) for name in ("diverged", "damaged", "full-disk")}
+    status = {name: int((work / f"{name}.status").read_text())
+              for name in ("diverged", "diverged-late", "damaged", "full-disk")}
     yield {"work": work, "log": log, "damaged": damaged, "full_disk": full_disk / "run", "status": status}
     if mounted:
         subprocess.run(["umount", str(full_disk)], capture_output=True)
 
 
+def _error_lines(log: str, text: str) -> list[str]:
+    return [line for line in log.splitlines() if line.startswith("error: ") and text in line]
+
+
 def _error_line(log: str, text: str) -> str:
-    lines = [line for line in log.splitlines() if line.startswith("error: ") and text in line]
+    lines = _error_lines(log, text)
     assert len(lines) == 1, log[-4000:]
     return lines[0]
 
@@ -81,12 +92,22 @@ def _export_is_finite(run: Path, tmp_path: Path) -> str:
 
 def test_a_diverged_run_stops_with_one_sentence_and_keeps_its_good_checkpoints(reliability_runs, tmp_path):
     assert reliability_runs["status"]["diverged"] == 3
-    line = _error_line(reliability_runs["log"], "not finite")
+    line = _error_line(reliability_runs["log"], "holds finite weights")
     run = reliability_runs["work"] / "diverged"
     latest = (run / "checkpoints" / "latest").read_text()
     assert f"its newest checkpoint, {latest} in" in line and "--lr" in line and "--skip-nonfinite" in line
     assert all(v == v for v in scalars(run, "train/loss")[:-1])  # the logged losses before the stop are numbers
     assert _export_is_finite(run, tmp_path) == latest
+
+
+def test_a_divergence_found_at_a_later_check_names_its_step_and_saves_nothing(reliability_runs):
+    """No host sync per step: the loss of step 2 is read back with step 3's at the save of step 3, which the
+    divergence check stops before it writes anything."""
+    assert reliability_runs["status"]["diverged-late"] == 3
+    line = _error_line(reliability_runs["log"], "no checkpoint yet")
+    assert line.startswith("error: Step 2: the loss is not finite") and "--skip-nonfinite" in line
+    checkpoints = reliability_runs["work"] / "diverged-late" / "checkpoints"
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())
 
 
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_goes_on_from_the_previous(reliability_runs):

@@ -159,9 +159,9 @@ def weights_each_step(path: str | None):
         snapshot(self.engine)
         return original_train(self)
 
-    def after_step(self, loss):
+    def after_step(self):
         snapshot(self.engine)
-        return original_after(self, loss)
+        return original_after(self)
 
     train.Trainer.train, train.Trainer.after_step = train_, after_step
     try:
