@@ -1,0 +1,36 @@
+"""A clone of the repository passes on its own: nothing beside it (no ../shared), only its committed files.
+
+The clone's fast data tests run with this venv's Python, importing the clone's antismooth (not the editable
+install of this checkout), from a folder with nothing else in it: what `make test` meets on a bare machine.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_clone_with_nothing_beside_it_passes_the_data_tests(tmp_path: Path):
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(REPO), str(clone)], check=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clone"]  # no shared/ (nor anything else) beside it
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTHON"))}
+    env.update(PYTHONPATH=str(clone), PYTHONDONTWRITEBYTECODE="1")
+    imported = subprocess.run([sys.executable, "-c", "import antismooth; print(antismooth.__file__)"], cwd=clone,
+                              env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(imported).is_relative_to(clone), imported  # the clone's own code, not this checkout's
+
+    run = subprocess.run([sys.executable, "-m", "pytest", "tests/test_shards.py", "tests/test_pipeline.py",
+                          "tests/test_sample_images.py", "-m", "not slow", "-q", "-x", "-p", "no:cacheprovider",
+                          "--basetemp", str(clone / ".pytest-tmp")],  # its temporary files inside the clone too
+                         cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout and " error" not in run.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clone"]  # and the run wrote nothing outside it
