@@ -24,12 +24,13 @@ import torch.nn as nn
 from timm.utils import ParseKwargs
 
 import antismooth  # noqa: F401  (registers the model zoo with timm)
-from antismooth.config import ConfigError, DeepSpeedSettings, Derived, TrainConfig, derive
+from antismooth.config import ConfigError, DeepSpeedSettings, Derived, TrainConfig, check_optimizer_build, derive
 from antismooth.checkpoint import RunFolder, choose_resume_tag, processes, resume
 from antismooth.data.pipeline import AugmentConfig, ShardSource, StreamConfig, build_train_stream
 from antismooth.distributed import DistEnv, barrier, check_shared_folder, detect_launch, init_distributed, log_world
 from antismooth.ema import ShardedEma
-from antismooth.engine import TrainingStopped, TrainState, apply_activation_checkpointing, build_scheduler, param_groups
+from antismooth.engine import (TrainingStopped, TrainState, apply_activation_checkpointing, build_scheduler,
+                               describe_optimizer, param_groups)
 from antismooth.models import WeightsMismatchError, load_for_finetuning, load_weights
 from antismooth.train import Trainer, evaluate_split
 
@@ -206,6 +207,7 @@ def run(config: TrainConfig):
     world_size = detect_launch().world_size
     held = None if config.eval_only else RunFolder(config.output).saved_batch()
     ds = DeepSpeedSettings.load(config.deepspeed_config, world_size, held)
+    check_optimizer_build(ds.raw, config.deepspeed_config, torch.cuda.is_available())
     check_model_name(config.model)
     train_manifest = find_manifest(config.data, "train", required=not config.eval_only)
     val_manifest = find_manifest(config.data, "val", required=config.eval_only)
@@ -247,6 +249,8 @@ def run(config: TrainConfig):
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, ds.weight_decay),
                                            config=ds.for_deepspeed())
     scheduler = build_scheduler(engine.optimizer, config, derived)
+    if env.rank == 0:
+        log.info("optimizer: %s", describe_optimizer(engine))
     dtype = getattr(torch, ds.dtype)
     state = TrainState()
     if resume_tag is not None:

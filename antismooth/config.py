@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["TrainConfig", "DeepSpeedSettings", "Derived", "HeldBatch", "ConfigError", "derive"]
+__all__ = ["TrainConfig", "DeepSpeedSettings", "Derived", "HeldBatch", "ConfigError", "derive", "check_optimizer_build"]
 
 # DeiT's learning-rate rule: the base lr is for a global batch of 512 (Touvron et al. 2021, Sec. 6).
 LR_REFERENCE_BATCH = 512
@@ -282,3 +284,49 @@ def derive(config: TrainConfig, ds: DeepSpeedSettings, world_size: int, num_samp
                    total_steps=steps_per_epoch * config.epochs,
                    warmup_steps=math.ceil(config.warmup_epochs * steps_per_epoch),
                    peak_lr=config.lr * global_batch / LR_REFERENCE_BATCH)
+
+
+# --- what the optimizer needs on this machine ------------------------------------------------------------------
+
+def _deepspeed_adam(raw: dict[str, Any], cuda: bool) -> Optional[tuple[str, str]]:
+    """(DeepSpeed op, what compiles it) when the JSON selects one of DeepSpeed's own Adam ops, else None: without
+    "torch_adam" DeepSpeed builds FusedAdam (or, with the optimizer offloaded, DeepSpeedCPUAdam) on first use,
+    since its wheel ships no compiled ops (deepspeed/runtime/engine.py, get_optimizer_configuration)."""
+    optimizer = raw.get("optimizer") or {}
+    if str(optimizer.get("type", "")).lower() not in ("adam", "adamw") or (optimizer.get("params") or {}).get("torch_adam"):
+        return None
+    offload = ((raw.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device", "none")
+    if offload in ("cpu", "nvme"):
+        return "cpu_adam", "a C++ compiler"
+    return ("fused_adam", "nvcc (the CUDA compiler)") if cuda else ("fused_adam", "a C++ compiler")
+
+
+def _missing_tools(compiler: str) -> list[str]:
+    from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
+
+    missing = [] if is_ninja_available() else ["ninja"]
+    if compiler.startswith("nvcc"):
+        nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+        if not (nvcc and os.access(nvcc, os.X_OK)) and not shutil.which("nvcc"):
+            missing.append("nvcc")
+    elif not shutil.which(os.environ.get("CXX", "c++")):
+        missing.append(os.environ.get("CXX", "c++"))
+    return missing
+
+
+def check_optimizer_build(raw: dict[str, Any], name: str, cuda: bool) -> None:
+    """Stop at start-up, in one sentence, when the JSON's optimizer is a DeepSpeed op that this machine cannot
+    compile (it would crash at the first step, after the model and the process group were built)."""
+    needs = _deepspeed_adam(raw, cuda)
+    if needs is None:
+        return
+    op, compiler = needs
+    from deepspeed.git_version_info import installed_ops  # ops compiled into the installed DeepSpeed (DS_BUILD_OPS=1)
+
+    missing = [] if installed_ops.get(op) else _missing_tools(compiler)
+    if missing:
+        what = "DeepSpeedCPUAdam (the optimizer is offloaded to the CPU)" if op == "cpu_adam" else "FusedAdam"
+        raise ConfigError(f"{name} selects DeepSpeed's {what}, which DeepSpeed compiles on first use with {compiler}, "
+                          f"and {' and '.join(missing)} is not on this machine: install it, or set \"torch_adam\": true "
+                          "(and \"fused\": true) in optimizer.params to use torch's own AdamW, as ds_configs/zero2.json "
+                          "does.")

@@ -18,7 +18,7 @@ from timm.scheduler import CosineLRScheduler
 from .config import Derived, TrainConfig
 
 __all__ = ["param_groups", "build_scheduler", "apply_activation_checkpointing", "CheckpointedBlocks",
-           "TrainState", "TrainingStopped"]
+           "TrainState", "TrainingStopped", "describe_optimizer"]
 
 _logger = logging.getLogger(__name__)
 
@@ -97,6 +97,15 @@ def apply_activation_checkpointing(model: nn.Module, blocks_per_checkpoint: int,
                          "activation_checkpointing off in the DeepSpeed config.")
     model.blocks = CheckpointedBlocks(model.blocks, blocks_per_checkpoint, offload)
     return model
+
+
+def describe_optimizer(engine) -> str:
+    """The optimizer DeepSpeed built from the JSON, for the start-up log: torch's AdamW (fused or not), or one of
+    DeepSpeed's compiled ops (FusedAdam, DeepSpeedCPUAdam)."""
+    optimizer = engine.basic_optimizer
+    if type(optimizer).__module__.startswith("torch.optim"):
+        return f"torch.optim.{type(optimizer).__name__} ({'fused' if optimizer.defaults.get('fused') else 'not fused'})"
+    return f"DeepSpeed's {type(optimizer).__name__}"
 
 
 @dataclass

@@ -90,7 +90,7 @@ class MemoryPlan:
     activations_unchecked: float       # the same micro batch without checkpointing, for comparison
     activations_checked: float         # ... and with checkpointing every block
     step_gradients: float              # step: the fp32 gradient partition the optimizer reads
-    step_temporaries: float            # step: torch AdamW's (foreach) temporaries; FusedAdam has none
+    step_temporaries: float            # step: torch's foreach AdamW's temporaries; fused kernels have none
     gpu_memory: Optional[float] = None
 
     @property
@@ -304,7 +304,8 @@ def plan_memory(model_name: str, model_kwargs: Optional[dict[str, Any]], ds: Uni
         checked = _activations(model_name, model_kwargs, input_size, ds.dtype, 1, batch, shape.depth)[0]
     else:
         unchecked = checked = acts
-    torch_adam = bool(((ds.raw.get("optimizer") or {}).get("params") or {}).get("torch_adam", False))
+    adam = (ds.raw.get("optimizer") or {}).get("params") or {}
+    foreach_adam = bool(adam.get("torch_adam", False)) and not adam.get("fused", False)
     return MemoryPlan(
         model=model_name, world_size=n, zero_stage=stage, dtype=ds.dtype, micro_batch=batch,
         input_size=input_size or shape.input_size, checkpointing=every,
@@ -318,8 +319,9 @@ def plan_memory(model_name: str, model_kwargs: Optional[dict[str, Any]], ds: Uni
         activations_unchecked=unchecked, activations_checked=checked,
         step_gradients=0.0 if offload else MASTER_BYTES * share,
         # torch's foreach AdamW makes two fp32 temporaries of the partition (measured: 12 bytes/param with the
-        # gradient partition, tests/test_plan.py); DeepSpeed's FusedAdam (the default on GPUs) updates in place.
-        step_temporaries=0.0 if offload or not torch_adam else 2 * MASTER_BYTES * share,
+        # gradient partition, tests/test_plan.py); its fused=True kernel (the shipped configs) and DeepSpeed's
+        # FusedAdam update in place (fused AdamW measured at 0 bytes/param above the step's input on CPU).
+        step_temporaries=0.0 if offload or not foreach_adam else 2 * MASTER_BYTES * share,
         gpu_memory=gpu_memory)
 
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 
 import antismooth  # noqa: F401
-from antismooth.config import ConfigError, DeepSpeedSettings, HeldBatch, TrainConfig, derive
+from antismooth.config import ConfigError, DeepSpeedSettings, HeldBatch, TrainConfig, check_optimizer_build, derive
 from antismooth.checkpoint import RunFolder
 from antismooth.engine import TrainState, apply_activation_checkpointing, build_scheduler, param_groups
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, num_heads=4, num_classes=10)
 
 
@@ -221,3 +223,36 @@ def test_activation_checkpointing_section_is_read_and_deepspeed_gets_its_own_key
     assert DeepSpeedSettings.from_dict({"train_batch_size": 8, "optimizer": {"type": "AdamW"}}, 1).blocks_per_checkpoint == 0
     with pytest.raises(ConfigError, match="contiguous_memory_optimization"):
         DeepSpeedSettings.from_dict(dict(raw, activation_checkpointing={"contiguous_memory_optimization": True}), 1)
+
+
+# --- what the shipped configs' optimizer needs on a bare GPU node ------------------------------------------------
+
+SHIPPED = REPO / "ds_configs"
+
+
+@pytest.mark.parametrize("name", ["zero1.json", "zero2.json", "zero3.json"])
+def test_the_shipped_configs_use_torchs_fused_adamw_which_needs_no_compiler(name, monkeypatch, tmp_path):
+    raw = json.loads((SHIPPED / name).read_text())
+    assert raw["optimizer"]["params"]["torch_adam"] is True and raw["optimizer"]["params"]["fused"] is True
+    monkeypatch.setenv("PATH", str(tmp_path))          # no compiler, no ninja, no nvcc on this "node"
+    monkeypatch.setattr("torch.utils.cpp_extension.CUDA_HOME", None)
+    for cuda in (True, False):
+        check_optimizer_build(raw, name, cuda)
+
+
+@pytest.mark.parametrize("name,cuda,needs", [
+    ("zero2_fusedadam.json", True, "FusedAdam, which DeepSpeed compiles on first use with nvcc"),
+    ("zero3_offload.json", True, "DeepSpeedCPUAdam (the optimizer is offloaded to the CPU), which DeepSpeed compiles "
+                                 "on first use with a C++ compiler"),
+])
+def test_a_deepspeed_adam_op_without_its_compiler_stops_at_start_up_in_one_sentence(name, cuda, needs, monkeypatch,
+                                                                                     tmp_path):
+    raw = json.loads((SHIPPED / name).read_text())
+    monkeypatch.setenv("PATH", str(tmp_path))          # a node without compilers
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("torch.utils.cpp_extension.CUDA_HOME", None)
+    with pytest.raises(ConfigError) as err:
+        check_optimizer_build(raw, name, cuda)
+    message = str(err.value)
+    assert message.startswith(f"{name} selects DeepSpeed's {needs}") and "\n" not in message
+    assert "is not on this machine" in message and '"torch_adam": true' in message and "ninja" in message

@@ -74,7 +74,7 @@ def print_plan(plan: MemoryPlan) -> None:
             ("  (checkpointing every block", plan.activations_checked),
             ("backward: activations + buffers", plan.backward),
             ("fp32 gradient partition (in the step)", plan.step_gradients),
-            ("optimizer temporaries (torch AdamW)", plan.step_temporaries),
+            ("optimizer temporaries (foreach AdamW)", plan.step_temporaries),
             ("optimizer step: the two above", plan.step),
             ("planned peak: held + max(backward, step)", plan.total)]
     for name, value in rows:
