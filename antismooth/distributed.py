@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from .config import ConfigError
 
-__all__ = ["Launch", "DistEnv", "LaunchError", "detect_launch", "init_distributed", "log_world", "collective_device",
+__all__ = ["Launch", "DistEnv", "LaunchError", "detect_launch", "launch_variables", "init_distributed", "log_world", "collective_device",
            "all_reduce", "all_reduce_tensor", "all_reduce_counts", "all_gather_object", "broadcast_object", "barrier", "check_shared_folder", "usable_cpus",
            "first_host", "tasks_on_node"]
 
@@ -237,12 +237,17 @@ def _device_for(launch: Launch, device_type: Optional[str]) -> torch.device:
     return torch.device("cuda", launch.local_rank)
 
 
-def _export(launch: Launch) -> None:
-    """The variables torch's env:// rendezvous and DeepSpeed read, from whichever launcher described this process."""
-    port = launch.master_port or _free_port()
-    os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank),
-                      LOCAL_WORLD_SIZE=str(launch.local_world_size), MASTER_ADDR=str(launch.master_addr),
-                      MASTER_PORT=str(port))
+def launch_variables(launch: Launch, device: torch.device) -> dict[str, str]:
+    """The variables torch's env:// rendezvous and DeepSpeed read, from whichever launcher described this process.
+
+    DeepSpeed takes LOCAL_RANK for the GPU index (its engine calls set_device(LOCAL_RANK), its process group
+    binds device_id cuda:LOCAL_RANK). With one GPU visible per process (`srun --gpus-per-task=1`,
+    CUDA_VISIBLE_DEVICES set per rank) that GPU is cuda:0 whatever the local rank, so LOCAL_RANK says the index
+    of the GPU chosen here; DistEnv.local_rank keeps the process's place on its node."""
+    local_rank = device.index if device.type == "cuda" and device.index is not None else launch.local_rank
+    return dict(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(local_rank),
+                LOCAL_WORLD_SIZE=str(launch.local_world_size), MASTER_ADDR=str(launch.master_addr),
+                MASTER_PORT=str(launch.master_port or _free_port()))
 
 
 def _free_port() -> int:
@@ -295,13 +300,13 @@ def init_distributed(use_deepspeed: bool = True, device_type: Optional[str] = No
         torch.set_num_threads(max(1, usable_cpus() // max(launch.local_world_size, 1)))
     backend = "nccl" if device.type == "cuda" else "gloo"
     if use_deepspeed and not dist.is_initialized():  # DeepSpeed's engine wants its group even for one process
-        _export(launch)
+        os.environ.update(launch_variables(launch, device))
         import deepspeed
         if device.type == "cpu":
             _without_cpu_shm_all_reduce()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     elif launch.world_size > 1 and not dist.is_initialized():
-        _export(launch)
+        os.environ.update(launch_variables(launch, device))
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     return DistEnv(rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank,
                    local_world_size=launch.local_world_size, node_rank=launch.node_rank, device=device,
