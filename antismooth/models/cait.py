@@ -15,6 +15,7 @@ from timm.models.cait import Cait
 
 from .layers import AttnScaleTalkingHeadAttn, FeatScaleLayerScaleBlock
 from .registry import register_variants
+from .structure import FlatStructure, register_structure
 from .weights import checkpoint_filter_fn
 
 __all__ = ["CAIT_VARIANTS"]
@@ -67,3 +68,4 @@ def _create_cait(variant: str, pretrained: bool = False, **kwargs: Any) -> Cait:
 
 
 globals().update(register_variants(CAIT_VARIANTS, _create_cait, __name__))
+register_structure(Cait, FlatStructure())

@@ -15,6 +15,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .layers import AttnScaleAttention, FeatScaleBlock
 from .registry import register_variants
+from .structure import FlatStructure, register_structure
 from .weights import checkpoint_filter_fn
 
 __all__ = ["VIT_VARIANTS"]
@@ -60,3 +61,4 @@ def _create_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> Vision
 
 
 globals().update(register_variants(VIT_VARIANTS, _create_vit, __name__))
+register_structure(VisionTransformer, FlatStructure())

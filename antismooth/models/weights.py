@@ -1,28 +1,29 @@
 """Plain weights in and out: read .pth/.safetensors safely, unwrap, and fit a state_dict to a model.
 
 Checkpoints arrive in many wrappings: the official `main.py` saves {'model': sd, ...},
-DeepSpeed prefixes `module.`, torch.compile prefixes `_orig_mod.`. timm's own filter knows
-none of our parameters, so this one also resamples position embeddings for another image
-size and fills the AttnScale/FeatScale parameters that plain DeiT/CaiT weights lack with
-their identity value (0), saying so in the log instead of hiding it behind strict=False.
+DeepSpeed prefixes `module.`, torch.compile prefixes `_orig_mod.`. timm's own filters know
+none of our parameters, so this one lets the model's family fit the state_dict (position
+embeddings or relative position tables for another image size, the Microsoft Swin layout:
+antismooth.models.structure) and fills the AttnScale/FeatScale parameters that plain weights
+lack with their identity value (0), saying so in the log instead of hiding it behind strict=False.
 """
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
-from timm.layers import resample_abs_pos_embed
+
+from .structure import fit_state_dict
 
 __all__ = ["ANTI_OVERSMOOTHING_PARAMS", "TIMM_WEIGHTS_FILES", "weights_file", "read_checkpoint", "clean_state_dict",
            "checkpoint_filter_fn", "load_weights", "load_for_finetuning", "WeightsMismatchError"]
 
 _logger = logging.getLogger(__name__)
 
-# Parameter names the paper adds; everything else is a plain ViT/CaiT key.
+# Parameter names the paper adds; everything else is a plain ViT/CaiT/Swin key.
 ANTI_OVERSMOOTHING_PARAMS = ("attn.lamb", "lamb1", "lamb2")
 _WRAPPER_KEYS = ("model", "module", "state_dict", "model_state_dict")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -83,29 +84,17 @@ def clean_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return cleaned
 
 
-def _resample_pos_embed(pos_embed: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """Interpolate a learned position embedding to the model's patch grid, keeping prefix tokens."""
-    target = model.pos_embed
-    if pos_embed.shape == target.shape:
-        return pos_embed
-    num_prefix = target.shape[1] - math.prod(model.patch_embed.grid_size)  # ViT: 1 (cls), CaiT: 0
-    old_grid = int(math.isqrt(pos_embed.shape[1] - num_prefix))
-    _logger.info("Resampling pos_embed from a %dx%d to a %s grid.", old_grid, old_grid, model.patch_embed.grid_size)
-    return resample_abs_pos_embed(pos_embed, new_size=model.patch_embed.grid_size,
-                                  old_size=(old_grid, old_grid), num_prefix_tokens=num_prefix)
-
-
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Fit a checkpoint to `model`: unwrap, strip prefixes, resample pos_embed, fill missing λ/s with 0."""
-    state_dict = clean_state_dict(state_dict)
-    if "pos_embed" in state_dict and getattr(model, "pos_embed", None) is not None:
-        state_dict["pos_embed"] = _resample_pos_embed(state_dict["pos_embed"], model)
+    """Fit a checkpoint to `model`: unwrap, strip prefixes, let the family fit it (structure.fit_state_dict:
+    ViT's pos_embed resampled, Swin's relative position tables resized and the Microsoft layout converted),
+    fill missing λ/s with 0."""
+    state_dict = fit_state_dict(clean_state_dict(state_dict), model)
     model_state = model.state_dict()
     added = [k for k in model_state if k not in state_dict and k.endswith(ANTI_OVERSMOOTHING_PARAMS)]
     if added:
         _logger.warning(
             "The checkpoint has no AttnScale/FeatScale parameters for %d keys (%s…); they start at 0, "
-            "where the model computes exactly the plain ViT/CaiT of the checkpoint.", len(added), added[0])
+            "where the model computes exactly the plain model of the checkpoint.", len(added), added[0])
         for key in added:
             state_dict[key] = torch.zeros_like(model_state[key])
     return state_dict
