@@ -16,6 +16,7 @@ from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 
 from .config import Derived, TrainConfig
+from .models import structure
 
 __all__ = ["param_groups", "build_scheduler", "apply_activation_checkpointing", "CheckpointedBlocks",
            "TrainState", "TrainingStopped", "describe_optimizer"]
@@ -88,15 +89,28 @@ class CheckpointedBlocks(nn.Sequential):
 
 
 def apply_activation_checkpointing(model: nn.Module, blocks_per_checkpoint: int, offload: bool = False) -> nn.Module:
-    """Checkpoint `model.blocks` (ViT blocks, CaiT's self-attention stage) every `blocks_per_checkpoint` blocks,
-    keeping the segment inputs in host memory with `offload` (DeepSpeed's `cpu_checkpointing`)."""
+    """Checkpoint each sequence of blocks the model's structure names (ViT's blocks, CaiT's self-attention stage,
+    each Swin stage's blocks) every `blocks_per_checkpoint` blocks, keeping the segment inputs in host memory
+    with `offload` (DeepSpeed's `cpu_checkpointing`). A segment never spans two sequences."""
     if blocks_per_checkpoint <= 0:
         return model
-    if not isinstance(getattr(model, "blocks", None), nn.Sequential):
-        raise ValueError(f"{type(model).__name__} has no `blocks` sequence to checkpoint: turn "
-                         "activation_checkpointing off in the DeepSpeed config.")
-    model.blocks = CheckpointedBlocks(model.blocks, blocks_per_checkpoint, offload)
+    try:
+        sequences = structure.block_sequences(model)
+    except ValueError as err:
+        raise ValueError(f"{err} Turn activation_checkpointing off in the DeepSpeed config.") from None
+    for parent, name in sequences:
+        setattr(parent, name, CheckpointedBlocks(getattr(parent, name), blocks_per_checkpoint, offload))
     return model
+
+
+def compile_blocks(blocks: Sequence[nn.Module]) -> None:
+    """torch.compile each transformer block in place, torchtitan's regional compile: blocks of one class and shape
+    share one graph (their parameters are graph inputs), so compile time stays flat with depth. `Module.compile`
+    keeps the modules and their state_dict keys as they are (no `_orig_mod.` prefix, unlike torch.compile(model)),
+    so checkpoints, exports and the EMA see the same names; activation checkpointing's segments call the compiled
+    blocks, and the recompute in backward runs the same graph."""
+    for block in blocks:
+        block.compile(fullgraph=True)
 
 
 def describe_optimizer(engine) -> str:
