@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
-# The whole GPU check, for a machine with one GPU, in under 10 minutes; run from the repository root:
+# The GPU check, for a machine with one GPU, in 6 minutes (the device budget is 15 minutes with the machine's start:
+# room for a rerun); run from the repository root:
 #
 #   bash bench/gpu_check.sh [REPORT] [STEP ...]
 #
 # REPORT defaults to $OUT/gpu-report.md when $OUT is set (the device tool's output folder), else
-# runs/gpu-report.md; the logs go beside it as gpu-check-logs.tar.gz. STEPs, in this order by default:
+# runs/gpu-report.md; beside it go gpu-results.json (every figure as data) and gpu-check-logs.tar.gz. STEPs, by
+# value, in this order by default:
 #   setup       wheels from .whl/ (bench/gpu_wheels.sh) into /tmp/site, versions, nvidia-smi
 #   tests       python -m pytest tests/gpu -x -q: NCCL collectives, flash AttnScale, 1-GPU pretrain runs
+#   recipe      ds_configs/zero2.json as shipped (bf16, torch's fused AdamW) with DeiT's default recipe and the real
+#               loader (RandAugment, random erasing, Mixup/CutMix on CUDA tensors): attnscale_small_24 on the demo
+#               shards, 20 steps; its planned peak against torch.cuda.max_memory_allocated
+#   throughput  pretrain.py --throughput with MFU, eager and --compile: attnscale_small_24 (micro batch 128) and
+#               attnscale_base_24 (64), bf16 ZeRO-2 as shipped
+#   model_step  bench/model_step.py: plain ViT-S/24, AttnScale fused (flash) and explicit, FeatScale at 224/384 px
+#   fusedadam   --throughput of attnscale_small_24 with ds_configs/zero2_fusedadam.json (DeepSpeed's FusedAdam, built
+#               with nvcc on first use) against the shipped torch fused AdamW
 #   demo        tools/demo.py on one GPU: NCCL, bf16, ZeRO-2, per-epoch evaluation, export, eval
 #   zero        bf16 ZeRO-2 and ZeRO-3 on the demo shards: 30 steps, a second process resumes to 50, export, eval
-#   throughput  pretrain.py --throughput with MFU: attnscale_small_24 (micro batch 128, checkpointing on and
-#               off) and attnscale_base_24 (64), bf16 ZeRO-2, torch's AdamW (FusedAdam's nvcc build skipped)
-#   model_step  bench/model_step.py: plain ViT-S/24, AttnScale fused (flash) and explicit, FeatScale at 224/384 px
+#   host_syncs  bench/host_syncs.py: the loss read back every step against at log steps
 #   memory_depth  bench/memory_depth.py --offload: activation memory and step time at depth 12/24/48
-# Each step has its own time limit, cut to what is left of GPU_CHECK_SECONDS (default 550) so the whole
-# stays under the device tool's 10 minutes; a step that fails or times out is recorded with the tail of
-# its log and the next one runs. The correctness steps come first, the longest benchmark last.
+# Each step has its own time limit, cut to what is left of GPU_CHECK_SECONDS (default 360); a step that fails or
+# times out is recorded with the tail of its log, every process it left (tests start theirs in sessions of their
+# own, which `timeout` does not reach) is killed, and the next one runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,14 +31,15 @@ REPORT=${1:-${OUT:+$OUT/gpu-report.md}}
 REPORT=${REPORT:-runs/gpu-report.md}
 shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
-[ ${#STEPS[@]} -gt 0 ] || STEPS=(setup tests demo zero throughput model_step memory_depth)
+[ ${#STEPS[@]} -gt 0 ] || STEPS=(setup tests recipe throughput model_step fusedadam demo zero host_syncs memory_depth)
 
 export PY=${PYTHON:-python3}
 export SITE=${GPU_CHECK_SITE:-/tmp/site}
 export WORK=runs/gpu-check
 export LOGS=$WORK/logs
 export PYTHONUNBUFFERED=1
-DEADLINE=$(( SECONDS + ${GPU_CHECK_SECONDS:-550} ))
+DEADLINE=$(( SECONDS + ${GPU_CHECK_SECONDS:-360} ))
+rm -rf "$WORK/status"
 mkdir -p "$LOGS" "$(dirname "$REPORT")"
 
 # --- wheels: in this shell, so that PYTHONPATH reaches every step ---------------------------------------------
@@ -148,25 +157,50 @@ step_zero() {
 }
 excerpt_zero() { grep -E "^== |pretrain: attnscale|Resumed from|saved checkpoint|eval epoch|done: step|^exported|top-1" "$1"; }
 
+step_recipe() {
+  set -e
+  ensure_demo_shards
+  rm -rf "$WORK/recipe"
+  # DeiT's defaults (RandAugment, random erasing, Mixup/CutMix, repeated augmentation, drop path 0.1) at 224 px.
+  "$PY" pretrain.py --deepspeed_config ds_configs/zero2.json --model attnscale_small_24 --data shards/demo \
+    --workers 8 --output "$WORK/recipe" --epochs 2 --max-steps 20 --log-every 5 --save-every 1000
+}
+excerpt_recipe() { grep -E "pretrain: (attnscale|global|optimizer)|planned peak|peak GPU memory|step [0-9]+/|eval epoch|done: step" "$1"; }
+
+throughput_run() {  # throughput_run MODEL MICRO [CONFIG] [FLAGS...]: one --throughput line
+  local model=$1 micro=$2 config=${3:-ds_configs/zero2.json}
+  shift $(( $# > 3 ? 3 : $# ))
+  local name
+  name="$model-$micro-$(basename "$config" .json)${1:+-compiled}"
+  ds_json "$config" "$WORK/$name.json" "c['train_micro_batch_size_per_gpu'] = $micro"
+  rm -rf "$WORK/throughput-$name"
+  echo "== $name"
+  "$PY" pretrain.py --deepspeed_config "$WORK/$name.json" --model "$model" --data shards/demo --workers 0 \
+    --output "$WORK/throughput-$name" --throughput "$@"
+}
+
 step_throughput() {
   set -e
   ensure_demo_shards
-  # The repository's ZeRO-2 config with torch's AdamW: FusedAdam would first JIT-build with nvcc.
-  ds_json ds_configs/zero2.json "$WORK/tp128.json" \
-    'c["train_micro_batch_size_per_gpu"] = 128; c["optimizer"]["params"]["torch_adam"] = True'
-  ds_json ds_configs/zero2.json "$WORK/tp128-noac.json" \
-    'c["train_micro_batch_size_per_gpu"] = 128; c["optimizer"]["params"]["torch_adam"] = True
-c["activation_checkpointing"]["blocks_per_checkpoint"] = 0'
-  ds_json ds_configs/zero2.json "$WORK/tp64.json" \
-    'c["train_micro_batch_size_per_gpu"] = 64; c["optimizer"]["params"]["torch_adam"] = True'
-  for run in attnscale_small_24:tp128 attnscale_base_24:tp64 attnscale_small_24:tp128-noac; do
-    local model=${run%%:*} config=${run##*:}
-    rm -rf "$WORK/throughput-$config"
-    "$PY" pretrain.py --deepspeed_config "$WORK/$config.json" --model "$model" --data shards/demo --workers 0 \
-      --output "$WORK/throughput-$config" --throughput
-  done
+  throughput_run attnscale_small_24 128 ds_configs/zero2.json
+  throughput_run attnscale_small_24 128 ds_configs/zero2.json --compile
+  throughput_run attnscale_base_24 64 ds_configs/zero2.json
+  throughput_run attnscale_base_24 64 ds_configs/zero2.json --compile
 }
-excerpt_throughput() { grep -E "pretrain: attnscale|^throughput:" "$1"; }
+excerpt_throughput() { grep -E "^== |pretrain: (attnscale|optimizer)|^throughput:|peak GPU memory" "$1"; }
+
+step_fusedadam() {
+  set -e
+  ensure_demo_shards
+  throughput_run attnscale_small_24 128 ds_configs/zero2_fusedadam.json
+}
+excerpt_fusedadam() { excerpt_throughput "$1"; }
+
+step_host_syncs() {
+  "$PY" bench/host_syncs.py --device cuda --model attnscale_small_24 --img-size 224 --batch 64 --steps 20 --rounds 3 \
+    --json "$WORK/host_syncs.json"
+}
+excerpt_host_syncs() { grep -E "^\||px, batch" "$1"; }
 
 step_model_step() {
   "$PY" bench/model_step.py --device cuda --batch 64 --dtype bfloat16 --sdpa flash --rounds 1 --steps 10 \
@@ -179,20 +213,36 @@ step_memory_depth() {
 }
 excerpt_memory_depth() { grep -v -E "^\[ *[0-9]+ s\]" "$1"; }
 
-export -f ds_json ensure_demo_shards step_setup step_tests step_demo step_zero step_throughput step_model_step \
-  step_memory_depth
+export -f ds_json ensure_demo_shards throughput_run step_setup step_tests step_recipe step_throughput step_model_step \
+  step_fusedadam step_demo step_zero step_host_syncs step_memory_depth
 
 # --- running them ---------------------------------------------------------------------------------------------
 
-declare -A LIMIT=([setup]=60 [tests]=240 [demo]=150 [zero]=200 [throughput]=150 [model_step]=150 [memory_depth]=240)
+declare -A LIMIT=([setup]=30 [tests]=100 [recipe]=60 [throughput]=150 [model_step]=40 [fusedadam]=90 [demo]=120
+  [zero]=180 [host_syncs]=60 [memory_depth]=200)
 declare -A TITLE=([setup]="a. setup: wheels, versions, nvidia-smi" [tests]="b. pytest tests/gpu -x -q"
-  [demo]="c. demo on one GPU (NCCL, bf16, ZeRO-2)" [zero]="d. ZeRO-2 and ZeRO-3 bf16 with a resume, export, eval"
-  [throughput]="g. pretrain.py --throughput with MFU" [model_step]="e. bench/model_step.py on cuda (flash SDPA)"
-  [memory_depth]="f. bench/memory_depth.py --device cuda --offload")
+  [recipe]="c. ds_configs/zero2.json, DeiT's recipe, the real loader; planned vs allocated peak"
+  [throughput]="d. pretrain.py --throughput with MFU, eager and --compile"
+  [model_step]="e. bench/model_step.py on cuda (flash SDPA)" [fusedadam]="f. DeepSpeed's FusedAdam vs torch's fused AdamW"
+  [demo]="g. demo on one GPU (NCCL, bf16, ZeRO-2)" [zero]="h. ZeRO-2 and ZeRO-3 bf16 with a resume, export, eval"
+  [host_syncs]="i. bench/host_syncs.py on cuda" [memory_depth]="j. bench/memory_depth.py --device cuda --offload")
 SUMMARY=()
 
 quiet() {  # a log without Python's warnings (a warning line and the source line under it): failures stay visible
   awk '/Warning: / { skip = 1; next } skip && /^  / { skip = 0; next } { skip = 0; print }' "$1"
+}
+
+python_pids() { pgrep -f 'python|deepspeed|torchrun' | sort; }
+
+reap_strays() {  # reap_strays BEFORE: kill the Python processes in this repository that were not running before the
+  # step (a test's launch lives in a session of its own, which `timeout` does not reach)
+  local pid
+  for pid in $(comm -13 "$1" <(python_pids)); do
+    [[ $(readlink "/proc/$pid/cwd" 2>/dev/null) == "$PWD"* ]] || continue
+    echo "killed a process the step left: $pid $(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | cut -c1-150)"
+    kill -9 "$pid" 2>/dev/null
+  done
+  return 0
 }
 
 run_step() {  # run_step NAME: step_NAME under its time limit; its status and log excerpt appended to the report
@@ -204,7 +254,9 @@ run_step() {  # run_step NAME: step_NAME under its time limit; its status and lo
     return
   fi
   echo "[gpu_check $(date +%T)] ${TITLE[$name]} (at most $limit s)"
+  python_pids > "$WORK/pids-before"
   timeout --kill-after=10 "$limit" bash -c "step_$name" > "$log" 2>&1 || rc=$?
+  reap_strays "$WORK/pids-before" >> "$log"
   if (( rc == 0 )); then status=PASS
   elif (( rc == 124 || rc == 137 )); then status="TIMEOUT (limit $limit s)"
   else status="FAIL (exit $rc)"; fi
@@ -216,12 +268,13 @@ run_step() {  # run_step NAME: step_NAME under its time limit; its status and lo
     printf '```\n'
   } >> "$REPORT"
   SUMMARY+=("| $name | $status | $(( SECONDS - start )) |")
+  mkdir -p "$WORK/status" && echo "$status|$(( SECONDS - start ))" > "$WORK/status/$name"
   echo "[gpu_check $(date +%T)] $name: $status"
 }
 
 for step in "${STEPS[@]}"; do
   if [ -z "${LIMIT[$step]:-}" ]; then
-    echo "unknown step $step: the steps are setup tests demo zero throughput model_step memory_depth" >&2
+    echo "unknown step $step: the steps are ${!LIMIT[*]}" >&2
     exit 2
   fi
 done
@@ -230,7 +283,7 @@ done
   echo
   echo "$(date -u '+%Y-%m-%d %H:%M UTC') on $(hostname); commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown);" \
        "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
-  echo "Steps: ${STEPS[*]}; budget ${GPU_CHECK_SECONDS:-550} s; logs in $LOGS (and gpu-check-logs.tar.gz beside this file)."
+  echo "Steps: ${STEPS[*]}; budget ${GPU_CHECK_SECONDS:-360} s; logs in $LOGS (and gpu-check-logs.tar.gz beside this file)."
 } > "$REPORT"
 
 for step in "${STEPS[@]}"; do
@@ -242,5 +295,6 @@ done
   printf '%s\n' "${SUMMARY[@]}"
 } >> "$REPORT"
 tar czf "$(dirname "$REPORT")/gpu-check-logs.tar.gz" -C "$WORK" logs 2>/dev/null || true
+"$PY" bench/gpu_results.py "$WORK" "$(dirname "$REPORT")/gpu-results.json" >> "$REPORT" 2>&1 || true
 cat "$REPORT"
 ! printf '%s\n' "${SUMMARY[@]}" | grep -q -v "| PASS |"  # exit 1 unless every step passed
