@@ -30,8 +30,8 @@ from antismooth.data.pipeline import AugmentConfig, ShardSource, StreamConfig, b
 from antismooth.distributed import DistEnv, barrier, check_shared_folder, detect_launch, init_distributed, log_world
 from antismooth.ema import ShardedEma
 from antismooth.engine import (TrainingStopped, TrainState, apply_activation_checkpointing, build_scheduler,
-                               describe_optimizer, param_groups)
-from antismooth.models import WeightsMismatchError, load_for_finetuning, load_weights
+                               compile_blocks, describe_optimizer, param_groups)
+from antismooth.models import WeightsMismatchError, load_for_finetuning, load_weights, structure
 from antismooth.train import Trainer, evaluate_split
 
 log = logging.getLogger("pretrain")
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-lr", type=float, default=d.warmup_lr)
     g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (one graph for all blocks of a shape; not with ZeRO-3)")
     g = p.add_argument_group("data and augmentation")
     g.add_argument("--data", default=d.data, help="folder with train.json (and val.json) from tools/build_shards.py")
     g.add_argument("--workers", type=int, default=d.workers, help="loader workers per process")
@@ -208,6 +210,10 @@ def run(config: TrainConfig):
     held = None if config.eval_only else RunFolder(config.output).saved_batch()
     ds = DeepSpeedSettings.load(config.deepspeed_config, world_size, held)
     check_optimizer_build(ds.raw, config.deepspeed_config, torch.cuda.is_available())
+    if config.compile and ds.zero_stage == 3:
+        raise ConfigError(f"--compile cannot run under ZeRO-3 ({config.deepspeed_config}): DeepSpeed gathers each "
+                          "module's parameters in hooks that torch.compile must skip, so every compiled block would "
+                          "break at each of them; train with ds_configs/zero2.json (or zero1.json), or drop --compile.")
     check_model_name(config.model)
     train_manifest = find_manifest(config.data, "train", required=not config.eval_only)
     val_manifest = find_manifest(config.data, "val", required=config.eval_only)
@@ -243,6 +249,8 @@ def run(config: TrainConfig):
     if config.finetune and resume_tag is None:
         load_for_finetuning(model, config.finetune)
     apply_activation_checkpointing(model, ds.blocks_per_checkpoint, ds.offload_checkpoints)
+    if config.compile:
+        compile_blocks(structure.blocks(model))
     num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
 
     import deepspeed
@@ -275,7 +283,15 @@ def run(config: TrainConfig):
                       stream=stream, state=state, run_folder=run_folder, meta=meta, dtype=dtype,
                       val_source=val_source, augment=augment, ema=ema)
     trainer.train()
+    log_peak_memory(env)
     return engine
+
+
+def log_peak_memory(env: DistEnv) -> None:
+    """What the run took at its peak on this GPU, beside the planner's start-up figure (tools/plan.py)."""
+    if env.device.type == "cuda" and env.rank == 0:
+        log.info("peak GPU memory allocated %.3f GiB (torch.cuda.max_memory_allocated, rank 0)",
+                 torch.cuda.max_memory_allocated(env.device) / 2**30)
 
 
 def build_ema(engine, env: DistEnv, config: TrainConfig, run_folder: RunFolder, resume_tag: Optional[str]) -> ShardedEma:
@@ -363,6 +379,7 @@ def measure_throughput(engine, env: DistEnv, ds: DeepSpeedSettings, dtype: torch
     if peak and dtype in (torch.bfloat16, torch.float16):  # the table holds 16-bit tensor-core peaks
         line += f"; MFU {100 * mfu(per_rank, flops_per_image, peak):.1f} % of {name}'s {peak:.0f} TFLOP/s dense bf16"
     print(line)
+    log_peak_memory(env)
 
 
 def _sync(env: DistEnv) -> None:

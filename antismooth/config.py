@@ -71,6 +71,7 @@ class TrainConfig:
     eval_only: bool = False
     throughput: bool = False
     max_steps: Optional[int] = None           # stop early (smoke runs, tests); the schedule still spans epochs
+    compile: bool = False                     # torch.compile each transformer block (antismooth.engine.compile_blocks)
     skip_nonfinite: int = 0                   # optimizer steps with non-finite loss/gradients to skip before stopping
     # DeiT's model EMA (on by default there): antismooth.ema keeps it on each rank's fp32 master fragments
     model_ema: bool = True

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,7 @@ from .config import Derived, TrainConfig
 from .models import structure
 
 __all__ = ["param_groups", "build_scheduler", "apply_activation_checkpointing", "CheckpointedBlocks",
-           "TrainState", "TrainingStopped", "describe_optimizer"]
+           "TrainState", "TrainingStopped", "compile_blocks", "describe_optimizer"]
 
 _logger = logging.getLogger(__name__)
 
