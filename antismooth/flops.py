@@ -19,6 +19,8 @@ import torch.nn as nn
 from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_flop_formula, sdpa_backward_flop_count,
                                       sdpa_flop_count)
 
+from .models import structure
+
 __all__ = ["PEAK_BF16_TFLOPS", "TRAINING_FLOPS_PER_FORWARD", "flop_counter", "forward_flops", "training_flops_per_image", "peak_tflops", "mfu"]
 
 # Backward ≈ 2 × forward: each product Y = XW needs dX = dY·Wᵀ and dW = Xᵀ·dY.
@@ -81,7 +83,7 @@ def training_flops_per_image(model: str | nn.Module, img_size: Optional[int] = N
         with torch.device("meta"):
             model = timm.create_model(model, **kwargs)
     param = next(model.parameters())
-    height, width = model.patch_embed.img_size
+    height, width = structure.input_size(model)
     images = torch.zeros(1, 3, height, width, device=param.device, dtype=param.dtype)
     return float(TRAINING_FLOPS_PER_FORWARD * forward_flops(model, images))
 

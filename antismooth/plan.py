@@ -8,7 +8,8 @@ measured once per model shape by a real CPU forward + backward of the model at r
 and batch (1 and 2; the stem also at 4), under the exact allocator count of antismooth.memory, split into the
 backward's phases (head, blocks, stem) by marker allocations; each phase's peak is fitted as
 a + b·batch + c·blocks + d·batch·blocks and the step's activation peak is the highest phase at the run's micro
-batch and depth, so any model family with a `blocks` sequence and a `depth` argument works unchanged. The
+batch and depth, so any model family that antismooth.models.structure describes works unchanged (its depth is
+where the family grows: all of a ViT's blocks, Swin's stage 3; the other stages' blocks are part of a). The
 optimizer step's fp32 gradient partition and temporaries and the rule peak = held + max(backward, step) were
 found on real engines (tests/test_plan.py checks them, within 15 %).
 """
@@ -23,6 +24,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .config import DeepSpeedSettings
+from .models import structure
 
 __all__ = ["ModelShape", "ActivationProfile", "StepProfile", "MemoryPlan", "model_shape", "activation_profile", "plan_memory",
            "alternatives", "DEFAULT_BUCKET", "StepTimePlan", "forward_flops", "plan_step_time"]
@@ -44,7 +46,7 @@ _profiles: dict[str, "StepProfile"] = {}   # per model shape: measured once per 
 class ModelShape:
     """What the planner needs of a model's parameters: counts, not tensors (built on the meta device)."""
     num_params: int
-    depth: int                         # entries of model.blocks
+    depth: int                         # blocks where the depth grows (structure.depth: ViT all, Swin stage 3)
     largest_block_params: int          # ZeRO-3 gathers one block at a time
     persistent_params: int             # ZeRO-3: tensors below the persistence threshold stay whole on every rank
     input_size: int                    # the model's image size
@@ -153,12 +155,24 @@ def _count_parameters(model_name: str, model_kwargs: dict[str, Any], input_size:
                       persistence_threshold: int) -> ModelShape:
     with torch.device("meta"):
         model = _build(model_name, model_kwargs, input_size)
-    blocks = list(getattr(model, "blocks", []))
+    blocks = structure.blocks(model)
     return ModelShape(
-        num_params=sum(p.numel() for p in model.parameters()), depth=len(blocks),
+        num_params=sum(p.numel() for p in model.parameters()), depth=structure.depth(model),
         largest_block_params=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
         persistent_params=sum(p.numel() for p in model.parameters() if p.numel() < persistence_threshold),
-        input_size=int(model.patch_embed.img_size[0]))
+        input_size=int(structure.input_size(model)[0]))
+
+
+_depth_args: dict[str, dict[str, Any]] = {}
+
+
+def _depth_kwargs(model_name: str, model_kwargs: dict[str, Any], input_size: Optional[int], depth: int) -> dict[str, Any]:
+    """The create_model arguments that give the model `depth` blocks where it grows (structure.depth_kwargs)."""
+    key = json.dumps([model_name, model_kwargs, input_size, depth], sort_keys=True, default=str)
+    if key not in _depth_args:
+        with torch.device("meta"):
+            _depth_args[key] = structure.depth_kwargs(_build(model_name, model_kwargs, input_size), depth)
+    return _depth_args[key]
 
 
 # Phases of one forward + backward, told apart in the allocator's timeline by marker allocations of MARKER_BYTES:
@@ -178,9 +192,10 @@ def _phase_peaks(model_name: str, model_kwargs: dict[str, Any], input_size: Opti
     from .memory import allocation_timeline
 
     torch.manual_seed(0)
-    model = _build(model_name, model_kwargs, input_size, depth=depth, drop_path_rate=0.0).to(getattr(torch, dtype))
+    model = _build(model_name, model_kwargs, input_size, drop_path_rate=0.0,
+                   **_depth_kwargs(model_name, model_kwargs, input_size, depth)).to(getattr(torch, dtype))
     apply_activation_checkpointing(model, min(blocks_per_checkpoint, depth) if blocks_per_checkpoint else 0)
-    x = torch.randn(batch, 3, *model.patch_embed.img_size, dtype=getattr(torch, dtype))
+    x = torch.randn(batch, 3, *structure.input_size(model), dtype=getattr(torch, dtype))
     y = torch.zeros(batch, dtype=torch.long)
     for p in model.parameters():   # a warm-up step would cost as much as the measured one
         p.grad = torch.zeros_like(p)
@@ -193,7 +208,7 @@ def _phase_peaks(model_name: str, model_kwargs: dict[str, Any], input_size: Opti
         args[0].register_hook(mark)   # fires when the blocks' backward is done
         out.register_hook(mark)       # fires when the blocks' backward starts
 
-    handle = model.blocks.register_forward_hook(on_blocks)
+    handle = structure.body(model).register_forward_hook(on_blocks)
 
     def step() -> None:
         loss = F.cross_entropy(model(x).float(), y)
@@ -443,7 +458,7 @@ def forward_flops(model_name: str, model_kwargs: Optional[dict[str, Any]], input
     if key not in _flops:
         with torch.device("meta"):
             model = _build(model_name, dict(model_kwargs or {}), input_size)
-            x = torch.randn(1, 3, *model.patch_embed.img_size)
+            x = torch.randn(1, 3, *structure.input_size(model))
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(x)
         _flops[key] = float(counter.get_total_flops())

@@ -28,6 +28,18 @@ The token measurements use the patch tokens of each block's output only: the cla
 register tokens are left out (prefix = tokens − h·w), because the Fourier measurement needs
 exactly the grid, and so that ViT (class token in every block) and CaiT (no class token in
 its self-attention stage) are measured alike. The attention maps are compared whole.
+
+Which blocks and which grid each block sees come from antismooth.models.structure. A Swin's
+blocks are measured stage by stage, each on its own stage's grid (56², 28², 14², 7² at 224 px),
+and two more things are recorded for it: the stage of each block (`stage`), and
+- hc_share_window: the high-frequency share within the windows the block's attention mixed
+  (shifted as the block shifts them), Σ_windows ||X − mean_window(X)||² / ||X||²: the DC that
+  AttnScale's D refers to is a window's, not the image's. Recorded for every block of a model
+  with windowed attention (a block whose window is its whole grid gives its hc_share; empty for
+  ViT/CaiT); NaN for a block whose window does not tile its grid (timm pads those).
+Attention maps are compared only between consecutive blocks of one stage (NaN across a patch
+merging, where the windows and heads change), each image's windows averaged; patch_uniformity
+is NaN on a one-token grid.
 """
 from __future__ import annotations
 
@@ -43,13 +55,15 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from antismooth.models import structure
 from antismooth.models.layers import set_fused_attn, split_dc_hc
+from antismooth.models.structure import TokenGrid
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from torch.utils.tensorboard import SummaryWriter
 
-__all__ = ["SpectralReport", "MEASUREMENTS", "TRAINING_MEASUREMENTS", "hc_share", "delta_log_amplitude",
+__all__ = ["SpectralReport", "MEASUREMENTS", "TRAINING_MEASUREMENTS", "WINDOW_MEASUREMENTS", "window_hc_share", "hc_share", "delta_log_amplitude",
            "patch_uniformity", "attention_similarity", "patch_tokens", "paper_parameters", "measure",
            "plot_measurement", "curves_figure", "write_spectral", "log_spectral"]
 
@@ -63,13 +77,15 @@ MEASUREMENTS: dict[str, tuple[str, str]] = {
     "delta_log_amplitude": ("Relative log amplitude at the highest frequency",
                             "Δ log amplitude (highest − DC)"),
     "patch_uniformity": ("Patch uniformity", "mean pairwise cosine similarity"),
+    "hc_share_window": ("High-frequency share within the attention windows", "Σ‖X − mean_window(X)‖² / ‖X‖²"),
     "attention_similarity": ("Attention collapse: block i vs block i+1", "cosine similarity of attention maps"),
     "attnscale_lambda": ("AttnScale λ", "mean |λ| over heads"),
     "featscale_s_d": ("FeatScale s_d (DC scale, lamb1)", "mean over channels"),
     "featscale_s_h": ("FeatScale s_h (high-frequency scale, lamb2)", "mean over channels"),
 }
-# The cheap ones, logged during training (no explicit attention needed).
+# The cheap ones, logged during training (no explicit attention needed); with windowed attention also these.
 TRAINING_MEASUREMENTS = ("hc_share", "delta_log_amplitude", "patch_uniformity")
+WINDOW_MEASUREMENTS = ("hc_share_window",)
 
 
 # --- the measurements as pure functions ----------------------------------------------------------------
@@ -115,6 +131,14 @@ def attention_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.float(), b.float(), dim=-2).mean(dim=(-2, -1))
 
 
+def window_hc_share(windows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per image: its windows' HC energy Σ_w ||X_w − mean(X_w)||² over its energy ||X||², from the windows
+    [B·nW, n, C] (each image's nW windows together, as window_partition orders them) and tokens [B, N, C]."""
+    _, hc = split_dc_hc(windows.float())
+    hc_energy = hc.pow(2).sum(dim=(-2, -1)).view(tokens.shape[0], -1).sum(dim=-1)
+    return hc_energy / tokens.float().pow(2).sum(dim=(-2, -1)).clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def patch_tokens(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """The h·w patch tokens of a block output [B, prefix + h·w, C]: class/register tokens come first in timm."""
     num_patches = grid[0] * grid[1]
@@ -136,6 +160,8 @@ class SpectralReport:
     attnscale_lambda: list[float] = field(default_factory=list)
     featscale_s_d: list[float] = field(default_factory=list)
     featscale_s_h: list[float] = field(default_factory=list)
+    hc_share_window: list[float] = field(default_factory=list)   # windowed attention only (Swin)
+    stage: list[int] = field(default_factory=list)               # each block's stage; hierarchical models only
     num_images: int = 0
 
     def curves(self) -> dict[str, list[float]]:
@@ -147,10 +173,9 @@ class SpectralReport:
 
 
 def _blocks(model: nn.Module) -> Sequence[nn.Module]:
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
-        raise ValueError(f"{type(model).__name__} has no `blocks` of transformer blocks to measure; "
-                         "pass a timm ViT/CaiT (the unwrapped module, not the DeepSpeed engine).")
+    blocks = structure.blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no transformer blocks to measure.")
     return blocks
 
 
@@ -192,11 +217,13 @@ class _Recorder:
     The sums stay on the model's device until `means()`, so a GPU is synchronised once, not per block.
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], grid: tuple[int, int], attention: bool) -> None:
-        self.grid = grid
+    def __init__(self, blocks: Sequence[nn.Module], grids: Sequence[TokenGrid], attention: bool) -> None:
+        self.grids = grids
+        self.windowed = any(grid.windowed for grid in grids)  # then hc_share_window for every block
+        self.images_in_chunk = 0                              # set per forward: attention maps are per window
         depth = len(blocks)
         self.sums: dict[str, list[list[torch.Tensor]]] = {name: [[] for _ in range(depth)]
-                                                          for name in TRAINING_MEASUREMENTS}
+                                                          for name in TRAINING_MEASUREMENTS + WINDOW_MEASUREMENTS}
         self.sums["attention_similarity"] = [[] for _ in range(depth - 1)]  # pairs of consecutive blocks
         self.attention_seen = [0] * depth
         self.previous_attention: Optional[torch.Tensor] = None
@@ -214,17 +241,25 @@ class _Recorder:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             if not isinstance(output, torch.Tensor):
                 raise ValueError(f"block {i} returned {type(output).__name__}, not a token tensor; cannot measure it.")
-            tokens = patch_tokens(output, self.grid)
+            grid = self.grids[i]
+            tokens = grid.patch_tokens(output)
             self.sums["hc_share"][i].append(hc_share(tokens).sum())
-            self.sums["delta_log_amplitude"][i].append(delta_log_amplitude(tokens, self.grid).sum())
-            self.sums["patch_uniformity"][i].append(patch_uniformity(tokens).sum())
+            self.sums["delta_log_amplitude"][i].append(delta_log_amplitude(tokens, grid.grid).sum())
+            self.sums["patch_uniformity"][i].append(patch_uniformity(tokens).sum() if tokens.shape[1] > 1
+                                                    else tokens.new_tensor(math.nan))
+            if self.windowed:
+                windows = grid.window_tokens(tokens)
+                self.sums["hc_share_window"][i].append(
+                    tokens.new_tensor(math.nan) if windows is None else window_hc_share(windows, tokens).sum())
         return hook
 
     def _attention_hook(self, i: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             current = args[0]  # the matrix that enters attention dropout: the one that multiplies V
-            if i > 0 and self.previous_attention is not None:
-                similarity = attention_similarity(self.previous_attention, current)
+            # Consecutive blocks of one stage only: across a patch merging the windows and heads change.
+            if i > 0 and self.previous_attention is not None and self.previous_attention.shape == current.shape:
+                similarity = attention_similarity(self.previous_attention, current)  # per window: image mean
+                similarity = similarity.view(self.images_in_chunk, -1).mean(dim=-1)
                 self.sums["attention_similarity"][i - 1].append(similarity.sum())
             self.previous_attention = current
             self.attention_seen[i] += 1
@@ -236,9 +271,16 @@ class _Recorder:
         self.handles, self.previous_attention = [], None
 
     def means(self, count: int) -> dict[str, list[float]]:
-        """Per-block means over `count` images of every measurement that was recorded."""
-        return {name: (torch.stack([torch.stack(chunks).sum() for chunks in per_block]).double() / count).tolist()
-                for name, per_block in self.sums.items() if per_block and per_block[0]}
+        """Per-block means over `count` images of every measurement that was recorded (NaN for the blocks
+        it was not, e.g. attention pairs across stages)."""
+        means = {}
+        for name, per_block in self.sums.items():
+            if any(per_block):
+                device = next(chunks for chunks in per_block if chunks)[0].device
+                nan = torch.tensor(math.nan, dtype=torch.float64, device=device)
+                sums = [torch.stack(chunks).sum().double() if chunks else nan for chunks in per_block]
+                means[name] = (torch.stack(sums) / count).tolist()
+        return means
 
 
 def measure(model: nn.Module, images: torch.Tensor, *, attention: bool = False, batch_size: int = 32) -> SpectralReport:
@@ -248,16 +290,16 @@ def measure(model: nn.Module, images: torch.Tensor, *, attention: bool = False, 
     fused setting are restored afterwards. Images go through in chunks of batch_size.
     """
     blocks = _blocks(model)
-    grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    grids = structure.token_grids(model)
     first = next(model.parameters())
     was_training = model.training
-    recorder = _Recorder(blocks, grid, attention)
+    recorder = _Recorder(blocks, grids, attention)
     count = 0
     try:
         with torch.no_grad(), (_explicit_attention(model) if attention else nullcontext()):
             model.eval()
             for chunk in images.split(batch_size):
-                recorder.previous_attention = None
+                recorder.previous_attention, recorder.images_in_chunk = None, chunk.shape[0]
                 model(chunk.to(device=first.device, dtype=first.dtype))
                 count += chunk.shape[0]
     finally:
@@ -269,7 +311,8 @@ def measure(model: nn.Module, images: torch.Tensor, *, attention: bool = False, 
         missing = recorder.attention_seen.index(min(recorder.attention_seen))
         raise ValueError(f"block {missing}'s attention never built an explicit matrix, so attention collapse "
                          "cannot be measured for this model.")
-    report = SpectralReport(**recorder.means(count), num_images=count, **paper_parameters(model))
+    stages = [grid.stage for grid in grids] if len({grid.stage for grid in grids}) > 1 else []
+    report = SpectralReport(**recorder.means(count), num_images=count, stage=stages, **paper_parameters(model))
     _logger.debug("Measured %d blocks on %d images: hc_share %s", len(blocks), count, report.hc_share)
     return report
 
@@ -308,10 +351,11 @@ def write_spectral(writer: "SummaryWriter", report: SpectralReport, step: int, *
     """Write the training measurements of a report: scalars `{prefix}/{measurement}/block_{i:02d}` and one
     figure of the three curves, `{prefix}/curves`."""
     width = max(2, len(str(len(report.hc_share) - 1)))
-    for name in TRAINING_MEASUREMENTS:
+    names = TRAINING_MEASUREMENTS + tuple(name for name in WINDOW_MEASUREMENTS if getattr(report, name))
+    for name in names:
         for i, value in enumerate(getattr(report, name)):
             writer.add_scalar(f"{prefix}/{name}/block_{i:0{width}d}", value, step)
-    writer.add_figure(f"{prefix}/curves", curves_figure({f"step {step}": report}, TRAINING_MEASUREMENTS), step)
+    writer.add_figure(f"{prefix}/curves", curves_figure({f"step {step}": report}, names), step)
 
 
 def log_spectral(writer: "SummaryWriter", model: nn.Module, probe_images: torch.Tensor, step: int,
