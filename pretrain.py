@@ -178,7 +178,7 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
 
 def model_meta(config: TrainConfig, model: nn.Module, classes: list[str], augment: AugmentConfig) -> dict[str, Any]:
     """What travels with every checkpoint and export: enough to rebuild the model and its eval transform."""
-    img_size = model.patch_embed.img_size
+    img_size = structure.input_size(model)
     kwargs = dict(model_args(config, len(classes)), img_size=img_size[0])
     return {"model": config.model, "model_kwargs": kwargs, "classes": classes,
             "data_config": {"input_size": [3, *img_size], "mean": list(augment.mean), "std": list(augment.std),
@@ -234,7 +234,7 @@ def run(config: TrainConfig):
     log_world(env)
     torch.manual_seed(config.seed)  # the same initial weights on every rank and at every world size
     model = build_model(config, len(classes))
-    augment = augment_config(config, model.patch_embed.img_size[0])
+    augment = augment_config(config, structure.input_size(model)[0])
     meta = model_meta(config, model, classes, augment)
 
     if config.eval_only:
@@ -269,10 +269,10 @@ def run(config: TrainConfig):
     ema = build_ema(engine, env, config, run_folder, resume_tag) if config.model_ema else None
 
     if env.rank == 0:
-        log_start(config, ds, derived, meta, run_folder, num_params, len(model.blocks), resume_tag)
+        log_start(config, ds, derived, meta, run_folder, num_params, len(structure.blocks(model)), resume_tag)
 
     if config.throughput:
-        measure_throughput(engine, env, ds, dtype, model.patch_embed.img_size, len(classes))
+        measure_throughput(engine, env, ds, dtype, structure.input_size(model), len(classes))
         return None
 
     stream = build_train_stream(train_source,

@@ -27,6 +27,7 @@ from .data.device import DeviceBatches
 from .data.pipeline import AugmentConfig, ShardSource, build_eval_stream, eval_transform
 from .data.shards import name_list
 from .export import create_model_from_weights, read_export_meta
+from .models import structure
 
 __all__ = ["evaluate", "EvalData", "resolve_eval_data", "eval_batches", "augment_from_data_config",
            "model_data_config", "build_eval_model", "match_classes"]
@@ -80,8 +81,7 @@ def _idle_input(model: nn.Module, last: Optional[torch.Tensor], device: torch.de
     """One image for a forward whose result is discarded: the last batch's first, or zeros of the model's size."""
     if last is not None:
         return last[:1]
-    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
-    height, width = module.patch_embed.img_size
+    height, width = structure.input_size(model)  # a DeepSpeed engine's model unwrapped
     return torch.zeros(1, 3, height, width, device=device, dtype=dtype or torch.float32)
 
 
@@ -175,9 +175,10 @@ def model_data_config(model: nn.Module, meta: Optional[Mapping[str, Any]] = None
     """The evaluation data config: the one stored with the weights, else timm's for the model; the
     input size is always the model's own (timm's pretrained_cfg keeps 224 for img_size=32)."""
     config = dict((meta or {}).get("data_config") or resolve_model_data_config(model))
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img_size is not None:
-        config["input_size"] = (3, *img_size)
+    try:
+        config["input_size"] = (3, *structure.input_size(model))
+    except ValueError:
+        pass  # a model outside antismooth's families: timm's config says its size
     return config
 
 

@@ -32,7 +32,7 @@ import antismooth  # noqa: F401  (registers the model zoo with timm)
 from antismooth.data.device import to_device
 from antismooth.data.pipeline import AugmentConfig, build_eval_stream, eval_transform
 from antismooth.export import read_export_meta
-from antismooth.models import load_weights
+from antismooth.models import load_weights, structure
 from antismooth.spectral import MEASUREMENTS, SpectralReport, curves_figure, measure
 
 MANIFESTS = ("val.json", "train.json")  # looked for, in this order, in a --data folder
@@ -120,7 +120,7 @@ def eval_augment(model: nn.Module, data_config: dict[str, Any]) -> AugmentConfig
     exported with its weights, else those of its timm pretrained_cfg."""
     cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **data_config}
     defaults = AugmentConfig()
-    return AugmentConfig(input_size=int(model.patch_embed.img_size[0]),
+    return AugmentConfig(input_size=int(structure.input_size(model)[0]),
                          interpolation=cfg.get("interpolation", defaults.interpolation),
                          eval_crop_pct=cfg.get("crop_pct", defaults.eval_crop_pct),
                          mean=tuple(cfg.get("mean", defaults.mean)), std=tuple(cfg.get("std", defaults.std)))
