@@ -66,6 +66,7 @@ def measure(depth: int, ac: str, batch: int, steps: int, device: str, dtype: str
 
     import antismooth  # noqa: F401  (registers the model zoo)
     from antismooth.engine import apply_activation_checkpointing, param_groups
+    from antismooth.models import structure
 
     cuda = device.startswith("cuda")
     if threads:
@@ -75,7 +76,7 @@ def measure(depth: int, ac: str, batch: int, steps: int, device: str, dtype: str
     if ac != "off":
         apply_activation_checkpointing(model, 1, **({"offload": True} if ac == "offload" else {}))
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
-    size = model.patch_embed.img_size
+    size = structure.input_size(model)
     x = torch.randn(batch, 3, *size, device=device)
     y = torch.randint(0, model.num_classes, (batch,), device=device)
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype),
@@ -167,7 +168,7 @@ def kept_for_backward(model, x, phase_hooks: list, run_step) -> dict:
         if phase == "forward":
             forward[0] = False
 
-    handles = [block.register_forward_pre_hook(pre_hook) for block in model.blocks]
+    handles = [block.register_forward_pre_hook(pre_hook) for block in structure.blocks(model)]
     phase_hooks.append(end_of)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

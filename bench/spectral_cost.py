@@ -41,11 +41,12 @@ def measure_config(model_name: str, kwargs: dict, batch: int, probe_images: int,
     from torch.utils.tensorboard import SummaryWriter
 
     import antismooth  # noqa: F401  (registers the zoo)
+    from antismooth.models import structure
     from antismooth.spectral import measure, write_spectral
 
     torch.manual_seed(0)
     model = timm.create_model(model_name, **kwargs).to(device).train()
-    size = model.patch_embed.img_size
+    size = structure.input_size(model)
     num_classes = model.num_classes
     x = torch.randn(batch, 3, *size, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)

@@ -137,6 +137,7 @@ def measure_stage(model_name: str, stage: int, variant: str, batch: int, device_
 
     from antismooth.engine import param_groups
     from antismooth.memory import live_tensor_storages
+    from antismooth.models import structure
 
     cuda = device_type == "cuda"
     config = engine_config(stage, variant, batch, cuda)
@@ -153,7 +154,7 @@ def measure_stage(model_name: str, stage: int, variant: str, batch: int, device_
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.05), config=config)
     del model
     dtype = torch.bfloat16 if config.get("bf16", {}).get("enabled") else torch.float32
-    x = torch.randn(batch, 3, *engine.module.patch_embed.img_size, device=engine.device, dtype=dtype)
+    x = torch.randn(batch, 3, *structure.input_size(engine.module), device=engine.device, dtype=dtype)
     y = torch.randint(0, engine.module.num_classes, (batch,), device=engine.device)
     def forward_backward() -> None:
         engine.backward(F.cross_entropy(engine(x).float(), y))

@@ -44,6 +44,7 @@ def train_and_save(name: str, out: Path, model_name: str, model_kwargs: dict, st
     import torch.distributed as dist
 
     from antismooth.checkpoint import write_model_meta
+    from antismooth.models import structure
 
     stage, bf16 = CONFIGS[name]
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -51,7 +52,7 @@ def train_and_save(name: str, out: Path, model_name: str, model_kwargs: dict, st
     model = timm.create_model(model_name, **model_kwargs)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config(stage, bf16))
     dtype = torch.bfloat16 if bf16 else torch.float32
-    size, num_classes = model.patch_embed.img_size, model.num_classes
+    size, num_classes = structure.input_size(model), model.num_classes
     gen = torch.Generator().manual_seed(100 + rank)
     for _ in range(steps):
         images = torch.randn(MICRO_BATCH, 3, *size, generator=gen).to(dtype)

@@ -31,6 +31,7 @@ from antismooth.config import DeepSpeedSettings  # noqa: E402
 from antismooth.distributed import init_distributed  # noqa: E402
 from antismooth.engine import apply_activation_checkpointing, param_groups  # noqa: E402
 from antismooth.memory import allocator_peak, live_tensor_storages  # noqa: E402
+from antismooth.models import structure  # noqa: E402
 
 
 def measure(job: dict, world: int) -> dict:
@@ -48,7 +49,7 @@ def measure(job: dict, world: int) -> dict:
                                       config=ds.for_deepspeed())
     del model
     dtype = getattr(torch, ds.dtype)
-    x = torch.randn(ds.micro_batch, 3, *engine.module.patch_embed.img_size, dtype=dtype)
+    x = torch.randn(ds.micro_batch, 3, *structure.input_size(engine.module), dtype=dtype)
     y = torch.randint(0, engine.module.num_classes, (ds.micro_batch,))
 
     def step() -> None:

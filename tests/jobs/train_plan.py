@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import pretrain  # noqa: E402
+from antismooth.models import structure  # noqa: E402
 
 PROBE_BATCH = 4
 
@@ -191,7 +192,7 @@ def main(plan_path: str) -> None:
         if entry.get("probe") and engine is not None:
             engine.eval()
             dtype = next(engine.module.parameters()).dtype  # bf16 under a bf16 engine (ZeRO-3: the partitions')
-            images = probe_images(engine.module.patch_embed.img_size[0]).to(engine.device, dtype)
+            images = probe_images(structure.input_size(engine.module)[0]).to(engine.device, dtype)
             with torch.no_grad():
                 logits = engine(images).float().cpu()
             if rank() == 0:
