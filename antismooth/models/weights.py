@@ -128,15 +128,17 @@ def load_weights(model: nn.Module, source: str | Path | Mapping[str, Any], *, fi
 
 def load_for_finetuning(model: nn.Module, source: str | Path | Mapping[str, Any]) -> nn.Module:
     """Plain weights to fine-tune from: a head of another class count is dropped (the model keeps its new
-    head), the position embedding is resampled, missing AttnScale/FeatScale parameters start at 0."""
-    state_dict = clean_state_dict(read_checkpoint(source) if isinstance(source, (str, Path)) else source)
+    head), the family fits the rest (position embedding resampled, Swin's relative position tables resized and
+    the Microsoft layout converted: checkpoint_filter_fn), missing AttnScale/FeatScale parameters start at 0."""
+    checkpoint = read_checkpoint(source) if isinstance(source, (str, Path)) else source
+    state_dict = checkpoint_filter_fn(checkpoint, model)  # first, so that head keys have the model's names
     own = model.state_dict()
     for key in [k for k in state_dict if k.startswith(("head.", "head_dist.")) and k in own]:
         if state_dict[key].shape != own[key].shape:
             _logger.info("Fine-tuning: dropping %s %s, the model has %s classes.", key, tuple(state_dict[key].shape),
                          model.num_classes)
             state_dict[key] = own[key]
-    load_weights(model, state_dict)
+    load_weights(model, state_dict, filter_fn=False)
     if isinstance(source, (str, Path)):
         _logger.info("Fine-tuning from %s.", source)
     return model
