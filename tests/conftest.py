@@ -322,6 +322,11 @@ def zero_runs(tiny_shards: Path, uneven_val_shards: Path,
             # ZeRO-1 on one process also records its weights at the start and after every step (tests/test_ema.py)
             weights = {"weights_each_step": str(out / "weights.pt")} if (key, world) == (1, 1) else {}
             plan.append({"argv": argv, "probe": str(out / "probe.pt"), **weights})
+        if world == 2:  # the tiny Swin runs of tests/swin_runs.py ride on this launch: ("swin-…", 2)
+            from swin_runs import swin_plan
+            swin_entries, swin_outputs = swin_plan(work, tiny_shards, ds_config, FULL_BATCH, WITH_EMA)
+            plan += swin_entries
+            outputs.update(swin_outputs)
         log = launch_plan(plan, world, work)
         for key, out in outputs.items():
             runs[key, world] = TrainedRun(out, out / "probe.pt", log)
