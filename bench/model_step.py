@@ -1,13 +1,20 @@
-"""Forward+backward time and peak memory of one training step: plain ViT-S/24 vs AttnScale/FeatScale.
+"""Forward+backward time and peak memory of one training step: plain ViT-S/24 vs AttnScale/FeatScale, or (with
+--family swin) plain timm Swin-S vs AttnScale/FeatScale Swin-S.
 
 Peak memory is the process's peak RSS (CPU) or peak allocation (CUDA) above what it held
 before the step; saved activations are the bytes autograd keeps for backward (exact, no
 allocator noise). Every configuration runs in a fresh subprocess (so peak memory is its own), the
 configurations are interleaved round by round (so machine noise hits all alike), and the
-figures are reported as ratios to plain timm ViT-S/24 measured in the same run.
+figures are reported as ratios to plain timm ViT-S/24 (Swin-S) measured in the same run.
 
     python bench/model_step.py                  # CPU, batch 4, 224 and 384 px
     python bench/model_step.py --device cuda --batch 64 --dtype bfloat16 --sdpa flash
+    python bench/model_step.py --family swin --img-sizes 224 --batch 2
+
+timm keeps its plain Swin on the explicit attention path unless TIMM_FUSED_ATTN=2 (its SDPA path is marked
+experimental); the Swin table shows it both ways ("timm default" and "SDPA"), so the AttnScale/FeatScale
+ratios can be read against the plain model on the same attention path. The AttnScale Swin's own default is SDPA
+with the bias and shift mask as one additive mask (antismooth/models/swin.py).
 
 --sdpa pins torch's scaled_dot_product_attention to one kernel (flash attention needs a GPU and a
 16-bit dtype), so the fused AttnScale is timed on the kernel it is meant for, not on whatever torch picks.
@@ -24,13 +31,25 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = {
-    "plain ViT-S/24 (timm)": dict(model="vit_small_patch16_224", depth=24),
-    "attnscale_small_24": dict(model="attnscale_small_24"),
-    "featscale_small_24": dict(model="featscale_small_24"),
-    "attnscale explicit (official)": dict(model="attnscale_small_24", explicit=True),
+# Each family: its configurations, the baseline of the ratios, and the fused/explicit AttnScale pair compared.
+# "fused": True/False switches every attention (set_fused_attn); None keeps the model's own default.
+FAMILIES = {
+    "vit": dict(configs={
+        "plain ViT-S/24 (timm)": dict(model="vit_small_patch16_224", depth=24, fused=True),
+        "attnscale_small_24": dict(model="attnscale_small_24", fused=True),
+        "featscale_small_24": dict(model="featscale_small_24", fused=True),
+        "attnscale explicit (official)": dict(model="attnscale_small_24", fused=False),
+    }, baseline="plain ViT-S/24 (timm)", fused="attnscale_small_24", explicit="attnscale explicit (official)"),
+    "swin": dict(configs={
+        "plain Swin-S (timm default: explicit)": dict(model="swin_small_patch4_window7_224", fused=None),
+        "plain Swin-S (timm, SDPA)": dict(model="swin_small_patch4_window7_224", fused=True),
+        "attnscale_swin_small (SDPA)": dict(model="attnscale_swin_small_patch4_window7_224", fused=True),
+        "featscale_swin_small (timm default)": dict(model="featscale_swin_small_patch4_window7_224", fused=None),
+        "attnscale_swin_small explicit (official)": dict(model="attnscale_swin_small_patch4_window7_224",
+                                                         fused=False),
+    }, baseline="plain Swin-S (timm default: explicit)", fused="attnscale_swin_small (SDPA)",
+        explicit="attnscale_swin_small explicit (official)"),
 }
-BASELINE = "plain ViT-S/24 (timm)"
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
                  "math": "MATH"}  # torch.nn.attention.SDPBackend names; "default": torch's own choice
 
@@ -47,7 +66,8 @@ def measure(config: dict, img_size: int, batch: int, steps: int, device: str, dt
     torch.manual_seed(0)
     kwargs = {k: v for k, v in config.items() if k in ("depth",)}
     model = timm.create_model(config["model"], img_size=img_size, **kwargs).to(device).train()
-    set_fused_attn(model, not config.get("explicit", False))
+    if config["fused"] is not None:
+        set_fused_attn(model, config["fused"])
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype),
@@ -117,7 +137,7 @@ def _max_rss_bytes() -> int:
 
 
 def _run_in_subprocess(name: str, args: argparse.Namespace, img_size: int) -> dict:
-    payload = json.dumps(dict(name=name, img_size=img_size, batch=args.batch, steps=args.steps,
+    payload = json.dumps(dict(name=name, family=args.family, img_size=img_size, batch=args.batch, steps=args.steps,
                               device=args.device, dtype=args.dtype, sdpa=args.sdpa))
     out = subprocess.run([sys.executable, __file__, "--child", payload], capture_output=True, text=True)
     if out.returncode != 0:
@@ -127,6 +147,7 @@ def _run_in_subprocess(name: str, args: argparse.Namespace, img_size: int) -> di
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="vit")
     parser.add_argument("--img-sizes", type=int, nargs="+", default=[224, 384])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement (median)")
@@ -142,15 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         job = json.loads(args.child)
         with sdpa_backend(job["sdpa"]):
-            print(json.dumps(measure(CONFIGS[job["name"]], job["img_size"], job["batch"], job["steps"],
-                                     job["device"], job["dtype"])))
+            print(json.dumps(measure(FAMILIES[job["family"]]["configs"][job["name"]], job["img_size"], job["batch"],
+                                     job["steps"], job["device"], job["dtype"])))
         return 0
 
     report = {}
+    configs = FAMILIES[args.family]["configs"]
     for img_size in args.img_sizes:
-        runs = {name: [] for name in CONFIGS}
+        runs = {name: [] for name in configs}
         for _ in range(args.rounds):
-            for name in CONFIGS:
+            for name in configs:
                 runs[name].append(_run_in_subprocess(name, args, img_size))
         report[img_size] = {name: {key: statistics.median(r[key] for r in rs)
                                    for key in ("seconds", "peak_bytes", "activation_bytes")}
@@ -162,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_table(img_size: int, rows: dict, args: argparse.Namespace) -> None:
-    base = rows[BASELINE]
-    explicit = rows["attnscale explicit (official)"]
+    family = FAMILIES[args.family]
+    base = rows[family["baseline"]]
+    explicit = rows[family["explicit"]]
     print(f"\n{img_size} px, batch {args.batch}, {args.device}, {args.dtype}, SDPA {args.sdpa}: "
           "one forward+backward step")
     print("| model | step ms | × plain | peak MiB | × plain | saved activations MiB | × plain |")
@@ -172,7 +195,7 @@ def _print_table(img_size: int, rows: dict, args: argparse.Namespace) -> None:
         print(f"| {name} | {r['seconds'] * 1e3:.0f} | {r['seconds'] / base['seconds']:.3f} | "
               f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / base['peak_bytes']:.3f} | "
               f"{r['activation_bytes'] / 2**20:.0f} | {r['activation_bytes'] / base['activation_bytes']:.3f} |")
-    fused = rows["attnscale_small_24"]
+    fused = rows[family["fused"]]
     print(f"fused AttnScale vs explicit: {explicit['seconds'] / fused['seconds']:.2f}× faster, "
           f"{fused['peak_bytes'] / explicit['peak_bytes']:.2f}× the peak memory, "
           f"{fused['activation_bytes'] / explicit['activation_bytes']:.2f}× the saved activations")
