@@ -77,16 +77,10 @@ def sample_shards(sample_images: Path, tmp_path_factory: pytest.TempPathFactory)
 # of several runs in the same processes (tests/jobs/train_plan.py).
 
 import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-TRAIN_PLAN = REPO / "tests" / "jobs" / "train_plan.py"
+from launch import FULL_BATCH_SIZE, ds_config, launch_plan  # noqa: E402  (tests/launch.py: the process-launch helpers)
+
 # A 24-block AttnScale ViT small enough for CPU tests: 32 px, patch 8 (16 tokens), width 64.
 TINY_MODEL = ["--model", "attnscale_tiny_24", "--model-kwargs", "patch_size=8", "embed_dim=64", "num_heads=4",
               "--input-size", "32"]
@@ -94,148 +88,11 @@ TINY_MODEL = ["--model", "attnscale_tiny_24", "--model-kwargs", "patch_size=8", 
 FULL_BATCH = ["--no-aug", "--mixup", "0", "--cutmix", "0", "--smoothing", "0", "--repeated-aug", "1",
               "--drop-path", "0", "--epochs", "6", "--warmup-epochs", "0", "--lr", "0.05", "--min-lr", "1e-4",
               "--workers", "2", "--log-every", "1", "--spectral-every", "3", "--no-model-ema"]
-FULL_BATCH_SIZE = 16
 # The model EMA where a test looks at it (tests/test_ema.py, test_elastic.py): decay 0.5, so that 6 steps move it.
 # Off elsewhere: its epoch-end evaluation doubles every run's evaluations.
 EMA_DECAY = 0.5
 WITH_EMA = ["--model-ema", "--model-ema-decay", str(EMA_DECAY)]
 EMA_RUNS = {(1, 1), (1, 2), (2, 2), (3, 2)}   # zero_runs keys that keep one
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ds_config(path: Path, stage: int, batch: int = FULL_BATCH_SIZE, **extra) -> Path:
-    """A CPU DeepSpeed JSON: fp32 (unless `extra` sets bf16), torch's AdamW (no fused_adam build), activation
-    checkpointing every 2 blocks."""
-    config = {"train_batch_size": batch, "zero_optimization": {"stage": stage}, "gradient_clipping": 1.0,
-              "optimizer": {"type": "AdamW", "params": {"weight_decay": 0.05, "torch_adam": True}},
-              "activation_checkpointing": {"blocks_per_checkpoint": 2}, "steps_per_print": 10**9, **extra}
-    path.write_text(json.dumps(config))
-    return path
-
-
-# The variables by which launchers describe a process: a test's processes get only those it sets.
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                      "GROUP_RANK", "CROSS_RANK", "TORCHELASTIC_RUN_ID")
-LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "MPI_LOCAL", "MV2_")
-
-
-def clean_env(extra: dict | None = None) -> dict:
-    """This process's environment without any launcher's variables, plus `extra`."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in LAUNCHER_VARIABLES and not k.startswith(LAUNCHER_PREFIXES)}
-    return dict(env, PYTHONUNBUFFERED="1", **(extra or {}))
-
-
-def write_plan(plan: list[dict], workdir: Path) -> Path:
-    """A plan file for tests/jobs/train_plan.py, named after the plans already in `workdir`."""
-    plan_file = workdir / f"plan-{len(list(workdir.glob('plan-*.json')))}.json"
-    plan_file.write_text(json.dumps(plan))
-    return plan_file
-
-
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}   # for processes that share the cores with another "node"
-
-
-def torchrun_nodes(plan: Path) -> list[tuple[list, dict]]:
-    """Two torchrun "nodes" of one process each on this machine, running `plan` (for start_processes)."""
-    port = str(free_port())
-    return [([VENV_BIN / "torchrun", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
-              "--master_addr", "127.0.0.1", "--master_port", port, TRAIN_PLAN, plan], ONE_THREAD) for node in (0, 1)]
-
-
-def start_processes(commands: list[tuple[list[str], dict]], workdir: Path, name: str) -> list[subprocess.Popen]:
-    """Start each (command, extra environment) in its own session ("node"), logging to workdir/name-i.log."""
-    procs = []
-    for i, (cmd, env) in enumerate(commands):
-        log = open(workdir / f"{name}-{i}.log", "w")
-        procs.append(subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=clean_env(env), stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True))
-        log.close()
-    return procs
-
-
-def wait_processes(procs: list[subprocess.Popen], workdir: Path, name: str, check: bool = True) -> list[str]:
-    """Wait for every process started by start_processes; their logs (a failure shows them all)."""
-    hung = not all([wait_or_kill(proc) for proc in procs])  # a list: every process waited for or killed
-    logs = [(workdir / f"{name}-{i}.log").read_text() for i in range(len(procs))]
-    if hung:
-        pytest.fail(f"{name} hung: killed after {LAUNCH_TIMEOUT} s:\n" +
-                    "\n".join(f"--- {i}:\n{log[-4000:]}" for i, log in enumerate(logs)))
-    if check and any(p.returncode for p in procs):
-        codes = [p.returncode for p in procs]
-        pytest.fail(f"{name} failed (exits {codes}):\n" + "\n".join(f"--- {i}:\n{log[-4000:]}" for i, log in enumerate(logs)))
-    return logs
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants, as losing their node would: torchrun starts its workers
-    in sessions of their own, so killing the launcher's process group leaves them running."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    doomed, queue = [], [pid]
-    while queue:
-        doomed.append(queue.pop())
-        queue += children.get(doomed[-1], [])
-    for victim in doomed:
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-LAUNCH_TIMEOUT = 600  # s; a launch takes under 90 s here: past this it hangs, and its log tail says where
-
-
-def wait_or_kill(proc: subprocess.Popen) -> bool:
-    """Wait for a launch; False if it hung. A hung or abandoned launch (pytest's own timeout, a failing fixture) is
-    killed with all its processes, so that it neither burns the cores of the tests after it nor outlives the suite."""
-    try:
-        proc.wait(timeout=LAUNCH_TIMEOUT)
-        return True
-    except subprocess.TimeoutExpired:
-        return False
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc.pid)
-            proc.wait()
-
-
-def launch_plan(plan: list[dict], world: int, workdir: Path, env: dict | None = None, check: bool = True,
-                popen: bool = False, torchrun: bool = False):
-    """Run a plan with `deepspeed --num_gpus world` (world > 1), `torchrun`, or plain python (world 1)."""
-    plan_file = write_plan(plan, workdir)
-    if torchrun:
-        cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(world), "--master_port", str(free_port()),
-               str(TRAIN_PLAN), str(plan_file)]
-    elif world == 1:
-        cmd = [sys.executable, str(TRAIN_PLAN), str(plan_file)]
-    else:
-        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()),
-               str(TRAIN_PLAN), str(plan_file)]
-    full_env = clean_env(env)
-    log_file = open(workdir / f"{plan_file.stem}.log", "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    if popen:
-        return proc
-    hung = not wait_or_kill(proc)
-    log_file.close()
-    output = (workdir / f"{plan_file.stem}.log").read_text()
-    if hung:
-        pytest.fail(f"training plan hung: killed after {LAUNCH_TIMEOUT} s:\n{output[-6000:]}")
-    if check and proc.returncode != 0:
-        pytest.fail(f"training plan failed (exit {proc.returncode}):\n{output[-6000:]}")
-    return output
 
 
 @pytest.fixture(scope="session")

@@ -29,9 +29,9 @@ import torch
 import pretrain
 from antismooth.cli import reshard as reshard_tool
 from antismooth.checkpoint import RunFolder, convert_to_universal
-from conftest import (BF16, EMA_RUNS, FULL_BATCH, ONE_THREAD, REPO, TINY_MODEL, TRAIN_PLAN, VENV_BIN, WITH_EMA,
-                      clean_env, ds_config, free_port, launch_plan, resume_plan, start_processes, torchrun_nodes,
-                      wait_processes, write_plan)
+from conftest import BF16, EMA_RUNS, FULL_BATCH, TINY_MODEL, WITH_EMA, resume_plan
+from launch import (ONE_THREAD, REPO, TRAIN_PLAN, VENV_BIN, clean_env, ds_config, free_port, launch_plan,
+                    start_processes, torchrun_nodes, wait_processes, write_plan)
 from test_ema import export
 from test_train import scalars
 

@@ -12,7 +12,8 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from timm.utils import ModelEmaV3
 
-from conftest import EMA_DECAY, REPO
+from conftest import EMA_DECAY
+from launch import REPO
 from test_train import scalar_tags
 
 sys.path.insert(0, str(REPO / "tools"))

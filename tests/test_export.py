@@ -31,7 +31,8 @@ from antismooth.evaluate import EvalData, evaluate, match_classes
 from antismooth.checkpoint import read_model_meta, write_model_meta
 from antismooth.export import create_model_from_weights, read_export_meta, save_weights
 from antismooth.models import read_checkpoint
-from conftest import FULL_BATCH_SIZE, TINY_MODEL, TrainedRun, free_port
+from conftest import TINY_MODEL, TrainedRun
+from launch import FULL_BATCH_SIZE, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))

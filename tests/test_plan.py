@@ -12,7 +12,7 @@ import pytest
 from antismooth.config import DeepSpeedSettings
 from antismooth.plan import GIB, alternatives, plan_memory
 
-from conftest import REPO, VENV_BIN, clean_env, free_port
+from launch import REPO, VENV_BIN, clean_env, free_port
 
 MEASURE = REPO / "tests" / "jobs" / "measure_memory.py"
 TOLERANCE = 0.15                      # the issue: planned per-rank peak within 15 % of the measured one
