@@ -20,9 +20,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from antismooth.distributed import (Launch, LaunchError, all_reduce, barrier, broadcast_object, check_shared_folder,
-                                    collective_device, detect_launch, first_host, tasks_on_node)
-from conftest import (FULL_BATCH, ONE_THREAD, REPO, TINY_MODEL, TRAIN_PLAN, UNEVEN_VAL_IMAGES, ds_config, free_port,
-                      kill_tree, resume_plan, start_processes, torchrun_nodes, wait_processes, write_plan)
+                                    collective_device, detect_launch, first_host, launch_variables, tasks_on_node)
+from conftest import FULL_BATCH, TINY_MODEL, UNEVEN_VAL_IMAGES, resume_plan
+from launch import (ONE_THREAD, REPO, TRAIN_PLAN, ds_config, free_port, kill_tree, start_processes, torchrun_nodes,
+                    wait_processes, write_plan)
 from test_train import scalars
 
 
@@ -284,3 +285,19 @@ def test_a_cpu_launch_leaves_nothing_in_shared_memory(zero_runs):
     port = re.search(r"--master_port=(\d+)", zero_runs[1, 2].log).group(1)  # the DeepSpeed launcher's 2-process launch
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert "deepspeed_shm_comm" not in zero_runs[1, 2].log  # nor JIT-builds the op (~90 s on a new install)
+
+
+def test_one_gpu_visible_per_process_is_cuda_0_for_deepspeed_whatever_the_local_rank():
+    """`srun --gpus-per-task=1` (or CUDA_VISIBLE_DEVICES per rank): each process sees one GPU, cuda:0. DeepSpeed
+    takes LOCAL_RANK for the GPU's index (its engine's set_device, its process group's device_id), so it must
+    read 0 there, while the process keeps its place on the node."""
+    srun = {"SLURM_PROCID": "7", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "3", "SLURM_NODEID": "1",
+            "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_JOB_ID": "7"}
+    launch = detect_launch(srun)
+    assert (launch.rank, launch.local_rank, launch.local_world_size) == (7, 3, 4)
+    one_visible = launch_variables(launch, torch.device("cuda", 0))
+    assert one_visible["LOCAL_RANK"] == "0"
+    assert (one_visible["RANK"], one_visible["WORLD_SIZE"], one_visible["LOCAL_WORLD_SIZE"]) == ("7", "8", "4")
+    assert one_visible["MASTER_ADDR"] == "gpu01" and one_visible["MASTER_PORT"] == str(20000 + 7)
+    assert launch_variables(launch, torch.device("cuda", 3))["LOCAL_RANK"] == "3"   # all four visible: its own
+    assert launch_variables(launch, torch.device("cpu"))["LOCAL_RANK"] == "3"

@@ -16,7 +16,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import antismooth  # noqa: F401
-from conftest import TINY_MODEL, ds_config, launch_plan, resume_plan
+from conftest import TINY_MODEL, resume_plan
+from launch import ds_config, launch_plan
 
 import pretrain
 
@@ -237,6 +238,7 @@ GOOD_JSON = {"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"t
     ("eval_only_without_weights", "--eval-only evaluates given weights"),
     ("partition_activations", "partition_activations"),
     ("val_other_classes", "numbers its labels by another class list"),
+    ("compile_zero3", "--compile cannot run under ZeRO-3"),
 ])
 def test_bad_startup_inputs_stop_with_one_clear_sentence(case, expected, tiny_shards, tmp_path, monkeypatch, capsys):
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
@@ -273,6 +275,9 @@ def test_bad_startup_inputs_stop_with_one_clear_sentence(case, expected, tiny_sh
         val = json.loads((tmp_path / "shards" / "val.json").read_text())
         val.update(classes=val["classes"][1:], num_classes=len(val["classes"]) - 1)
         (tmp_path / "shards" / "val.json").write_text(json.dumps(val))
+    elif case == "compile_zero3":
+        config = _write(tmp_path / "c.json", {**GOOD_JSON, "zero_optimization": {"stage": 3}})
+        extra = ["--compile"]
     elif case == "partition_activations":
         config = _write(tmp_path / "c.json", {**GOOD_JSON, "activation_checkpointing": {"partition_activations": True}})
     out = tmp_path / "run"
