@@ -287,6 +287,52 @@ def test_max_size_reencodes_large_images(imagefolder: Path, tmp_path: Path):
         assert len(sample["jpg"]) < (imagefolder / "val" / json.loads(sample["json"])["path"]).stat().st_size
 
 
+def test_max_side_stores_large_images_at_that_longer_side_recorded_and_resumable(imagefolder: Path, tmp_path: Path,
+                                                                                capsys):
+    """--max-side 320 (FFCV's max_resolution): every image whose longer side exceeds 320 is a JPEG of exactly that
+    longer side at --max-side-quality, the others byte for byte; the manifest says so; the bytes do not depend on
+    the worker count, and a rerun keeps them while another --max-side is refused."""
+    out = tmp_path / "out"
+    args = ["--src", str(imagefolder), "--out", str(out), "--max-count", "20", "--splits", "train",
+            "--max-side", "320", "--max-side-quality", "85"]
+    assert tool.main([*args, "--workers", "2"]) == 0
+    assert "re-encoded smaller" in capsys.readouterr().out
+    manifest = load_manifest(out / "train.json")
+    assert manifest["options"]["max_side"] == 320 and manifest["options"]["max_side_quality"] == 85
+    large = 0
+    for sample in read_back(out, "train"):
+        original = (imagefolder / "train" / json.loads(sample["json"])["path"]).read_bytes()
+        ext = "jpg" if "jpg" in sample else "png"
+        with Image.open(io.BytesIO(original)) as source:
+            size = source.size
+        with Image.open(io.BytesIO(sample[ext])) as stored:
+            if max(size) > 320:
+                large += 1
+                assert ext == "jpg" and stored.format == "JPEG" and max(stored.size) == 320
+                assert abs(stored.size[0] / stored.size[1] - size[0] / size[1]) < 0.02   # aspect ratio kept
+                assert len(sample[ext]) < len(original)
+            else:
+                assert sample[ext] == original and stored.size == size
+    assert large == manifest["reencoded"] and 30 < large < 103   # the sample images run 120-666 px a side
+    again = tmp_path / "again"
+    assert tool.main([*args, "--out", str(again), "--workers", "1"]) == 0
+    assert folder_bytes(again) == folder_bytes(out)
+    before = folder_bytes(out)
+    assert tool.main(args) == 0 and "6 shards kept" in capsys.readouterr().out and folder_bytes(out) == before
+    assert tool.main([*args[:-4], "--max-side", "256"]) == 2
+    assert "max_side=320 there, 256 now" in capsys.readouterr().err
+
+
+def test_builds_without_max_side_record_the_options_of_earlier_builds(imagefolder: Path, tmp_path: Path):
+    """The new options are recorded (and hashed into the plan) only when set: a build made before they existed
+    resumes as the same plan."""
+    options = ShardOptions(max_count=50)
+    manifest = build(str(imagefolder), str(tmp_path / "out"), options, splits=["val"])["val"].manifest
+    assert "max_side" not in manifest["options"] and "reencoded" not in manifest
+    assert set(manifest["options"]) == {"seed", "max_count", "max_size_mb", "max_size", "quality", "decode_check"}
+    assert shards.ShardOptions(max_count=50, max_side=400).record()["max_side"] == 400
+
+
 def test_names_file_in_either_form(imagefolder: Path, tmp_path: Path):
     wnids = sorted(p.name for p in (imagefolder / "val").iterdir())
     lines = tmp_path / "names.txt"

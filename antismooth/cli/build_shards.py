@@ -39,6 +39,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: off, images are stored byte for byte)")
     p.add_argument("--quality", type=int, default=shards.DEFAULT_QUALITY,
                    help="JPEG quality of images re-encoded by --max-size (default: %(default)s)")
+    p.add_argument("--max-side", type=int, default=None, metavar="N",
+                   help="re-encode images whose longer side exceeds N pixels to JPEG with that side N (FFCV's "
+                        "max_resolution: fewer bytes to read and pixels to decode, fewer source pixels for large "
+                        "crops; docs/decode.md) (default: off)")
+    p.add_argument("--max-side-quality", type=int, default=shards.DEFAULT_QUALITY,
+                   help="JPEG quality of images re-encoded by --max-side (default: %(default)s)")
     p.add_argument("--decode-check", action="store_true",
                    help="decode every image while building instead of the structural check (slower)")
     p.add_argument("--workers", type=int, default=usable_cpus(),
@@ -66,7 +72,8 @@ def _bar(desc: str, total: int, unit: str, unit_scale: bool = True) -> tqdm:
 def build(args: argparse.Namespace) -> int:
     """Build every split found under --src and print one summary line per split."""
     options = shards.ShardOptions(seed=args.seed, max_count=args.max_count, max_size_mb=args.max_size_mb,
-                                  max_size=args.max_size, quality=args.quality, decode_check=args.decode_check)
+                                  max_size=args.max_size, quality=args.quality, decode_check=args.decode_check,
+                                  max_side=args.max_side, max_side_quality=args.max_side_quality)
     names = shards.load_names(args.names) if args.names else None
     # List every split before writing anything, so a layout or class problem in val/ surfaces before train is built.
     if sys.stderr.isatty():
@@ -89,7 +96,8 @@ def build(args: argparse.Namespace) -> int:
             m = report.manifest
             gb = sum(s["bytes"] for s in m["shards"]) / 1e9
             kept = f"; {report.kept} shards kept from an earlier run" if report.kept else ""
-            print(f"{split}: wrote {m['num_samples']} images in {len(m['shards'])} shards ({gb:.2f} GB), "
+            reencoded = f", {m['reencoded']} re-encoded smaller" if "reencoded" in m else ""
+            print(f"{split}: wrote {m['num_samples']} images{reencoded} in {len(m['shards'])} shards ({gb:.2f} GB), "
                   f"skipped {len(m['skipped'])} files (listed in {os.path.join(args.out, split + '.json')}){kept}")
     return 0
 

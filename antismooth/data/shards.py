@@ -72,6 +72,11 @@ class ShardOptions:
     max_size: int | None = None  # re-encode images whose shorter side exceeds this; None keeps the bytes
     quality: int = DEFAULT_QUALITY  # JPEG quality of re-encoded images
     decode_check: bool = False  # fully decode every image instead of the structural check
+    # FFCV's max_resolution: re-encode images whose longer side exceeds this at that side; None keeps the bytes.
+    # Fields from here on are recorded (and hashed into the plan) only when set, so a build made before they
+    # existed still resumes and verifies as the same plan.
+    max_side: int | None = None
+    max_side_quality: int = DEFAULT_QUALITY  # JPEG quality of images re-encoded by max_side
 
     def __post_init__(self) -> None:
         if self.max_count < 1:
@@ -82,6 +87,23 @@ class ShardOptions:
             raise ValueError(f"max_size must be a positive number of pixels (or unset), got {self.max_size}.")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"quality must be between 1 and 100, got {self.quality}.")
+        if self.max_side is not None and self.max_side < 1:
+            raise ValueError(f"max_side must be a positive number of pixels (or unset), got {self.max_side}.")
+        if not 1 <= self.max_side_quality <= 100:
+            raise ValueError(f"max_side_quality must be between 1 and 100, got {self.max_side_quality}.")
+
+    def record(self) -> dict:
+        """The options as the plan header and manifest record them (and the plan digest hashes them): the fields
+        added after the first format only when they differ from their defaults, so older builds stay resumable."""
+        record = dataclasses.asdict(self)
+        for name in _LATER_OPTIONS:
+            if record[name] == _OPTION_DEFAULTS[name]:
+                del record[name]
+        return record
+
+
+_LATER_OPTIONS = ("max_side", "max_side_quality")  # ShardOptions fields added after antismooth-shards/1 was fixed
+_OPTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ShardOptions)}
 
 
 @dataclass(frozen=True, slots=True)  # slots: ImageNet's train split lists 1.28 M of these
@@ -123,6 +145,7 @@ class ShardResult:
     bytes: int
     sha256: str
     skipped: tuple[tuple[str, str], ...]
+    reencoded: int = 0  # images stored re-encoded (max_size / max_side)
 
     def entry(self) -> dict:
         """The manifest's view of the shard."""
@@ -130,13 +153,13 @@ class ShardResult:
 
     def record(self) -> dict:
         """The resume journal's view: the manifest entry plus the files this shard skipped."""
-        return {**self.entry(), "skipped": [list(s) for s in self.skipped]}
+        return {**self.entry(), "skipped": [list(s) for s in self.skipped], "reencoded": self.reencoded}
 
     @classmethod
     def from_record(cls, r: dict) -> ShardResult:
         """Inverse of record(); raises KeyError/TypeError/ValueError on a damaged record."""
         return cls(str(r["name"]), int(r["num_samples"]), int(r["bytes"]), str(r["sha256"]),
-                   tuple((str(p), str(why)) for p, why in r["skipped"]))
+                   tuple((str(p), str(why)) for p, why in r["skipped"]), int(r.get("reencoded", 0)))
 
 
 @dataclass(frozen=True)
@@ -373,7 +396,7 @@ def plan_shards(listing: SplitListing, options: ShardOptions) -> list[ShardPlan]
     """Cut the shuffled files into shards of at most max_count samples and max_size_mb megabytes.
 
     Sizes are those of the input files plus tar headers, so the limit holds exactly when images are
-    stored unchanged (with max_size it bounds the pre-re-encode size). A lone larger file gets its own shard.
+    stored unchanged (with max_size or max_side it bounds the pre-re-encode size). A lone larger file gets its own shard.
     """
     max_bytes = int(options.max_size_mb * 1_000_000)
     shards: list[list[SourceFile]] = []
@@ -394,7 +417,7 @@ def plan_shards(listing: SplitListing, options: ShardOptions) -> list[ShardPlan]
 def plan_digest(listing: SplitListing, options: ShardOptions) -> str:
     """A hash of everything the shard bytes depend on: format, options, classes and the input listing."""
     h = hashlib.sha256(json_bytes({"format": FORMAT, "split": listing.split, "classes": list(listing.classes),
-                                   "options": dataclasses.asdict(options)}))
+                                   "options": options.record()}))
     for f in listing.files:
         h.update(f"{f.n}\0{f.path}\0{f.cls}\0{f.size}\0{f.mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
@@ -457,15 +480,16 @@ def probe_image(data: bytes, decode: bool = False) -> tuple[str, tuple[int, int]
     return FORMAT_EXTENSIONS[fmt], size
 
 
-def shrink_image(data: bytes, max_size: int, quality: int) -> bytes:
-    """Re-encode an image as JPEG with its shorter side scaled down to max_size (L stays L, else RGB)."""
+def shrink_image(data: bytes, max_size: int | None, quality: int, max_side: int | None = None) -> bytes:
+    """Re-encode an image as JPEG scaled down so that its shorter side is at most max_size and its longer side
+    at most max_side (whichever shrinks it more; L stays L, else RGB)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
-                w, h = im.size
-                scale = max_size / min(w, h)
-                new_size = (max(1, round(w * scale)), max(1, round(h * scale)))
+                new_size = shrunk_size(im.size, max_size, max_side)
+                if new_size is None:
+                    raise ValueError(f"{im.size[0]}x{im.size[1]} needs no shrinking")
                 im.draft(im.mode, new_size)  # JPEG: let libjpeg decode at the smallest scale still >= new_size
                 img = im if im.mode in ("RGB", "L") else im.convert("RGB")
                 img = img.resize(new_size, Image.Resampling.BICUBIC)
@@ -476,12 +500,28 @@ def shrink_image(data: bytes, max_size: int, quality: int) -> bytes:
     return out.getvalue()
 
 
+def shrunk_size(size: tuple[int, int], max_size: int | None, max_side: int | None) -> tuple[int, int] | None:
+    """The size an image of `size` is re-encoded at (aspect ratio kept), or None when it is stored as it is:
+    max_size bounds the shorter side, max_side (FFCV's max_resolution) the longer one."""
+    w, h = size
+    scales = [limit / side for limit, side in ((max_size, min(w, h)), (max_side, max(w, h)))
+              if limit is not None and side > limit]
+    if not scales:
+        return None
+    scale = min(scales)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
 def image_for_shard(data: bytes, options: ShardOptions) -> tuple[str, bytes]:
-    """Check one input image and return (extension, bytes to store): its own bytes unless max_size shrinks it."""
+    """Check one input image and return (extension, bytes to store): its own bytes unless max_size or max_side
+    shrinks it (then at max_side_quality where max_side is what binds, else at quality)."""
     ext, (w, h) = probe_image(data, decode=options.decode_check)
-    if options.max_size is not None and min(w, h) > options.max_size:
-        return "jpg", shrink_image(data, options.max_size, options.quality)
-    return ext, data
+    new_size = shrunk_size((w, h), options.max_size, options.max_side)
+    if new_size is None:
+        return ext, data
+    by_side = new_size == shrunk_size((w, h), None, options.max_side)
+    quality = options.max_side_quality if by_side else options.quality
+    return "jpg", shrink_image(data, options.max_size, quality, options.max_side)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -533,14 +573,15 @@ def write_shard(task: ShardTask) -> ShardResult:
     final = os.path.join(task.out_dir, task.plan.name)
     tmp = f"{final}.{os.getpid()}.tmp"  # per process: a worker orphaned by a killed build never renames ours
     skipped: list[tuple[str, str]] = []
-    count = 0
+    count = reencoded = 0
     try:
         with open(tmp, "wb") as f:
             sink = _HashingWriter(f)
             with TarWriter(sink, user="", group="", mode=0o444, mtime=0, encoder=False) as tar:
                 for s in task.plan.samples:
                     try:
-                        ext, data = image_for_shard(_read_input(os.path.join(task.src_dir, s.path)), task.options)
+                        raw = _read_input(os.path.join(task.src_dir, s.path))
+                        ext, data = image_for_shard(raw, task.options)
                     except BadImage as e:
                         skipped.append((s.path, str(e)))
                         continue
@@ -551,7 +592,8 @@ def write_shard(task: ShardTask) -> ShardResult:
                     tar.write({"__key__": sample_key(task.split, s.n), ext: data,
                                "cls": str(s.cls).encode("ascii"), "json": sample_json(s.path, wnid, s.cls)})
                     count += 1
-        result = ShardResult(task.plan.name, count, sink.size, sink.sha.hexdigest(), tuple(skipped))
+                    reencoded += data is not raw
+        result = ShardResult(task.plan.name, count, sink.size, sink.sha.hexdigest(), tuple(skipped), reencoded)
         _append_record(task.journal, result)
         os.replace(tmp, final)
     except OSError as e:
@@ -674,7 +716,8 @@ def _mismatch_message(out: str, split: str, header: dict | None, options: ShardO
     if header is None:
         return f"{out} already holds {split} shards from an unknown build (no .plan-{split}.json); {fix}"
     old = header.get("options", {})
-    diff = [f"{k}={old.get(k)!r} there, {v!r} now" for k, v in dataclasses.asdict(options).items() if old.get(k) != v]
+    diff = [f"{k}={old.get(k, _OPTION_DEFAULTS[k])!r} there, {v!r} now"
+            for k, v in dataclasses.asdict(options).items() if old.get(k, _OPTION_DEFAULTS[k]) != v]
     if diff:
         return f"{out} already holds {split} shards built with other options ({'; '.join(diff)}); {fix}"
     built = _built_classes(out, split, header)
@@ -705,7 +748,7 @@ def _prepare_output(out: str, split: str, digest: str, options: ShardOptions, cl
     for p in _own_files(out, split):
         os.remove(p)
     write_atomic(_plan_path(out, split), json_bytes({"format": PLAN_FORMAT, "plan": digest, "classes": list(classes),
-                                                      "options": dataclasses.asdict(options)}, indent=1))
+                                                      "options": options.record()}, indent=1))
     return {}
 
 
@@ -736,8 +779,11 @@ def make_manifest(listing: SplitListing, options: ShardOptions, results: Sequenc
         "num_classes": len(listing.classes),
         "classes": [{"index": i, "wnid": w, "name": names.get(w)} for i, w in enumerate(listing.classes)],
         "shards": [r.entry() for r in results],
-        "options": dataclasses.asdict(options),
+        "options": options.record(),
         "skipped": [{"path": p, "reason": why} for p, why in sorted(skipped)],
+        # how many images are stored re-encoded (only where an option re-encodes: older manifests stay as they were)
+        **({"reencoded": sum(r.reencoded for r in results)}
+           if options.max_size is not None or options.max_side is not None else {}),
     }
 
 
