@@ -21,6 +21,7 @@ Mixup/CutMix (`TrainStream.mixup`) run on the batch in the training loop.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
@@ -42,6 +43,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create
 from timm.data.random_erasing import RandomErasing
 
 from ..distributed import all_reduce, all_reduce_counts
+from .decode import CpuSampleStage, GpuSampleStage, SampleDecoder
 from .shards import load_manifest
 
 __all__ = ["AugmentConfig", "StreamConfig", "ShardSource", "TrainStream", "EvalStream", "Deal", "EpochPosition",
@@ -78,6 +80,8 @@ class AugmentConfig:
     eval_crop_pct: float = 0.875    # resize 256 / crop 224, scaled with input_size as timm does
     mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+    reduced_decode: bool = True     # JPEGs decoded at 1/2-1/8 scale where the crop still has the output's pixels
+                                    # (antismooth.data.decode); False: the full decode of earlier runs, bit for bit
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class StreamConfig:
     num_workers: int = 8
     shuffle_buffer: int = SHUFFLE_BUFFER
     shuffle_initial: int = SHUFFLE_INITIAL
+    decode: Literal["cpu", "gpu"] = "cpu"   # gpu: workers pass JPEG bytes and parameters, DeviceBatches decodes
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,14 @@ def _read_positions(source: ShardSource, order: Sequence[int], positions: np.nda
                 yield dict(sample, __position__=position)
 
 
+def sample_fields(sample: dict) -> tuple[bytes, int]:
+    """The encoded image and the class index; every other field is dropped unread, pickles included."""
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None or "cls" not in sample:
+        raise ValueError(f"sample {sample.get('__key__')} has no image or no cls field")
+    return sample[ext], int(sample["cls"])
+
+
 def decode_sample(sample: dict) -> tuple[Image.Image, int]:
     """The image (as RGB) and the class index; every other field is dropped unread, pickles included."""
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
@@ -221,17 +234,26 @@ def seed_augmentation(sample_seed: int) -> None:
     torch.default_generator.manual_seed(sample_seed)  # torch.manual_seed also queues CUDA seeding: 2 ms
 
 
-def _decoded(samples: Iterable[tuple[int, dict]], transform: Callable, seed: int,
+def _decoded(samples: Iterable[tuple[int, dict]], stage: Any, seed: int,
              counter: _SkipCounter) -> Iterator[tuple]:
-    """Decode and transform, seeding the augmentation per sample so a resumed run draws the same crops."""
+    """Decode and transform (or, on the GPU path, check and draw the parameters), seeding the augmentation per
+    sample so a resumed run draws the same crops; what the decode raises is a corrupt sample, skipped and counted."""
     for index, sample in samples:
         try:
-            image, label = decode_sample(sample)
+            data, label = sample_fields(sample)
+            image, finish = stage.decode(data, seed_for(seed, index), seed_augmentation)
         except Exception as exn:  # PIL raises many types for damaged bytes
             counter(exn)
             continue
-        seed_augmentation(seed_for(seed, index))
-        yield transform(image), label, sample["__position__"]
+        yield finish(image), label, sample["__position__"]
+
+
+def _collate(stage: Any, samples: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """A batch of the stage's images (uint8 [B, 3, H, W], or a decode.JpegBatch on the GPU path), int64 labels
+    and positions."""
+    images, labels, *rest = zip(*samples)
+    return (stage.collate(images), torch.tensor(labels, dtype=torch.int64),
+            *(torch.tensor(field, dtype=torch.int64) for field in rest))
 
 
 def collate_uint8(samples: Sequence[tuple[Any, ...]]) -> tuple[torch.Tensor, ...]:
@@ -246,9 +268,9 @@ def collate_uint8(samples: Sequence[tuple[Any, ...]]) -> tuple[torch.Tensor, ...
 class _WorkerStream(torch.utils.data.IterableDataset):
     """One rank's batches of one deal; each DataLoader worker makes its share (batch b from worker b % W)."""
 
-    def __init__(self, plan: "_EpochPlan", skip_batches: int, transform: Callable, config: StreamConfig) -> None:
+    def __init__(self, plan: "_EpochPlan", skip_batches: int, stage: Any, config: StreamConfig) -> None:
         super().__init__()
-        self.plan, self.skip_batches, self.transform, self.config = plan, skip_batches, transform, config
+        self.plan, self.skip_batches, self.stage, self.config = plan, skip_batches, stage, config
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         info = torch.utils.data.get_worker_info()
@@ -263,10 +285,11 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         raw = self._raw_samples(plan.pieces[worker], worker, counter)
         # Resume: drop, undecoded, the samples this worker's batches before `skip_batches` used.
         indexed = itertools.islice(enumerate(raw), done, None)
-        samples = _decoded(indexed, self.transform, seed_for(plan.seed, worker), counter)
+        samples = _decoded(indexed, self.stage, seed_for(plan.seed, worker), counter)
         samples = itertools.islice(samples, max(0, wanted - done))
         reported = 0
-        for batch in wds.batched(plan.batch_size, collation_fn=collate_uint8, partial=plan.partial)(samples):
+        collate = functools.partial(_collate, self.stage)
+        for batch in wds.batched(plan.batch_size, collation_fn=collate, partial=plan.partial)(samples):
             yield (*batch[:2], counter.count - reported, *batch[2:])
             reported = counter.count
 
@@ -415,6 +438,11 @@ class TrainStream:
             raise ValueError(f"{self.source.num_samples} samples make no step of global batch {self.global_batch}: "
                              "lower the batch size or add data.")
         self.transform = train_transform(self.augment)
+        if self.config.decode not in ("cpu", "gpu"):
+            raise ValueError(f"Unknown decode {self.config.decode!r} for the stream: resolve auto first "
+                             "(antismooth.data.decode.resolve_decode).")
+        self.stage = (GpuSampleStage(self.transform) if self.config.decode == "gpu"
+                      else CpuSampleStage(SampleDecoder(self.transform, self.augment.reduced_decode)))
         self.mixup = self._build_mixup()
         self._consumed_before: Optional[np.ndarray] = None     # copies trained on before this loader (all ranks)
         self._delivered = np.zeros(self.source.num_samples, np.int32)   # ... and by this rank since
@@ -514,7 +542,7 @@ class TrainStream:
         skip = since_deal // (self.config.batch_size * self.world_size)
         self._consumed_before = consumed
         self._delivered[:] = 0
-        dataset = _WorkerStream(self._plan(epoch, deal), skip, self.transform, self.config)
+        dataset = _WorkerStream(self._plan(epoch, deal), skip, self.stage, self.config)
         batches = (self.epoch_samples - samples_consumed) // (self.config.batch_size * self.world_size)
         return _CountingLoader(self, dataset, batches, self.config.num_workers, pin_memory)
 
@@ -589,6 +617,7 @@ class EvalStream:
 
     def __post_init__(self) -> None:
         self.transform = eval_transform(self.augment)
+        self.stage = CpuSampleStage(SampleDecoder(self.transform, self.augment.reduced_decode))
 
     def loader(self, pin_memory: bool = False) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's uint8 batches; `pin_memory` pins them in the loader's pin thread (for a GPU)."""
@@ -600,7 +629,7 @@ class EvalStream:
                           shuffle=False, top_up=False, partial=True)
         config = StreamConfig(batch_size=self.batch_size, num_workers=self.num_workers, shuffle_buffer=0)
         length = sum(math.ceil(len(piece) / self.batch_size) for piece in pieces)
-        return _CountingLoader(self, _WorkerStream(plan, 0, self.transform, config), length, self.num_workers,
+        return _CountingLoader(self, _WorkerStream(plan, 0, self.stage, config), length, self.num_workers,
                                pin_memory)
 
 
