@@ -24,7 +24,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_model_data_config
 
 from .data.device import DeviceBatches
-from .data.pipeline import AugmentConfig, ShardSource, build_eval_stream, eval_transform
+from .data.pipeline import AugmentConfig, ShardSource, build_eval_stream, eval_transform, loader_context
 from .data.shards import name_list
 from .export import create_model_from_weights, read_export_meta
 from .models import structure
@@ -130,7 +130,8 @@ class _ImageFolderBatches:
         lo, hi = len(dataset) * rank // world_size, len(dataset) * (rank + 1) // world_size
         self.loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch_size, shuffle=False,
-            num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory)
+            num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory,
+            multiprocessing_context=loader_context(num_workers))
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -48,7 +48,7 @@ from .shards import load_manifest
 
 __all__ = ["AugmentConfig", "StreamConfig", "ShardSource", "TrainStream", "EvalStream", "Deal", "EpochPosition",
            "build_train_stream", "build_eval_stream", "train_transform", "eval_transform", "seed_augmentation",
-           "collate_uint8", "reduce_eval_metrics"]
+           "collate_uint8", "reduce_eval_metrics", "loader_context"]
 
 _logger = logging.getLogger(__name__)
 
@@ -80,8 +80,9 @@ class AugmentConfig:
     eval_crop_pct: float = 0.875    # resize 256 / crop 224, scaled with input_size as timm does
     mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
-    reduced_decode: bool = True     # JPEGs decoded at 1/2-1/8 scale where the crop still has the output's pixels
-                                    # (antismooth.data.decode); False: the full decode of earlier runs, bit for bit
+    reduced_decode: bool = True     # training JPEGs decoded at 1/2-1/8 scale where the crop still has the output's
+                                    # pixels (antismooth.data.decode); False: the full decode of earlier runs, bit
+                                    # for bit. Evaluation decodes in full whatever this says (EvalStream).
 
 
 @dataclass(frozen=True)
@@ -565,16 +566,34 @@ class TrainStream:
         return delivered if self._consumed_before is None else delivered + self._consumed_before
 
 
+# Loader workers are forked from a clean server process (multiprocessing's forkserver), not from the training
+# process: forking a process that runs threads (TensorBoard's writer; the last loader's queue feeders, exiting)
+# deadlocked a worker inside CPython 3.11's after-fork hook (_PyThreadState_DeleteExcept waiting for a lock held at
+# the fork) in about one test launch in three here, its rank then waiting for a batch forever. Python 3.14 makes
+# forkserver the default on Linux for this class of bug. The server imports the main script (whose start must sit
+# under `if __name__ == "__main__":`, as with spawn), torch and this module once per process; every worker after
+# that is a fork of it, as fast as a fork of the training process.
+FORKSERVER_PRELOAD = ["__main__", "torch", __name__]
+
+
+def loader_context(workers: int) -> Optional[Any]:
+    """The multiprocessing context of loader workers: forkserver where the platform has it, else its default."""
+    if not workers or "forkserver" not in mp.get_all_start_methods():
+        return None
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(FORKSERVER_PRELOAD)   # effective until the server starts, harmless after
+    return context
+
+
 class _CountingLoader:
     """Iterates a WebLoader and adds the workers' skipped-sample counts to the stream's total."""
 
     def __init__(self, owner: Any, dataset: torch.utils.data.IterableDataset, length: int, workers: int,
                  pin_memory: bool = False) -> None:
         self.owner, self.length = owner, length
-        # fork: workers start in milliseconds; spawn (the default inside spawned ranks) re-imports torch in each.
-        context = "fork" if workers and "fork" in mp.get_all_start_methods() else None
         # pin_memory: the DataLoader's pin thread pins each batch, so the main thread never waits on it.
-        self.loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, multiprocessing_context=context,
+        self.loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers,
+                                    multiprocessing_context=loader_context(workers),
                                     persistent_workers=False, prefetch_factor=4 if workers else None,
                                     pin_memory=pin_memory)
 
@@ -614,10 +633,14 @@ class EvalStream:
     num_workers: int = 4
     augment: AugmentConfig = AugmentConfig()
     corrupt_skipped: int = 0
+    # Full decode by default: reported figures are then timm's validate.py's to the bit. A reduced decode pays only
+    # for images at least twice the resize (short side >= 512 at 224 px: few of ImageNet's val images), and moves
+    # a borderline prediction now and then (docs/data.md).
+    reduced_decode: bool = False
 
     def __post_init__(self) -> None:
         self.transform = eval_transform(self.augment)
-        self.stage = CpuSampleStage(SampleDecoder(self.transform, self.augment.reduced_decode))
+        self.stage = CpuSampleStage(SampleDecoder(self.transform, self.reduced_decode))
 
     def loader(self, pin_memory: bool = False) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's uint8 batches; `pin_memory` pins them in the loader's pin thread (for a GPU)."""
