@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean gpu-wheels gpu-check
+.PHONY: demo test test-fast bench clean gpu-wheels gpu-check
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# For contributors: the suite without the tests that wait for training processes (a few minutes).
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow"
 
 gpu-wheels: $(STAMP)
 	PYTHON=$(PY) bash bench/gpu_wheels.sh

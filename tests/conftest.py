@@ -27,6 +27,21 @@ def pytest_report_header(config) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# `make test-fast`: the tests marked `slow` are those that wait for real training processes (a launch
+# below or a test's own), a pip install or a clone; the rest run in a few minutes.
+
+# The fixtures that start training processes: a test needing one (directly or through another) is slow.
+LAUNCH_FIXTURES = {"zero_runs", "resume_reference", "two_node_runs", "scheduler_runs", "elastic", "resume_runs",
+                   "one_process_runs", "reliability_runs", "measured", "fresh_venv"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if LAUNCH_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
+# ----------------------------------------------------------------------------------------------
 # Data fixtures: the repository's own real photographs and ImageFolder trees built from them.
 # (Used by tests/test_shards.py; keep fixtures for other concerns in their own section.)
 

@@ -294,6 +294,7 @@ def test_eval_on_shards_and_imagefolder_match_a_direct_loop(classifier, sample_s
     assert folder["images_per_s"] > 0 and "top-1 33.98 %" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["shards", "imagefolder"])
 def test_eval_on_two_processes_counts_every_image_once(classifier, sample_shards, sample_images, tmp_path, source):
     weights, direct, _ = classifier

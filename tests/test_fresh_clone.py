@@ -15,6 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_a_clone_with_nothing_beside_it_passes_the_data_tests(tmp_path: Path):
     if not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
