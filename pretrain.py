@@ -284,6 +284,8 @@ def run(config: TrainConfig):
                       val_source=val_source, augment=augment, ema=ema)
     trainer.train()
     log_peak_memory(env)
+    if config.compile:
+        log_compiled_graphs(env)
     return engine
 
 
@@ -292,6 +294,15 @@ def log_peak_memory(env: DistEnv) -> None:
     if env.device.type == "cuda" and env.rank == 0:
         log.info("peak GPU memory allocated %.3f GiB (torch.cuda.max_memory_allocated, rank 0)",
                  torch.cuda.max_memory_allocated(env.device) / 2**30)
+
+
+def log_compiled_graphs(env: DistEnv) -> None:
+    """How many graphs torch.compile built in this process: one per block shape (a few more where a graph breaks
+    or recompiles, which the count makes visible)."""
+    from torch._dynamo.utils import counters
+
+    if env.rank == 0:
+        log.info("torch.compile built %d graph(s) in this process", counters["stats"]["unique_graphs"])
 
 
 def build_ema(engine, env: DistEnv, config: TrainConfig, run_folder: RunFolder, resume_tag: Optional[str]) -> ShardedEma:

@@ -296,7 +296,10 @@ def measure(model: nn.Module, images: torch.Tensor, *, attention: bool = False, 
     recorder = _Recorder(blocks, grids, attention)
     count = 0
     try:
-        with torch.no_grad(), (_explicit_attention(model) if attention else nullcontext()):
+        # Eager even where the blocks are compiled (--compile): the hooks would be traced into the blocks' graphs
+        # (FFTs and all) and recompile each block once per hook.
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"), \
+                (_explicit_attention(model) if attention else nullcontext()):
             model.eval()
             for chunk in images.split(batch_size):
                 recorder.previous_attention, recorder.images_in_chunk = None, chunk.shape[0]

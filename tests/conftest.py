@@ -107,7 +107,7 @@ FULL_BATCH = ["--no-aug", "--mixup", "0", "--cutmix", "0", "--smoothing", "0", "
 # Off elsewhere: its epoch-end evaluation doubles every run's evaluations.
 EMA_DECAY = 0.5
 WITH_EMA = ["--model-ema", "--model-ema-decay", str(EMA_DECAY)]
-EMA_RUNS = {(1, 1), (1, 2), (2, 2), (3, 2)}   # zero_runs keys that keep one
+EMA_RUNS = {(1, 1), (1, 2), (2, 2), (3, 2), ("zero1-resumed-compiled", 1)}   # zero_runs keys that keep one
 
 
 @pytest.fixture(scope="session")
@@ -135,8 +135,16 @@ class TrainedRun:
 # JSON, flags after FULL_BATCH). A ZeRO-0 checkpoint (which export refuses): one step; bf16 engines (exported
 # from their fp32 masters): 3 steps, the last with spectral diagnostics (each step with its save and eval: ~2.5 s).
 BF16 = {"bf16": {"enabled": True}}
+# --compile beside the eager runs it must match (tests/test_compile.py), in the world-1 launch: ZeRO-2 as (2, 1);
+# ZeRO-1 with its EMA as (1, 1), eager for 3 steps (FIRST_PART) and resumed compiled; bf16 ZeRO-2 as ("zero2-bf16", 2).
+COMPILED_RUNS = [("zero2-compiled", 2, {}, ["--compile"]),
+                 ("zero1-resumed-compiled", 1, {}, ["--compile"]),
+                 ("zero2-bf16-compiled", 2, BF16, ["--epochs", "3", "--compile"])]
+# A first part, run before the run itself in the same folder: the run's flags less --compile, plus these.
+FIRST_PART = {"zero1-resumed-compiled": ["--max-steps", "3"]}
 EXTRA_RUNS = {1: [("zero0", 0, {}, ["--epochs", "1"]),
-                  ("zero2-accum2", 2, {"gradient_accumulation_steps": 2}, [])],  # 2 micro-batches of 8 per step
+                  ("zero2-accum2", 2, {"gradient_accumulation_steps": 2}, []),  # 2 micro-batches of 8 per step
+                  *COMPILED_RUNS],
               2: [("zero2-bf16", 2, BF16, ["--epochs", "3"]), ("zero3-bf16", 3, BF16, ["--epochs", "3"])]}
 
 
@@ -193,6 +201,8 @@ def zero_runs(tiny_shards: Path, uneven_val_shards: Path,
                     str(tiny_shards), "--output", str(out), *TINY_MODEL, *FULL_BATCH, *flags, *ema, "--save-every", "4"]
             # ZeRO-1 on one process also records its weights at the start and after every step (tests/test_ema.py)
             weights = {"weights_each_step": str(out / "weights.pt")} if (key, world) == (1, 1) else {}
+            if key in FIRST_PART:
+                plan.append({"argv": [a for a in argv if a != "--compile"] + FIRST_PART[key]})
             plan.append({"argv": argv, "probe": str(out / "probe.pt"), **weights})
         if world == 2:  # the tiny Swin runs of tests/swin_runs.py ride on this launch: ("swin-…", 2)
             from swin_runs import swin_plan
