@@ -26,7 +26,7 @@ from timm.utils import ParseKwargs
 import antismooth  # noqa: F401  (registers the model zoo with timm)
 from antismooth.config import ConfigError, DeepSpeedSettings, Derived, TrainConfig, check_optimizer_build, derive
 from antismooth.checkpoint import RunFolder, choose_resume_tag, processes, resume
-from antismooth.data.pipeline import AugmentConfig, ShardSource, StreamConfig, build_train_stream
+from antismooth.data.pipeline import AugmentConfig, ShardSource, StreamConfig, build_train_stream, train_transform
 from antismooth.distributed import DistEnv, barrier, check_shared_folder, detect_launch, init_distributed, log_world
 from antismooth.ema import ShardedEma
 from antismooth.engine import (TrainingStopped, TrainState, apply_activation_checkpointing, build_scheduler,
@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data and augmentation")
     g.add_argument("--data", default=d.data, help="folder with train.json (and val.json) from tools/build_shards.py")
     g.add_argument("--workers", type=int, default=d.workers, help="loader workers per process")
+    g.add_argument("--decode", default=d.decode, choices=["cpu", "gpu", "auto"],
+                   help="where JPEGs are decoded and augmented: the loader workers (cpu), the device (gpu: nvJPEG and "
+                        "per-sample augmentation on the GPU, the workers only read bytes), auto: gpu on CUDA "
+                        "(default: %(default)s; docs/decode.md)")
+    g.add_argument("--reduced-decode", action=argparse.BooleanOptionalAction, default=d.reduced_decode,
+                   help="CPU workers decode JPEGs at 1/2-1/8 scale where the crop still has the output's pixels; "
+                        "--no-reduced-decode: the full decode of earlier runs, bit for bit (default: on)")
     g.add_argument("--stream-mode", default=d.stream_mode, choices=["exact", "resampled"])
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--no-aug", action="store_true", help="resize and centre crop only, as timm's --no-aug")
@@ -188,7 +195,36 @@ def model_meta(config: TrainConfig, model: nn.Module, classes: list[str], augmen
 def augment_config(config: TrainConfig, input_size: int) -> AugmentConfig:
     return AugmentConfig(input_size=input_size, no_aug=config.no_aug, color_jitter=config.color_jitter,
                          auto_augment=config.aa, reprob=config.reprob, mixup=config.mixup, cutmix=config.cutmix,
-                         smoothing=config.smoothing, repeated_aug=config.repeated_aug, eval_crop_pct=config.crop_pct)
+                         smoothing=config.smoothing, repeated_aug=config.repeated_aug, eval_crop_pct=config.crop_pct,
+                         reduced_decode=config.reduced_decode)
+
+
+def decode_refusal(config: TrainConfig) -> Optional[str]:
+    """Why the device path (--decode gpu) cannot apply this run's augmentation recipe, or None when it can (the
+    recipe's ops decide, not the image size)."""
+    from antismooth.data.decode import check_gpu_recipe
+
+    try:
+        check_gpu_recipe(train_transform(augment_config(config, 224)))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def choose_decode(config: TrainConfig, device: torch.device) -> str:
+    """Where this run decodes and augments: --decode, auto resolved (gpu on CUDA where the recipe is one the device
+    path applies, else cpu)."""
+    from antismooth.data.decode import resolve_decode
+
+    decode = resolve_decode(config.decode, device)
+    refusal = decode_refusal(config) if decode == "gpu" else None
+    if refusal:   # only auto gets here: an explicit gpu was refused at start-up
+        log.info("decoding on the CPU workers: %s", refusal)
+        return "cpu"
+    if decode == "gpu" and device.type != "cuda":
+        log.warning("--decode gpu without a GPU: the device path (decode and augmentation on the batch) runs on the "
+                    "CPU, slower than --decode cpu; meant for testing it.")
+    return decode
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -210,6 +246,8 @@ def run(config: TrainConfig):
     held = None if config.eval_only else RunFolder(config.output).saved_batch()
     ds = DeepSpeedSettings.load(config.deepspeed_config, world_size, held)
     check_optimizer_build(ds.raw, config.deepspeed_config, torch.cuda.is_available())
+    if config.decode == "gpu" and not config.eval_only and (refusal := decode_refusal(config)):
+        raise ConfigError(refusal)
     if config.compile and ds.zero_stage == 3:
         raise ConfigError(f"--compile cannot run under ZeRO-3 ({config.deepspeed_config}): DeepSpeed gathers each "
                           "module's parameters in hooks that torch.compile must skip, so every compiled block would "
@@ -275,9 +313,13 @@ def run(config: TrainConfig):
         measure_throughput(engine, env, ds, dtype, structure.input_size(model), len(classes))
         return None
 
+    decode = choose_decode(config, env.device)
+    if env.rank == 0:
+        log.info("input: JPEGs decoded and augmented %s", "on the device (the workers read bytes and draw each "
+                 "sample's parameters)" if decode == "gpu" else "by the loader workers")
     stream = build_train_stream(train_source,
                                 StreamConfig(batch_size=ds.micro_batch, mode=config.stream_mode, seed=config.seed,
-                                             num_workers=config.workers),
+                                             num_workers=config.workers, decode=decode),
                                 env.rank, env.world_size, augment, global_batch=derived.global_batch)
     trainer = Trainer(config=config, ds=ds, derived=derived, env=env, engine=engine, scheduler=scheduler,
                       stream=stream, state=state, run_folder=run_folder, meta=meta, dtype=dtype,

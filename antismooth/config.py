@@ -60,6 +60,8 @@ class TrainConfig:
     # data stream
     stream_mode: str = "exact"
     workers: int = 8
+    decode: str = "auto"                      # cpu: workers decode and augment; gpu: on the device; auto: gpu on CUDA
+    reduced_decode: bool = True               # training JPEGs decoded at 1/2-1/8 scale where the crop keeps its pixels
     seed: int = 0
     # checkpoints, evaluation, logging
     save_every: int = 1000
@@ -90,6 +92,7 @@ class TrainConfig:
             (0 < self.crop_pct <= 1, f"--crop-pct must be in (0, 1], got {self.crop_pct}."),
             (self.stream_mode in ("exact", "resampled"),
              f"--stream-mode must be 'exact' or 'resampled', got {self.stream_mode!r}."),
+            (self.decode in ("cpu", "gpu", "auto"), f"--decode must be cpu, gpu or auto, got {self.decode!r}."),
             (not self.eval_only or self.finetune, "--eval-only evaluates given weights: add --finetune PATH."),
             (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}."),
             (self.skip_nonfinite >= 0, f"--skip-nonfinite must be 0 or more, got {self.skip_nonfinite}."),

@@ -20,6 +20,7 @@ import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from .config import DeepSpeedSettings, Derived, TrainConfig
+from .data.decode import DecodeStats
 from .data.device import DeviceBatches, pin_memory_for, to_device
 from .data.pipeline import (AugmentConfig, Deal, EpochPosition, ShardSource, build_eval_stream, reduce_eval_metrics,
                             seed_for)
@@ -98,6 +99,7 @@ class Trainer:
         self.nonfinite_steps = 0
         self.probe = self._probe_images() if self.config.spectral_every else None
         self.deal: Optional[Deal] = None   # how the current epoch's samples are dealt (train_epoch)
+        self.decode_stats = DecodeStats()  # --decode gpu: where this rank's images were decoded
 
     def _probe_images(self) -> torch.Tensor:
         """A fixed batch for the spectral diagnostics: the first validation (else training) images, eval transform."""
@@ -132,6 +134,8 @@ class Trainer:
             self.save()
         if self.writer:
             self.writer.close()
+        if self.stream.config.decode == "gpu":
+            log.info("input on rank %d: %s", self.env.rank, self.decode_stats)
         log.info("done: step %d, epoch %d, %d samples seen", state.global_step, state.epoch, state.samples_seen)
 
     def train_epoch(self) -> None:
@@ -142,7 +146,7 @@ class Trainer:
         self.deal = position.deal_for(self.env.world_size, self.config.workers, state.samples_in_epoch)
         loader = self.stream.loader(state.epoch, state.samples_in_epoch, self.deal, position.consumed,
                                     pin_memory=pin_memory_for(self.env.device))
-        batches = DeviceBatches(loader, self.env.device, self.augment.mean, self.augment.std)
+        batches = DeviceBatches(loader, self.env.device, self.augment.mean, self.augment.std, self.decode_stats)
         erase = self.stream.random_erasing(self.env.device)
         losses = []
         for i, (images, targets, positions) in enumerate(itertools.islice(batches, steps_left * self.ds.grad_accum)):

@@ -140,11 +140,16 @@ BF16 = {"bf16": {"enabled": True}}
 COMPILED_RUNS = [("zero2-compiled", 2, {}, ["--compile"]),
                  ("zero1-resumed-compiled", 1, {}, ["--compile"]),
                  ("zero2-bf16-compiled", 2, BF16, ["--epochs", "3", "--compile"])]
+# --decode gpu through pretrain.py, the device path on the CPU (tests/test_decode.py), with the DeiT recipe it applies
+# (RandAugment, random erasing): 2 steps straight through, and stopped after 1 and resumed.
+DECODE_GPU_RUNS = [("decode-gpu", 2, {}, ["--decode", "gpu", "--epochs", "2"]),
+                   ("decode-gpu-resumed", 2, {}, ["--decode", "gpu", "--epochs", "2"])]
+AUGMENTED = {"decode-gpu", "decode-gpu-resumed"}   # runs without FULL_BATCH's --no-aug
 # A first part, run before the run itself in the same folder: the run's flags less --compile, plus these.
-FIRST_PART = {"zero1-resumed-compiled": ["--max-steps", "3"]}
+FIRST_PART = {"zero1-resumed-compiled": ["--max-steps", "3"], "decode-gpu-resumed": ["--max-steps", "1"]}
 EXTRA_RUNS = {1: [("zero0", 0, {}, ["--epochs", "1"]),
                   ("zero2-accum2", 2, {"gradient_accumulation_steps": 2}, []),  # 2 micro-batches of 8 per step
-                  *COMPILED_RUNS],
+                  *COMPILED_RUNS, *DECODE_GPU_RUNS],
               2: [("zero2-bf16", 2, BF16, ["--epochs", "3"]), ("zero3-bf16", 3, BF16, ["--epochs", "3"])]}
 
 
@@ -197,8 +202,9 @@ def zero_runs(tiny_shards: Path, uneven_val_shards: Path,
         for key, name, stage, extra, flags in configs:
             out = outputs[key] = work / f"{name}-world{world}"
             ema = WITH_EMA if (key, world) in EMA_RUNS else []
+            base = [f for f in FULL_BATCH if f != "--no-aug"] if key in AUGMENTED else FULL_BATCH
             argv = ["--deepspeed_config", str(ds_config(work / f"{name}.json", stage, **extra)), "--data",
-                    str(tiny_shards), "--output", str(out), *TINY_MODEL, *FULL_BATCH, *flags, *ema, "--save-every", "4"]
+                    str(tiny_shards), "--output", str(out), *TINY_MODEL, *base, *flags, *ema, "--save-every", "4"]
             # ZeRO-1 on one process also records its weights at the start and after every step (tests/test_ema.py)
             weights = {"weights_each_step": str(out / "weights.pt")} if (key, world) == (1, 1) else {}
             if key in FIRST_PART:

@@ -239,6 +239,7 @@ GOOD_JSON = {"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"t
     ("partition_activations", "partition_activations"),
     ("val_other_classes", "numbers its labels by another class list"),
     ("compile_zero3", "--compile cannot run under ZeRO-3"),
+    ("decode_gpu_no_aug", "--decode gpu does not apply"),
 ])
 def test_bad_startup_inputs_stop_with_one_clear_sentence(case, expected, tiny_shards, tmp_path, monkeypatch, capsys):
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
@@ -280,6 +281,8 @@ def test_bad_startup_inputs_stop_with_one_clear_sentence(case, expected, tiny_sh
         extra = ["--compile"]
     elif case == "partition_activations":
         config = _write(tmp_path / "c.json", {**GOOD_JSON, "activation_checkpointing": {"partition_activations": True}})
+    elif case == "decode_gpu_no_aug":
+        extra = ["--decode", "gpu", "--no-aug"]
     out = tmp_path / "run"
     code = pretrain.main(["--deepspeed_config", config, "--data", data, "--model", model, "--output", str(out),
                           *extra])

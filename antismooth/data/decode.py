@@ -18,6 +18,7 @@ are decoded by the worker on the CPU and travel as pixels, counted.
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -36,8 +37,8 @@ from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpola
 from torchvision import transforms as T
 
 __all__ = ["DecodeMode", "resolve_decode", "reduction_factor", "SampleDecoder", "SampleParams", "sample_params",
-           "apply_params_pil", "JpegBatch", "decode_jpegs", "augment_batch", "augment_sample", "DECODER_BACKEND",
-           "DecodeStats"]
+           "apply_params_pil", "check_gpu_recipe", "JpegBatch", "decode_jpegs", "decode_batch", "augment_batch", "augment_sample",
+           "decoder_backend", "DecodeStats"]
 
 _logger = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ REDUCE_FACTORS = (8, 4, 2)   # the DCT scalings libjpeg offers through PIL's dra
 
 
 def resolve_decode(mode: str, device: torch.device | str) -> Literal["cpu", "gpu"]:
-    """`auto` is gpu on a CUDA device, cpu elsewhere; gpu without CUDA is refused in one sentence."""
+    """`auto` is gpu on a CUDA device, cpu elsewhere; cpu and gpu as they are (gpu on a CPU device runs the device
+    path there: the tests do)."""
     if mode not in ("cpu", "gpu", "auto"):
         raise ValueError(f"Unknown decode mode {mode!r}: use cpu, gpu or auto.")
     on_cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
@@ -158,7 +160,8 @@ DEVICE_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasi
               "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 
 
-def _check_gpu_recipe(transform: T.Compose) -> None:
+def check_gpu_recipe(transform: T.Compose) -> None:
+    """Raise ValueError, in one sentence, for a training transform the device path does not apply."""
     for op in transform.transforms:
         if isinstance(op, RandAugment):
             unknown = sorted({o.name for o in op.ops} - set(DEVICE_OPS))
@@ -246,10 +249,16 @@ class JpegBatch:
 
 @dataclass
 class DecodeStats:
-    """What the device path decoded where: counted per process, logged by the training loop's owner."""
+    """What the device path decoded where: counted per process, logged by the training loop."""
     device: int = 0
     worker_cpu: int = 0        # decoded by the loader worker (not JPEG, CMYK, progressive)
     refused: int = 0           # JPEGs the device decoder refused, decoded on the CPU here instead
+    undecodable: int = 0       # refused by PIL too (damage the worker's checks missed): the fill colour, logged
+
+    def __str__(self) -> str:
+        text = (f"{self.device} images decoded on the device, {self.worker_cpu} by the loader workers "
+                f"(not JPEG, CMYK or progressive), {self.refused} refused by the device decoder and decoded on the CPU")
+        return text + (f", {self.undecodable} undecodable (trained as the fill colour)" if self.undecodable else "")
 
 
 def needs_cpu_decode(img: Image.Image) -> bool:
@@ -277,43 +286,70 @@ def worker_sample(data: bytes, transform: T.Compose, seed: int,
     return torch.frombuffer(bytearray(data), dtype=torch.uint8), params, False
 
 
-DECODER_BACKEND = "torchvision"  # "torchcodec" once a CUDA build of TorchCodec installs from the index (docs/decode.md)
+# The JPEG decoder of the GPU path, named here and nowhere else: TorchCodec, whose PyPI wheels carry nvJPEG and
+# which supersedes torchvision's image decoders (deprecated since our pinned 0.29); torchvision's where TorchCodec
+# does not import (not installed, or built for another torch, as on a GPU node with its own torch). docs/decode.md.
+PREFERRED_DECODER: Literal["torchcodec", "torchvision"] = "torchcodec"
+
+
+@functools.lru_cache(maxsize=None)
+def _decoder() -> tuple[str, Callable[..., Any]]:
+    """(backend name, decode function taking a list of uint8 byte tensors and `device=`), RGB out."""
+    if PREFERRED_DECODER == "torchcodec":
+        try:
+            from torchcodec.decoders import decode_jpeg as torchcodec_decode
+            return "torchcodec", functools.partial(torchcodec_decode, mode="RGB")
+        except Exception as err:  # noqa: BLE001  (ImportError, or OSError from a library built for another torch)
+            _logger.warning("TorchCodec does not load here (%s: %s); decoding with torchvision's decode_jpeg.",
+                            type(err).__name__, err)
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_jpeg as torchvision_decode
+    return "torchvision", functools.partial(torchvision_decode, mode=ImageReadMode.RGB)
+
+
+def decoder_backend() -> str:
+    """Which library decodes the GPU path's JPEGs in this process: "torchcodec" or "torchvision"."""
+    return _decoder()[0]
 
 
 def decode_jpegs(blobs: Sequence[torch.Tensor], device: torch.device | str) -> list[Optional[torch.Tensor]]:
     """JPEG bytes → RGB uint8 [3, H, W] images on `device`, one batched call (nvJPEG on CUDA, libjpeg-turbo on the
-    CPU); None for an image the decoder refused. The one place that names the backend."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+    CPU); None for an image the decoder refused."""
     if not blobs:
         return []
+    _, decode = _decoder()
     device = torch.device(device)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # torchvision's decoders are deprecated in favour of TorchCodec (0.29+)
+        warnings.simplefilter("ignore")   # torchvision's decoders warn that they are deprecated
         try:
-            return list(decode_jpeg(list(blobs), mode=ImageReadMode.RGB, device=device))
-        except RuntimeError:
+            return list(decode(list(blobs), device=device))
+        except Exception:  # noqa: BLE001  (one refused image fails the whole batched call: find it below)
             pass
         out: list[Optional[torch.Tensor]] = []
-        for blob in blobs:   # one refused image fails the whole batched call: find it
+        for blob in blobs:
             try:
-                out.append(decode_jpeg(blob, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
+                out.append(decode([blob], device=device)[0])
+            except Exception:  # noqa: BLE001
                 out.append(None)
         return out
 
 
-def _pil_decode(blob: torch.Tensor) -> torch.Tensor:
-    with Image.open(io.BytesIO(blob.cpu().numpy().tobytes())) as img:
-        img.load()
-        return TF.pil_to_tensor(img.convert("RGB"))
+def _pil_decode(blob: torch.Tensor) -> Optional[torch.Tensor]:
+    """The CPU decode of a JPEG the device decoder refused; None where PIL cannot decode it either."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(blob.cpu().numpy().tobytes())) as img:
+                img.load()
+                return TF.pil_to_tensor(img.convert("RGB"))
+    except Exception:  # noqa: BLE001  (PIL raises many types for damaged bytes)
+        return None
 
 
 # The ops below work on float [N, 3, H, W] batches holding 0..255 values, each with its own argument per sample
 # (a [N] tensor), and quantise to 8 bits after each op as PIL's 8-bit images do. They follow PIL's arithmetic
-# (ImageEnhance blends, the L conversion's weights, ImageOps LUTs, AFFINE's pixel-centre inverse mapping) where
-# that is cheap; the geometric ops resample with grid_sample's bicubic (a = -0.75, PIL's is -0.5): the stated
-# tolerance of tests/test_decode.py covers it.
+# (ImageEnhance blends, the L conversion's weights, ImageOps LUTs, AFFINE's pixel-centre inverse mapping and its
+# bicubic filter), so that each op gives PIL's pixels; tests/test_decode.py states how close they come.
 
 def _q(x: torch.Tensor) -> torch.Tensor:
     """Back to 8 bits, truncating as PIL's blends do."""
@@ -336,9 +372,11 @@ def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> t
 
 
 def _autocontrast(x: torch.Tensor, _: Sequence[torch.Tensor]) -> torch.Tensor:
-    lo, hi = x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)
+    """ImageOps.autocontrast per channel: its LUT int(v * scale + offset), in double as PIL computes it."""
+    lo, hi = x.amin(dim=(2, 3), keepdim=True).double(), x.amax(dim=(2, 3), keepdim=True).double()
     scale = 255.0 / (hi - lo).clamp_min(1)
-    return torch.where(hi > lo, _q((x - lo) * scale), x)
+    stretched = torch.trunc(x.double() * scale - lo * scale).clamp(0, 255)
+    return torch.where(hi > lo, stretched, x.double())
 
 
 def _equalize(x: torch.Tensor, _: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -386,18 +424,34 @@ def _sharpness(x: torch.Tensor, args: Sequence[torch.Tensor]) -> torch.Tensor:
     return _blend(degenerate, x, args[0])
 
 
+def _pil_cubic(v1: torch.Tensor, v2: torch.Tensor, v3: torch.Tensor, v4: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """PIL's BICUBIC macro (libImaging/Geometry.c): cubic convolution with a = -1 through v1..v4 at offset d."""
+    return v2 + d * ((v3 - v1) + d * ((2 * (v1 - v2) + v3 - v4) + d * (-v1 + v2 - v3 + v4)))
+
+
 def _affine(x: torch.Tensor, coeffs: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """PIL's Image.transform(size, AFFINE, (a, b, c, d, e, f)) per sample: output pixel centre (x, y) takes the input
-    at (a x + b y + c, d x + e y + f); outside the image, the fill colour."""
-    n, _, h, w = x.shape
-    ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=x.dtype) + 0.5,
-                            torch.arange(w, device=x.device, dtype=x.dtype) + 0.5, indexing="ij")
-    a, b, c, d, e, f = (coeffs[:, k].view(n, 1, 1) for k in range(6))
+    """PIL's Image.transform(size, AFFINE, (a, b, c, d, e, f), BICUBIC) per sample, as libImaging computes it:
+    output pixel centre (x, y) takes the input at (a x + b y + c, d x + e y + f), outside the image the fill
+    colour, inside PIL's own bicubic (a = -1, neighbours clamped to the edge, in double, truncated to 8 bits)."""
+    n, channels, h, w = x.shape
+    ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=torch.float64) + 0.5,
+                            torch.arange(w, device=x.device, dtype=torch.float64) + 0.5, indexing="ij")
+    a, b, c, d, e, f = (coeffs[:, k].double().view(n, 1, 1) for k in range(6))
     u, v = a * xs + b * ys + c, d * xs + e * ys + f
-    grid = torch.stack((2 * u / w - 1, 2 * v / h - 1), dim=-1)
-    sampled = nnf.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
     inside = ((u >= 0) & (u < w) & (v >= 0) & (v < h)).unsqueeze(1)
-    return torch.where(inside, sampled.clamp(0, 255).round(), fill.view(1, 3, 1, 1))
+    left, top = torch.floor(u - 0.5), torch.floor(v - 0.5)
+    dx, dy = (u - 0.5 - left).unsqueeze(1), (v - 0.5 - top).unsqueeze(1)
+    cols = [(left + k - 1).clamp(0, w - 1).long() for k in range(4)]
+    rows = [(top + k - 1).clamp(0, h - 1).long() for k in range(4)]
+    flat = x.double().reshape(n, channels, h * w)
+
+    def at(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        index = (row * w + col).view(n, 1, h * w).expand(n, channels, h * w)
+        return flat.gather(2, index).view(n, channels, h, w)
+
+    row_values = [_pil_cubic(*(at(row, col) for col in cols), dx) for row in rows]
+    out = _pil_cubic(*row_values, dy).clamp(0, 255).floor()   # (UINT8)v truncates
+    return torch.where(inside, out, fill.double().view(1, 3, 1, 1))
 
 
 def _rotation_coeffs(degrees: torch.Tensor, w: int, h: int) -> torch.Tensor:
@@ -432,9 +486,9 @@ _GEOMETRIC_OPS = {name: _geometric(name) for name in ("Rotate", "ShearX", "Shear
 
 
 def _apply_op(name: str, x: torch.Tensor, args: Sequence[torch.Tensor], fill: torch.Tensor) -> torch.Tensor:
-    if name in _GEOMETRIC_OPS:
-        return _GEOMETRIC_OPS[name](x, args, fill)
-    return _POINT_OPS[name](x, args)
+    """One op on a float batch of 8-bit values; arguments in float64 (PIL blends in double), result in x's dtype."""
+    out = _GEOMETRIC_OPS[name](x, args, fill) if name in _GEOMETRIC_OPS else _POINT_OPS[name](x, args)
+    return out.to(x.dtype)
 
 
 def augment_batch(images: torch.Tensor, ops: Sequence[Sequence[tuple[str, tuple[float, ...]]]],
@@ -496,9 +550,9 @@ def decode_batch(batch: JpegBatch, device: torch.device | str, stats: Optional[D
     images: list[Optional[torch.Tensor]] = [None] * len(batch)
     if device.type == "cuda":
         # vision#9606: nvJPEG on H100/H200 corrupted memory when decoding on the caller's stream. Decode on a
-        # stream of its own and wait for it; the images are then used on the caller's stream (recorded there).
+        # stream of its own (its allocations come from that stream's pool, so it need not wait for the caller's
+        # queued work) and wait for it here; the images are then used on the caller's stream, recorded there.
         caller, decode_stream = torch.cuda.current_stream(device), _decode_stream(device)
-        decode_stream.wait_stream(caller)
         with torch.cuda.stream(decode_stream):
             decoded = decode_jpegs([batch.data[k] for k in blobs], device)
         decode_stream.synchronize()
@@ -510,7 +564,13 @@ def decode_batch(batch: JpegBatch, device: torch.device | str, stats: Optional[D
     for k, image in zip(blobs, decoded):
         if image is None:
             stats.refused += 1
-            image = _pil_decode(batch.data[k]).to(device)
+            image = _pil_decode(batch.data[k])
+            if image is None:
+                image = _fill_image(batch.params[k], batch.fill)
+                stats.undecodable += 1
+                _logger.warning("A JPEG of the batch decodes neither on the device nor with PIL; it is trained on "
+                                "as the fill colour. Check the shards with build_shards.py --verify.")
+            image = image.to(device)
         else:
             stats.device += 1
         images[k] = image
@@ -520,6 +580,12 @@ def decode_batch(batch: JpegBatch, device: torch.device | str, stats: Optional[D
             images[k] = batch.data[k].to(device, non_blocking=True)
     crops = crop_resize_flip(images, batch.params)
     return augment_batch(crops, [p.ops for p in batch.params], batch.fill, grouped=grouped)
+
+
+def _fill_image(params: SampleParams, fill: Sequence[int]) -> torch.Tensor:
+    """A source-sized image of the fill colour, for the crop of a sample no decoder could read."""
+    w, h = params.size
+    return torch.tensor(fill, dtype=torch.uint8).view(3, 1, 1).expand(3, h, w).contiguous()
 
 
 def _identity(x: Any) -> Any:
@@ -558,7 +624,7 @@ class GpuSampleStage:
     fill: tuple[int, int, int] = (124, 116, 104)
 
     def __post_init__(self) -> None:
-        _check_gpu_recipe(self.transform)
+        check_gpu_recipe(self.transform)
         ra = _randaugment(self.transform)
         if ra is not None and ra.ops:
             self.fill = tuple(int(c) for c in ra.ops[0].kwargs["fillcolor"])

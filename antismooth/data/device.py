@@ -9,6 +9,10 @@ current step computes, one batch ahead. Elsewhere (CPU) a batch is normalised wh
 bit-identical to the old worker-side float path. Random erasing draws normal noise in normalised
 space, which uint8 cannot hold, so it runs on the device batch too (`TrainStream.random_erasing`), in
 the training loop after the step's seeding.
+
+On the GPU decode path (`--decode gpu`) a batch's images arrive as `decode.JpegBatch` (JPEG bytes and each
+sample's augmentation parameters): they are decoded and augmented on the device in the same place, on the
+same side stream, before the normalisation (`decode.decode_batch`).
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from .decode import DecodeStats, JpegBatch, decode_batch
 
 __all__ = ["DeviceBatches", "normalize", "to_device", "pin_memory_for"]
 
@@ -81,12 +87,15 @@ class DeviceBatches:
     """
 
     def __init__(self, batches: Iterable[Batch], device: torch.device | str,
-                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD) -> None:
+                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
+                 decode_stats: Optional[DecodeStats] = None) -> None:
         self.batches = batches
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # one cache entry per GPU, not per spelling
         self.mean, self.std = _stats(mean, self.device), _stats(std, self.device)
+        # The GPU decode path's counts (where each image was decoded), added to the caller's where given.
+        self.decode_stats = decode_stats if decode_stats is not None else DecodeStats()
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -99,6 +108,8 @@ class DeviceBatches:
     def _transfer(self, images: torch.Tensor, labels: torch.Tensor, *rest: torch.Tensor) -> Batch:
         """Copy one batch to the device and normalise it there, on whatever stream is current; further fields
         (the training stream's sample positions) stay on the host, untouched."""
+        if isinstance(images, JpegBatch):
+            images = decode_batch(images, self.device, self.decode_stats)
         _check_uint8(images)
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
