@@ -572,8 +572,9 @@ class TrainStream:
 # the fork) in about one test launch in three here, its rank then waiting for a batch forever. Python 3.14 makes
 # forkserver the default on Linux for this class of bug. The server imports the main script (whose start must sit
 # under `if __name__ == "__main__":`, as with spawn), torch and this module once per process; every worker after
-# that is a fork of it, as fast as a fork of the training process.
-FORKSERVER_PRELOAD = ["__main__", "torch", __name__]
+# that is a fork of it, as fast as a fork of the training process. `_forkserver` makes the server die with its
+# process, so that a killed rank leaves no workers behind.
+FORKSERVER_PRELOAD = ["__main__", "torch", __name__, f"{__package__}._forkserver"]
 
 
 def loader_context(workers: int) -> Optional[Any]:
