@@ -1,6 +1,6 @@
 """ViT/DeiT family: timm's VisionTransformer with AttnScale attention or FeatScale blocks plugged in.
 
-Names follow the paper: `{vit, attnscale, featscale}_{tiny, small, base}_{12, 24, 36, 48}`,
+Names follow the paper: `{vit, attnscale, featscale}_{tiny, small, base}_{6, 12, 24, 36, 48}`,
 patch 16, 224 px, MLP ratio 4, qkv bias, LayerNorm eps 1e-6, class token, learned position
 embedding, DeiT init. State-dict keys are the official checkpoints' keys (timm-0.4 ViT keys,
 plus `blocks.{i}.attn.lamb` or `blocks.{i}.lamb1/lamb2`).
@@ -25,7 +25,7 @@ WIDTHS = {
     "small": dict(embed_dim=384, num_heads=6),
     "base": dict(embed_dim=768, num_heads=12),
 }
-DEPTHS = (12, 24, 36, 48)
+DEPTHS = (6, 12, 24, 36, 48)
 TECHNIQUES = {
     "vit": {},
     "attnscale": dict(attn_layer=AttnScaleAttention),
