@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import itertools
 import logging
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import timm
 import torch
@@ -96,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log spectral diagnostics every N steps (0: off)")
     g.add_argument("--no-eval", dest="eval_every_epoch", action="store_false", help="skip the per-epoch evaluation")
     g.add_argument("--eval-only", action="store_true", help="evaluate --finetune weights on val and exit")
-    g.add_argument("--throughput", action="store_true", help="measure training images/s and exit")
+    g.add_argument("--throughput", nargs="?", const="random", default=None, choices=["random", "loader"],
+                   help="measure training images/s and exit: on random data (the model alone; the default), or "
+                        "'loader': on the real input path (--decode, augmentation, Mixup/CutMix) from --data")
     g.add_argument("--skip-nonfinite", type=int, default=d.skip_nonfinite,
                    help="steps with a non-finite loss or gradients to skip (no update) before stopping (default 0)")
     g = p.add_argument_group("model EMA (DeiT's)")
@@ -309,8 +312,9 @@ def run(config: TrainConfig):
     if env.rank == 0:
         log_start(config, ds, derived, meta, run_folder, num_params, len(structure.blocks(model)), resume_tag)
 
-    if config.throughput:
-        measure_throughput(engine, env, ds, dtype, structure.input_size(model), len(classes))
+    if config.throughput == "random":
+        measure_throughput(engine, env, ds, dtype, random_batches(ds, structure.input_size(model), len(classes),
+                                                                  env.device, dtype))
         return None
 
     decode = choose_decode(config, env.device)
@@ -321,6 +325,9 @@ def run(config: TrainConfig):
                                 StreamConfig(batch_size=ds.micro_batch, mode=config.stream_mode, seed=config.seed,
                                              num_workers=config.workers, decode=decode),
                                 env.rank, env.world_size, augment, global_batch=derived.global_batch)
+    if config.throughput == "loader":
+        measure_throughput(engine, env, ds, dtype, loader_batches(stream, env.device, dtype), decode)
+        return None
     trainer = Trainer(config=config, ds=ds, derived=derived, env=env, engine=engine, scheduler=scheduler,
                       stream=stream, state=state, run_folder=run_folder, meta=meta, dtype=dtype,
                       val_source=val_source, augment=augment, ema=ema)
@@ -395,19 +402,41 @@ def log_planned_peak(model: str, model_kwargs: dict[str, Any], ds: DeepSpeedSett
              "(tools/plan.py for the parts)", plan.total / GIB, plan.held / GIB, plan.backward / GIB, plan.step / GIB)
 
 
-def measure_throughput(engine, env: DistEnv, ds: DeepSpeedSettings, dtype: torch.dtype, img_size, num_classes: int) -> None:
-    """Images/s of full training steps (forward, backward, optimizer) on random data: the model, not the loader.
-    The first warm-up forward is also counted (antismooth.flops): model TFLOP/s, and MFU on a GPU of known peak."""
+def random_batches(ds: DeepSpeedSettings, img_size, num_classes: int, device: torch.device,
+                   dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One random micro batch, again and again: what the model alone can do."""
+    images = torch.randn(ds.micro_batch, 3, *img_size, device=device, dtype=dtype)
+    targets = torch.randint(0, num_classes, (ds.micro_batch,), device=device)
+    return itertools.repeat((images, targets))
+
+
+def loader_batches(stream, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The training input path, epoch after epoch, as the training loop takes it: the stream's batches on the device
+    (decoded there on the GPU path), random erasing, Mixup/CutMix."""
+    from antismooth.data.device import DeviceBatches, pin_memory_for
+
+    erase = stream.random_erasing(device)
+    for epoch in itertools.count():
+        for images, targets, _ in DeviceBatches(stream.loader(epoch, pin_memory=pin_memory_for(device)), device,
+                                                stream.augment.mean, stream.augment.std):
+            images = erase(images) if erase is not None else images
+            if stream.mixup is not None:
+                images, targets = stream.mixup(images, targets)
+            yield images.to(dtype), targets
+
+
+def measure_throughput(engine, env: DistEnv, ds: DeepSpeedSettings, dtype: torch.dtype,
+                       batches: Iterator[tuple[torch.Tensor, torch.Tensor]], input_path: Optional[str] = None) -> None:
+    """Images/s of full training steps (forward, backward, optimizer) on `batches`: random data measures the model,
+    the loader's the whole input path with it (`input_path`: its --decode). The first warm-up forward is also counted
+    (antismooth.flops): model TFLOP/s, and MFU on a GPU of known peak."""
     import contextlib
 
     from antismooth.flops import TRAINING_FLOPS_PER_FORWARD, flop_counter, mfu, peak_tflops
 
-    images = torch.randn(ds.micro_batch, 3, *img_size, device=env.device, dtype=dtype)
-    targets = torch.randint(0, num_classes, (ds.micro_batch,), device=env.device)
-    criterion = nn.CrossEntropyLoss()
     counter = flop_counter()
     steps = (THROUGHPUT_WARMUP_STEPS + THROUGHPUT_STEPS) * ds.grad_accum
-    for i in range(steps):
+    for i, (images, targets) in enumerate(itertools.islice(batches, steps)):
         if i == THROUGHPUT_WARMUP_STEPS * ds.grad_accum:
             _sync(env)
             start = time.perf_counter()
@@ -415,7 +444,8 @@ def measure_throughput(engine, env: DistEnv, ds: DeepSpeedSettings, dtype: torch
         # ZeRO-3's gathered parameters waiting for a backward that never comes.
         with counter if i == 0 else contextlib.nullcontext():
             logits = engine(images)
-        engine.backward(criterion(logits.float(), targets))
+        # Hard labels or Mixup's soft targets: cross-entropy takes either.
+        engine.backward(nn.functional.cross_entropy(logits.float(), targets))
         engine.step()
     _sync(env)
     elapsed = time.perf_counter() - start
@@ -423,10 +453,11 @@ def measure_throughput(engine, env: DistEnv, ds: DeepSpeedSettings, dtype: torch
     flops_per_image = TRAINING_FLOPS_PER_FORWARD * counter.get_total_flops() / ds.micro_batch
     if env.rank != 0:
         return
+    source = f"the real input path, --decode {input_path}" if input_path else "random data"
     line = (f"throughput: {per_rank * env.world_size:.1f} img/s ({per_rank:.1f} per process, "
             f"{elapsed / THROUGHPUT_STEPS * 1000:.0f} ms per step of {ds.micro_batch * ds.grad_accum * env.world_size}); "
             f"{per_rank * flops_per_image / 1e12:.3g} model TFLOP/s per process ({flops_per_image / 1e9:.3g} GFLOP "
-            "per image, 3 × forward)")
+            f"per image, 3 × forward); on {source}")
     name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else None
     peak = peak_tflops(name) if name else None
     if peak and dtype in (torch.bfloat16, torch.float16):  # the table holds 16-bit tensor-core peaks

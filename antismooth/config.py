@@ -71,7 +71,7 @@ class TrainConfig:
     spectral_every: int = 500                 # see bench/spectral_cost.py: under 2 % of training time
     finetune: Optional[str] = None
     eval_only: bool = False
-    throughput: bool = False
+    throughput: Optional[str] = None          # random: images/s of the model on random data; loader: of the input path too
     max_steps: Optional[int] = None           # stop early (smoke runs, tests); the schedule still spans epochs
     compile: bool = False                     # torch.compile each transformer block (antismooth.engine.compile_blocks)
     skip_nonfinite: int = 0                   # optimizer steps with non-finite loss/gradients to skip before stopping

@@ -432,7 +432,11 @@ def alternatives(model_name: str, model_kwargs: Optional[dict[str, Any]], raw: d
 
 # --- step time and loader workers (an estimate from a FLOP count and an assumed MFU) --------------------------
 
-CPU_IMAGES_PER_CORE = 224.0           # README "Input pipeline": full DeiT augmentation, images/s per CPU core
+# Images/s one loader worker (CPU core) delivers with DeiT's recipe at 224 px, per --decode path: `cpu` decodes and
+# augments (reduced-size decode on), `gpu` only reads the bytes, checks them and draws each sample's parameters (the
+# device decodes and augments). Measured through the loader, one worker, batch 128, on 103 ImageNet photographs x 20
+# (bench/loader.py --src DIR --copies 20 --batch 128 --workers 1; 2-vCPU machine, 2026-12-05; docs/decode.md).
+CPU_IMAGES_PER_CORE = {"cpu": 296.0, "gpu": 4073.0}
 _flops: dict[str, float] = {}
 
 
@@ -445,6 +449,8 @@ class StepTimePlan:
     seconds_per_step: float
     images_per_second_per_gpu: float
     loader_workers_per_gpu: int
+    decode: str = "cpu"                # where the workers' images are decoded and augmented (--decode)
+    images_per_core: float = 0.0       # the per-core rate the worker count assumes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -467,8 +473,12 @@ def forward_flops(model_name: str, model_kwargs: Optional[dict[str, Any]], input
 
 def plan_step_time(model_name: str, model_kwargs: Optional[dict[str, Any]], ds: Union[DeepSpeedSettings, dict],
                    world_size: int, input_size: Optional[int], micro_batch: Optional[int], mfu: float,
-                   peak_tflops: float, images_per_core: float = CPU_IMAGES_PER_CORE) -> StepTimePlan:
-    """Step time at `mfu` of `peak_tflops` per GPU, and the CPU cores (loader workers) per GPU that feed it."""
+                   peak_tflops: float, images_per_core: Optional[float] = None, decode: str = "cpu") -> StepTimePlan:
+    """Step time at `mfu` of `peak_tflops` per GPU, and the CPU cores (loader workers) per GPU that feed it on the
+    `decode` path, at `images_per_core` (default: that path's measured rate)."""
+    if decode not in CPU_IMAGES_PER_CORE:
+        raise ValueError(f"Unknown decode path {decode!r}: use cpu or gpu.")
+    images_per_core = images_per_core or CPU_IMAGES_PER_CORE[decode]
     ds = _settings(ds, world_size)
     forward = forward_flops(model_name, model_kwargs, input_size)
     train = forward * (4 if ds.blocks_per_checkpoint else 3)   # backward costs two forwards; recompute one more
@@ -477,4 +487,5 @@ def plan_step_time(model_name: str, model_kwargs: Optional[dict[str, Any]], ds: 
     rate = images / seconds
     return StepTimePlan(forward_flops_per_image=forward, train_flops_per_image=train, images_per_step_per_gpu=images,
                         seconds_per_step=seconds, images_per_second_per_gpu=rate,
-                        loader_workers_per_gpu=math.ceil(rate / images_per_core))
+                        loader_workers_per_gpu=math.ceil(rate / images_per_core), decode=decode,
+                        images_per_core=images_per_core)

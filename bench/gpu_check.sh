@@ -12,6 +12,9 @@
 #   recipe      ds_configs/zero2.json as shipped (bf16, torch's fused AdamW) with DeiT's default recipe and the real
 #               loader (RandAugment, random erasing, Mixup/CutMix on CUDA tensors): attnscale_small_24 on the demo
 #               shards, 20 steps; its planned peak against torch.cuda.max_memory_allocated
+#   decode      --decode gpu: bench/decode_throughput.py (images/s into a step's input, CPU path vs GPU path with 4
+#               workers; the device path's parts; RandAugment grouped vs per sample), and attnscale_base_24's
+#               --throughput on the real input path (--decode gpu, 4 workers) against random data
 #   throughput  pretrain.py --throughput with MFU, eager and --compile: attnscale_small_24 (micro batch 128) and
 #               attnscale_base_24 (64), bf16 ZeRO-2 as shipped
 #   model_step  bench/model_step.py: plain ViT-S/24, AttnScale fused (flash) and explicit, FeatScale at 224/384 px
@@ -31,7 +34,7 @@ REPORT=${1:-${OUT:+$OUT/gpu-report.md}}
 REPORT=${REPORT:-runs/gpu-report.md}
 shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
-[ ${#STEPS[@]} -gt 0 ] || STEPS=(setup tests recipe throughput model_step fusedadam demo zero host_syncs memory_depth)
+[ ${#STEPS[@]} -gt 0 ] || STEPS=(setup tests recipe decode throughput model_step fusedadam demo zero host_syncs memory_depth)
 
 export PY=${PYTHON:-python3}
 export SITE=${GPU_CHECK_SITE:-/tmp/site}
@@ -87,6 +90,20 @@ print(f"demo shards: {counts}")
 EOF
 }
 
+ensure_photo_shards() {  # shards of the repository's 103 photographs x 20 (real JPEGs of varied sizes), for the loader
+  [ -f shards/photos/train.json ] && return 0
+  "$PY" - <<'EOF'
+import sys
+from pathlib import Path
+sys.path.insert(0, "bench")
+from loader import IMAGES, replicate_imagefolder
+from antismooth.data.shards import ShardOptions, build
+n = replicate_imagefolder(IMAGES / "train", Path("shards/photos/imagefolder/train"), 20)
+build("shards/photos/imagefolder", "shards/photos", ShardOptions(max_count=500), splits=("train",))
+print(f"photo shards: {n} images")
+EOF
+}
+
 # tools/demo.py's model and recipe, for the ZeRO runs on its shards.
 DEMO_FLAGS="--model attnscale_tiny_24 --model-kwargs patch_size=4 embed_dim=64 num_heads=4 --input-size 16
   --crop-pct 1.0 --no-aug --mixup 0 --cutmix 0 --repeated-aug 1 --smoothing 0.1 --drop-path 0 --workers 4
@@ -101,7 +118,7 @@ step_setup() {
   "$PY" - <<'EOF'
 import importlib, platform, sys
 print(f"python {platform.python_version()} at {sys.executable}")
-for name in ("torch", "deepspeed", "timm", "webdataset", "torchvision", "pydantic", "safetensors", "tensorboard",
+for name in ("torch", "deepspeed", "timm", "webdataset", "torchvision", "torchcodec", "pydantic", "safetensors", "tensorboard",
              "numpy", "pytest", "antismooth"):
     try:
         module = importlib.import_module(name)
@@ -189,6 +206,21 @@ step_throughput() {
 }
 excerpt_throughput() { grep -E "^== |pretrain: (attnscale|optimizer)|^throughput:|peak GPU memory" "$1"; }
 
+step_decode() {
+  set -e
+  "$PY" bench/decode_throughput.py --device cuda --workers 4 --batch 256 --batches 10 --copies 40 \
+    --json "$WORK/decode.json"
+  ensure_photo_shards
+  ds_json ds_configs/zero2.json "$WORK/base24-loader.json" "c['train_micro_batch_size_per_gpu'] = 64"
+  for source in random loader; do
+    rm -rf "$WORK/throughput-base24-$source"
+    echo "== attnscale_base_24-64-zero2-$source"
+    "$PY" pretrain.py --deepspeed_config "$WORK/base24-loader.json" --model attnscale_base_24 --data shards/photos \
+      --workers 4 --decode gpu --output "$WORK/throughput-base24-$source" --throughput "$source"
+  done
+}
+excerpt_decode() { grep -E "^\||^GPU path|^device path|^RandAugment|images \(|^== |^throughput:|decoding on|TorchCodec" "$1"; }
+
 step_fusedadam() {
   set -e
   ensure_demo_shards
@@ -213,15 +245,16 @@ step_memory_depth() {
 }
 excerpt_memory_depth() { grep -v -E "^\[ *[0-9]+ s\]" "$1"; }
 
-export -f ds_json ensure_demo_shards throughput_run step_setup step_tests step_recipe step_throughput step_model_step \
-  step_fusedadam step_demo step_zero step_host_syncs step_memory_depth
+export -f ds_json ensure_demo_shards ensure_photo_shards throughput_run step_setup step_tests step_recipe step_decode \
+  step_throughput step_model_step step_fusedadam step_demo step_zero step_host_syncs step_memory_depth
 
 # --- running them ---------------------------------------------------------------------------------------------
 
-declare -A LIMIT=([setup]=30 [tests]=100 [recipe]=60 [throughput]=150 [model_step]=40 [fusedadam]=90 [demo]=120
+declare -A LIMIT=([setup]=30 [tests]=100 [recipe]=60 [decode]=90 [throughput]=150 [model_step]=40 [fusedadam]=90 [demo]=120
   [zero]=180 [host_syncs]=60 [memory_depth]=200)
 declare -A TITLE=([setup]="a. setup: wheels, versions, nvidia-smi" [tests]="b. pytest tests/gpu -x -q"
   [recipe]="c. ds_configs/zero2.json, DeiT's recipe, the real loader; planned vs allocated peak"
+  [decode]="c2. --decode gpu: input path images/s, and base_24 on it vs random data"
   [throughput]="d. pretrain.py --throughput with MFU, eager and --compile"
   [model_step]="e. bench/model_step.py on cuda (flash SDPA)" [fusedadam]="f. DeepSpeed's FusedAdam vs torch's fused AdamW"
   [demo]="g. demo on one GPU (NCCL, bf16, ZeRO-2)" [zero]="h. ZeRO-2 and ZeRO-3 bf16 with a resume, export, eval"

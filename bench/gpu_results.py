@@ -15,7 +15,7 @@ THROUGHPUT = re.compile(r"^throughput: ([\d.]+) img/s .*?; ([\d.]+) model TFLOP/
                         r"(?:.*MFU ([\d.]+) %)?")
 PLANNED = re.compile(r"planned peak per rank ([\d.]+) GiB")
 ALLOCATED = re.compile(r"peak GPU memory allocated ([\d.]+) GiB")
-BENCH_FILES = ("model_step", "memory_depth", "host_syncs", "demo-eval", "zero2-eval", "zero3-eval")
+BENCH_FILES = ("decode", "model_step", "memory_depth", "host_syncs", "demo-eval", "zero2-eval", "zero3-eval")
 
 
 def throughput_runs(log: str) -> dict[str, dict]:
@@ -49,7 +49,7 @@ def main(work: str, out: str) -> int:
     for status in sorted((work_dir / "status").glob("*")):
         state, seconds = status.read_text().strip().rsplit("|", 1)
         results["steps"][status.name] = {"status": state, "seconds": int(seconds)}
-    for step in ("throughput", "fusedadam"):
+    for step in ("throughput", "fusedadam", "decode"):
         results["throughput"].update(throughput_runs(logs.get(step, "")))
     results["planner"] = planner(logs.get("recipe", ""))
     for name in BENCH_FILES:

@@ -1,5 +1,6 @@
 """Images/s of the training stream (full DeiT augmentation, uint8 out) beside a torchvision ImageFolder
-loader and beside the raw decode + augment rate of one core, all measured in one run on the same images;
+loader, beside the raw decode + augment rate of one core, and the GPU path's workers (bytes, checks and parameters
+only: --decode gpu leaves the decode and augmentation to the device), all measured in one run on the same images;
 first, per core: the full decode, the reduced-size decode (antismooth.data.decode), images stored at a longest
 side of 512 and 320 (build_shards --max-side), the GPU path's worker share (header, check, parameters), and the
 full path's milliseconds per stage.
@@ -15,6 +16,7 @@ by the real shard builder from that folder.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--core-rounds", type=int, default=4, help="interleaved passes of the per-core figures")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--json", type=Path, help="write the per-core figures to this file")
+    parser.add_argument("--loader-json", type=Path, help="write the loader figures (images/s per loader) to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one core per worker, as in training; the main process only collates
 
@@ -197,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
                 train = build_train_stream(manifest, config, 0, 1, augment)
                 rates.setdefault(f"antismooth stream, {workers} worker(s)", []).append(
                     time_loader(train.loader(0), limit))
+                # The GPU path's workers: bytes, checks and parameters only (the device's share is not timed here).
+                bytes_only = build_train_stream(manifest, dataclasses.replace(config, decode="gpu"), 0, 1, augment)
+                rates.setdefault(f"antismooth stream --decode gpu (the workers' share), {workers} worker(s)",
+                                 []).append(time_loader(bytes_only.loader(0), limit))
                 folder_loader = torch.utils.data.DataLoader(
                     ImageFolder(str(folder), transform=stream.transform), batch_size=args.batch, shuffle=True,
                     num_workers=workers, drop_last=True)
@@ -204,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                     time_loader(folder_loader, limit))
 
     medians = {name: statistics.median(r) for name, r in rates.items()}
+    if args.loader_json:
+        args.loader_json.write_text(json.dumps({"images": n, "batch": args.batch, "images_per_s": {
+            name: round(rate, 1) for name, rate in medians.items()}}, indent=1) + "\n")
     raw = medians["raw decode + augment, 1 core"]
     print(f"\n{n} images, 224 px DeiT augmentation (RandomResizedCrop, RandAugment) to uint8 (normalisation and "
           f"erasing run on the device, not here), batch {args.batch}, median of {args.rounds} rounds")
@@ -213,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         if name.startswith("raw"):
             print(f"| {name} | {rate:.0f} | 1.00 | |")
             continue
-        workers = int(name.split(", ")[1].split()[0])
+        workers = int(name.rsplit(", ", 1)[1].split()[0])
         ours = name.startswith("antismooth")
         twin = medians[f"ImageFolder + DataLoader, {workers} worker(s)"]
         print(f"| {name} | {rate:.0f} | {rate / workers / raw:.2f} | {rate / twin:.2f} |" if ours else

@@ -163,3 +163,30 @@ def test_step_time_from_the_flop_count() -> None:
     assert t.train_flops_per_image == 4 * flops                 # forward, backward (2x), recompute
     assert t.seconds_per_step == pytest.approx(64 * 4 * flops / 0.5e12)
     assert t.loader_workers_per_gpu == -(-t.images_per_second_per_gpu // 100)
+
+
+def test_loader_workers_follow_the_decode_path(capsys: pytest.CaptureFixture) -> None:
+    """--decode gpu leaves the workers only the reading (bytes, header, parameters): fewer cores per GPU, and the
+    tool says that the decode and augmentation run on the GPU."""
+    from antismooth.plan import CPU_IMAGES_PER_CORE, plan_step_time
+
+    raw = raw_config(2, "bfloat16", 1, 64, 500_000)
+    on = {path: plan_step_time(LARGER["model"], {}, raw, 1, LARGER["input_size"], None, mfu=0.5, peak_tflops=200.0,
+                               decode=path) for path in ("cpu", "gpu")}
+    for path, t in on.items():
+        assert t.images_per_core == CPU_IMAGES_PER_CORE[path]
+        assert t.loader_workers_per_gpu == -(-t.images_per_second_per_gpu // CPU_IMAGES_PER_CORE[path])
+    assert on["gpu"].loader_workers_per_gpu < on["cpu"].loader_workers_per_gpu
+    with pytest.raises(ValueError, match="use cpu or gpu"):
+        plan_step_time(LARGER["model"], {}, raw, 1, LARGER["input_size"], None, 0.5, 200.0, decode="dali")
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import plan as tool  # tools/plan.py
+
+    config = str(REPO / "ds_configs" / "zero2.json")
+    for path in ("cpu", "gpu"):
+        assert tool.main(["--model", LARGER["model"], "--deepspeed_config", config, "--input-size",
+                          str(LARGER["input_size"]), "--mfu", "0.4", "--decode", path]) == 0
+    printed = capsys.readouterr().out
+    assert "per GPU to decode and augment at" in printed
+    assert "per GPU to read the bytes and draw each sample's parameters" in printed and "run on the GPU" in printed

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -190,6 +191,8 @@ def one_process_runs(tiny_shards, tmp_path_factory):
         {"argv": [*common, "--model", "vit_tiny_24", "--output", str(work / "eval"), "--eval-only",
                   "--finetune", str(matching)]},
         {"argv": [*common, "--output", str(work / "throughput"), "--throughput"]},
+        # The input path measured with the model: the DeiT recipe decoded and augmented on the device (here the CPU).
+        {"argv": [*common, "--output", str(work / "throughput-loader"), "--throughput", "loader", "--decode", "gpu"]},
     ]
     log = launch_plan(plan, 1, work, torchrun=True)
     return {"work": work, "source": plain.state_dict(), "log": log}
@@ -210,8 +213,11 @@ def test_finetune_from_plain_weights_with_another_class_count_and_image_size(one
 def test_eval_only_and_throughput_report_and_exit(one_process_runs):
     log = one_process_runs["log"]
     assert "eval " in log and "(16 images)" in log
-    assert "throughput: " in log and " img/s" in log
+    lines = re.findall(r"^throughput: .*$", log, flags=re.M)
+    assert len(lines) == 2 and " img/s" in lines[0]
+    assert lines[0].endswith("on random data") and lines[1].endswith("on the real input path, --decode gpu")
     assert not (one_process_runs["work"] / "throughput" / "checkpoints").exists()
+    assert not (one_process_runs["work"] / "throughput-loader" / "checkpoints").exists()
 
 
 # --- start-up errors -----------------------------------------------------------------------------------------

@@ -43,8 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mfu", type=float, help="also estimate the step time at this model FLOPs utilisation (e.g. 0.4)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="dense bf16 TFLOP/s per GPU for --mfu (default: H100 SXM, 989)")
-    p.add_argument("--cpu-images-per-core", type=float, default=CPU_IMAGES_PER_CORE,
-                   help="augmented images/s one loader worker (CPU core) delivers (README: 224 with DeiT's augmentation)")
+    p.add_argument("--decode", choices=sorted(CPU_IMAGES_PER_CORE), default="cpu",
+                   help="the input path the loader workers serve (pretrain.py --decode): cpu, they decode and "
+                        "augment; gpu, they only read bytes and draw parameters (default: %(default)s)")
+    p.add_argument("--cpu-images-per-core", type=float, default=None,
+                   help="images/s one loader worker (CPU core) delivers (default: the measured rate of --decode's "
+                        f"path, {', '.join(f'{k} {v:g}' for k, v in CPU_IMAGES_PER_CORE.items())}; "
+                        "docs/benchmarks.md)")
     p.add_argument("--json", type=Path, help="also write the plan (and the alternatives) here")
     return p
 
@@ -145,7 +150,7 @@ def plan_one(model: str, path: str, batch: Optional[int], args: argparse.Namespa
     result = {"plan": plan.to_dict(), "alternatives": [dict(p.to_dict(), change=n) for n, p in rows]}
     if args.mfu:
         timing = plan_step_time(model, args.model_kwargs, ds, args.gpus, args.input_size, batch, args.mfu,
-                                args.peak_tflops, args.cpu_images_per_core)
+                                args.peak_tflops, args.cpu_images_per_core, args.decode)
         print_step_time(timing, args)
         result["step_time"] = timing.to_dict()
     return result
@@ -155,8 +160,13 @@ def print_step_time(t: StepTimePlan, args: argparse.Namespace) -> None:
     print(f"\nstep time at MFU {args.mfu:g} of {args.peak_tflops:g} TFLOP/s: {t.forward_flops_per_image / 1e9:.1f} GFLOP "
           f"forward per image, {t.train_flops_per_image / 1e9:.1f} GFLOP trained; {t.seconds_per_step * 1e3:.0f} ms per "
           f"step of {t.images_per_step_per_gpu} images per GPU = {t.images_per_second_per_gpu:.0f} images/s per GPU")
-    print(f"loader: {t.loader_workers_per_gpu} workers (CPU cores) per GPU at {args.cpu_images_per_core:g} images/s "
-          f"per core")
+    if t.decode == "gpu":
+        print(f"loader (--decode gpu): {t.loader_workers_per_gpu} workers (CPU cores) per GPU to read the bytes and draw "
+              f"each sample's parameters at {t.images_per_core:g} images/s per core; decode and augmentation run on "
+              "the GPU")
+    else:
+        print(f"loader (--decode cpu): {t.loader_workers_per_gpu} workers (CPU cores) per GPU to decode and augment at "
+              f"{t.images_per_core:g} images/s per core")
 
 
 if __name__ == "__main__":

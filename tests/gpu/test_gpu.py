@@ -13,6 +13,7 @@ take with several ranks, on a real NCCL group.
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -207,3 +208,34 @@ def test_eval_only_runs_under_nccl(gpu_runs):
     assert sorted(Path(path).stem for path, _, _ in lines) == ["zero2", "zero3"], gpu_runs["eval_log"][-4000:]
     assert all(count == "16" for _, _, count in lines)
     assert len(WORLD_LINE.findall(gpu_runs["eval_log"])) == 2
+
+
+# --- the GPU decode path: nvJPEG on a side stream, augmentation on the device ----------------------------------
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a.double() - b.double()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(255 ** 2 / mse)
+
+
+@pytest.mark.parametrize("aa", [None, "rand-m9-mstd0.5-inc1"])
+def test_the_device_path_on_the_gpu_gives_what_it_gives_on_the_cpu(sample_images, aa):
+    """nvJPEG (TorchCodec or torchvision) against libjpeg-turbo on the same bytes and parameters: the decoders'
+    IDCTs differ by a level or two, which RandAugment's thresholds (Posterize, Solarize) can amplify; counted."""
+    from antismooth.data import decode
+    from antismooth.data.pipeline import AugmentConfig, seed_augmentation, train_transform
+
+    transform = train_transform(AugmentConfig(input_size=224, auto_augment=aa, color_jitter=None))
+    files = [p.read_bytes() for p in sorted((sample_images / "train").rglob("*.JPEG"))]
+    samples = [decode.worker_sample(data, transform, k, seed_augmentation) for k, data in enumerate(files)]
+    batch = decode.JpegBatch(*map(list, zip(*samples)))
+    stats = decode.DecodeStats()
+    on_gpu = decode.decode_batch(batch.pin_memory(), "cuda", stats)
+    again = decode.decode_batch(batch.pin_memory(), "cuda")
+    torch.cuda.synchronize()
+    on_cpu = decode.decode_batch(batch, "cpu")
+    assert on_gpu.is_cuda and on_gpu.shape == (len(files), 3, 224, 224) and torch.equal(on_gpu, again)
+    assert stats.device == len(files) - stats.worker_cpu and stats.refused == 0, str(stats)
+    psnrs = sorted(_psnr(g, c) for g, c in zip(on_gpu.cpu(), on_cpu))
+    print(f"decoder {decode.decoder_backend()}, RandAugment {aa}: PSNR min {psnrs[0]:.1f}, "
+          f"median {psnrs[len(psnrs) // 2]:.1f} dB")
+    assert psnrs[len(psnrs) // 2] >= 35 and psnrs[0] >= (30 if aa is None else 15)
