@@ -356,10 +356,10 @@ def plot(results: Sequence[dict], recipe: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def curves(shards: Path, weights: Sequence[Path], out: Path) -> None:
+def curves(shards: Path, weights: Sequence[Path], out: Path, log: Path) -> None:
     """The oversmoothing curves (tools/analyze.py) of the given exports, side by side."""
     _run([sys.executable, "tools/analyze.py", "--weights", *map(str, weights), "--data", str(shards / "val.json"),
-          "--out", str(out), "--num-images", "256"], out.parent / "analyze.log")
+          "--out", str(out), "--num-images", "256"], log)
 
 
 # --- the command ----------------------------------------------------------------------------------------------------
@@ -396,7 +396,7 @@ def report(results: list[dict], recipe: dict, figures: Path, shards: Optional[Pa
         return
     exports = [work / f"{f}-{deepest}-0" / f"{f}_tiny_{deepest}.safetensors" for f in MODELS]
     if all(p.is_file() for p in exports):
-        curves(shards, exports, figures / f"curves-depth{deepest}")
+        curves(shards, exports, figures / f"curves-depth{deepest}", work / "analyze.log")
         print(f"curves of the depth-{deepest} seed-0 models in {figures / f'curves-depth{deepest}'}")
 
 
