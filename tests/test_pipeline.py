@@ -242,3 +242,64 @@ def test_the_same_layout_continues_its_deal_sample_for_sample(sample_shards):
     rest, _, _ = _train(sample_shards, 0, 1, 3, 4, EpochPosition(deal, stream.delivered.copy()), 32)
     whole, _, _ = _train(sample_shards, 0, 1, 3, 6)
     assert first + rest == whole
+
+
+# --- the loader workers' forkserver --------------------------------------------------------------------------
+
+# A main script as pretrain.py is one: heavy imports at the top (here: a line written per import), its start guarded.
+WORKER_MAIN = '''
+import os, signal, sys, time
+with open(sys.argv[2], "a") as f:
+    f.write(f"{os.getpid()}\\n")
+from antismooth.data.pipeline import build_eval_stream
+
+if __name__ == "__main__":
+    stream = build_eval_stream(sys.argv[1], 4, 0, 1, num_workers=2)
+    for _ in range(3):   # three loaders: six worker starts
+        assert sum(len(batch[1]) for batch in stream.loader()) == 103
+    loader = iter(stream.loader())
+    next(loader)
+    parents = {}
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                parents[int(stat)] = int(open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                pass   # gone meanwhile
+    descendants, grown = {os.getpid()}, True
+    while grown:
+        new = {pid for pid, parent in parents.items() if parent in descendants} - descendants
+        descendants |= new
+        grown = bool(new)
+    print(" ".join(str(pid) for pid in descendants - {os.getpid()}), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)   # killed outright, as by the OOM killer, its workers alive
+'''
+
+
+def test_workers_find_the_main_script_imported_and_die_with_a_killed_process(sample_shards, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script, imports = tmp_path / "main.py", tmp_path / "imports.txt"
+    script.write_text(WORKER_MAIN)
+    done = subprocess.run([sys.executable, str(script), str(sample_shards), str(imports)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == -9, done.stderr
+    # Imported by the process and once by the forkserver: none of the eight workers imports it again.
+    assert len(imports.read_text().split()) == 2
+    children = [int(pid) for pid in done.stdout.split()]   # the forkserver, its two workers, the resource tracker
+    assert len(children) >= 3
+    deadline = time.monotonic() + 30
+    while any(map(_running, children)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in children if _running(pid)], "processes outlived their killed parent"
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (where no init reaps orphans, a dead process stays in /proc as one)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

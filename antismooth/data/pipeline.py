@@ -25,8 +25,11 @@ import functools
 import hashlib
 import io
 import itertools
+import json
 import logging
 import math
+import multiprocessing.spawn as mp_spawn
+import os
 import random
 import zlib
 from dataclasses import dataclass
@@ -571,9 +574,9 @@ class TrainStream:
 # deadlocked a worker inside CPython 3.11's after-fork hook (_PyThreadState_DeleteExcept waiting for a lock held at
 # the fork) in about one test launch in three here, its rank then waiting for a batch forever. Python 3.14 makes
 # forkserver the default on Linux for this class of bug. The server imports the main script (whose start must sit
-# under `if __name__ == "__main__":`, as with spawn), torch and this module once per process; every worker after
-# that is a fork of it, as fast as a fork of the training process. `_forkserver` makes the server die with its
-# process, so that a killed rank leaves no workers behind.
+# under `if __name__ == "__main__":`, as with spawn; `_forkserver` does it, see there), torch and this module once
+# per process; every worker after that is a fork of it, as fast as a fork of the training process. `_forkserver`
+# also makes the server die with its process, so that a killed rank leaves no workers behind.
 FORKSERVER_PRELOAD = ["__main__", "torch", __name__, f"{__package__}._forkserver"]
 
 
@@ -583,7 +586,22 @@ def loader_context(workers: int) -> Optional[Any]:
         return None
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(FORKSERVER_PRELOAD)   # effective until the server starts, harmless after
+    _hand_main_to_server()
     return context
+
+
+# CPython before 3.13.8 never tells the server where the main script is (its '__main__' preload is dead code:
+# python/cpython#126631, #137996), so every worker imported the main script itself: pretrain.py's DeepSpeed, timm
+# and TensorBoard, 0.25 s per worker start here, at every epoch and evaluation. `_forkserver` imports it instead,
+# from what this variable says; the server inherits the environment of the process that starts it.
+FORKSERVER_MAIN_ENV = "ANTISMOOTH_FORKSERVER_MAIN"
+
+
+def _hand_main_to_server() -> None:
+    data = mp_spawn.get_preparation_data("loader")   # what every worker will be told to import, and from where
+    if "init_main_from_path" in data:   # a script; `python -m` mains are re-imported by name, cheaply or not at all
+        os.environ[FORKSERVER_MAIN_ENV] = json.dumps({key: data[key] for key in
+                                                      ("init_main_from_path", "sys_path", "sys_argv")})
 
 
 class _CountingLoader:
