@@ -1,6 +1,7 @@
 """A clone of the repository passes on its own: nothing beside it (no ../shared), only its committed files.
 
-The clone's fast data tests run with this venv's Python, importing the clone's antismooth (not the editable
+The clone's tests of its real photographs and the shards built from them (the tests that read images from
+a path: before, ../shared/data/imagenet-sample) run with this venv's Python, importing the clone's antismooth (not the editable
 install of this checkout), from a folder with nothing else in it: what `make test` meets on a bare machine.
 """
 from __future__ import annotations
@@ -28,8 +29,8 @@ def test_a_clone_with_nothing_beside_it_passes_the_data_tests(tmp_path: Path):
                               env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert Path(imported).is_relative_to(clone), imported  # the clone's own code, not this checkout's
 
-    run = subprocess.run([sys.executable, "-m", "pytest", "tests/test_shards.py", "tests/test_pipeline.py",
-                          "tests/test_sample_images.py", "-m", "not slow", "-q", "-x", "-p", "no:cacheprovider",
+    run = subprocess.run([sys.executable, "-m", "pytest", "tests/test_shards.py", "tests/test_sample_images.py",
+                          "-m", "not slow", "-q", "-x", "-p", "no:cacheprovider",
                           "--basetemp", str(clone / ".pytest-tmp")],  # its temporary files inside the clone too
                          cwd=clone, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
