@@ -1,8 +1,10 @@
 """The model zoo: every name builds and trains, the paper's maths is right, the official keys and forward hold."""
 from __future__ import annotations
 
+import collections
 import logging
 import math
+import re
 
 import pytest
 import timm
@@ -13,7 +15,7 @@ from timm.models._manipulate import reinit_non_persistent_buffers
 
 import antismooth  # noqa: F401  (registers the zoo)
 from antismooth.models import (MODEL_NAMES, AttnScaleAttention, WeightsMismatchError, attnscale_matrix,
-                               attnscale_output, load_weights, set_fused_attn, split_dc_hc)
+                               attnscale_output, load_weights, set_fused_attn, split_dc_hc, structure)
 
 SMALL = dict(img_size=32, num_classes=10)
 
@@ -57,7 +59,33 @@ def _is_wide(name: str) -> bool:
     return "_base_" in name or "_M" in name or ("swin" in name and "swin_tiny" not in name)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+# A name's depth: the same code builds vit_small_6 ... vit_small_48, cait_S24/S36, swin_small(_42/_60)_patch4_...
+NAME_DEPTH = re.compile(r"_?(?<![0-9])(6|12|24|36|42|48|60)(?=_|$)")
+
+
+def _depth_in_name(name: str) -> int:
+    found = NAME_DEPTH.search(name)
+    return int(found.group(1)) if found else 0
+
+
+def _shallowest_of_each_code(names) -> list[str]:
+    by_code = collections.defaultdict(list)
+    for name in names:
+        by_code[NAME_DEPTH.sub("", name)].append(name)
+    return [min(group, key=_depth_in_name) for group in by_code.values()]
+
+
+STEPPED = _shallowest_of_each_code(MODEL_NAMES)
+
+
+@pytest.mark.parametrize("name", sorted(set(MODEL_NAMES) - set(STEPPED)))
+def test_every_deeper_variant_builds_with_the_depth_its_name_says(name):
+    """Its code trains one step in its shallowest variant (below); here it builds on the meta device, at no cost."""
+    model = timm.create_model(name, device="meta", **dict(SMALL, img_size=64 if "swin" in name else 32))
+    assert len(structure.blocks(model)) == _depth_in_name(name)
+
+
+@pytest.mark.parametrize("name", STEPPED)
 def test_every_model_builds_and_trains_one_step(name):
     # Base and M widths (up to 340M parameters) run forward and backward on the meta device: the
     # graph, every shape and every gradient's existence are checked at no memory cost, and their
