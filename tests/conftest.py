@@ -99,10 +99,13 @@ from launch import FULL_BATCH_SIZE, ds_config, launch_plan  # noqa: E402  (tests
 # A 24-block AttnScale ViT small enough for CPU tests: 32 px, patch 8 (16 tokens), width 64.
 TINY_MODEL = ["--model", "attnscale_tiny_24", "--model-kwargs", "patch_size=8", "embed_dim=64", "num_heads=4",
               "--input-size", "32"]
-# Every step sees the whole 16-image set, unaugmented: runs at any world size see the same data.
+# Every step sees the whole 16-image set, unaugmented: runs at any world size see the same data. Read in the
+# training process (--workers 0): these runs test the engine, not the loader, and a forkserver with two workers
+# costs a run ~4 s here. The runs that test the loader workers keep them: RESUME_FLAGS, WITH_WORKERS below.
 FULL_BATCH = ["--no-aug", "--mixup", "0", "--cutmix", "0", "--smoothing", "0", "--repeated-aug", "1",
               "--drop-path", "0", "--epochs", "6", "--warmup-epochs", "0", "--lr", "0.05", "--min-lr", "1e-4",
-              "--workers", "2", "--log-every", "1", "--spectral-every", "3", "--no-model-ema"]
+              "--workers", "0", "--log-every", "1", "--spectral-every", "3", "--no-model-ema"]
+WITH_WORKERS = ["--workers", "2"]
 # The model EMA where a test looks at it (tests/test_ema.py, test_elastic.py): decay 0.5, so that 6 steps move it.
 # Off elsewhere: its epoch-end evaluation doubles every run's evaluations.
 EMA_DECAY = 0.5
@@ -142,8 +145,8 @@ COMPILED_RUNS = [("zero2-compiled", 2, {}, ["--compile"]),
                  ("zero2-bf16-compiled", 2, BF16, ["--epochs", "3", "--compile"])]
 # --decode gpu through pretrain.py, the device path on the CPU (tests/test_decode.py), with the DeiT recipe it applies
 # (RandAugment, random erasing): 2 steps straight through, and stopped after 1 and resumed.
-DECODE_GPU_RUNS = [("decode-gpu", 2, {}, ["--decode", "gpu", "--epochs", "2"]),
-                   ("decode-gpu-resumed", 2, {}, ["--decode", "gpu", "--epochs", "2"])]
+DECODE_GPU_RUNS = [("decode-gpu", 2, {}, ["--decode", "gpu", "--epochs", "2", *WITH_WORKERS]),
+                   ("decode-gpu-resumed", 2, {}, ["--decode", "gpu", "--epochs", "2", *WITH_WORKERS])]
 AUGMENTED = {"decode-gpu", "decode-gpu-resumed"}   # runs without FULL_BATCH's --no-aug
 # A first part, run before the run itself in the same folder: the run's flags less --compile, plus these.
 FIRST_PART = {"zero1-resumed-compiled": ["--max-steps", "3"], "decode-gpu-resumed": ["--max-steps", "1"]}
@@ -197,7 +200,7 @@ def zero_runs(tiny_shards: Path, uneven_val_shards: Path,
         configs += [(name, name, *rest) for name, *rest in EXTRA_RUNS[world]]
         if world == 2:
             configs.append(("zero3-uneven-eval", "zero3-uneven-eval", 3, ZERO3_REGATHER,
-                            ["--epochs", "1", "--data", str(uneven_val_shards)]))
+                            ["--epochs", "1", "--data", str(uneven_val_shards), *WITH_WORKERS]))
         plan, outputs = [], {}
         for key, name, stage, extra, flags in configs:
             out = outputs[key] = work / f"{name}-world{world}"
