@@ -28,7 +28,8 @@ import antismooth  # noqa: F401  (registers the model zoo with timm)
 from antismooth.config import ConfigError, DeepSpeedSettings, Derived, TrainConfig, check_optimizer_build, derive
 from antismooth.checkpoint import RunFolder, choose_resume_tag, processes, resume
 from antismooth.data.pipeline import AugmentConfig, ShardSource, StreamConfig, build_train_stream, train_transform
-from antismooth.distributed import DistEnv, barrier, check_shared_folder, detect_launch, init_distributed, log_world
+from antismooth.distributed import (DistEnv, barrier, check_shared_folder, detect_launch, init_distributed, leave,
+                                    log_world)
 from antismooth.ema import ShardedEma
 from antismooth.engine import (TrainingStopped, TrainState, apply_activation_checkpointing, build_scheduler,
                                compile_blocks, describe_optimizer, param_groups)
@@ -474,4 +475,7 @@ def _sync(env: DistEnv) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status == 0:
+        leave()   # every rank finished: leave the process group together (antismooth.distributed.leave)
+    sys.exit(status)

@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import pretrain  # noqa: E402
+from antismooth.distributed import leave  # noqa: E402
 from antismooth.models import structure  # noqa: E402
 
 PROBE_BATCH = 4
@@ -201,3 +202,4 @@ def main(plan_path: str) -> None:
 
 if __name__ == "__main__":
     main(next(a for a in sys.argv[1:] if not a.startswith("--local_rank")))
+    leave()   # as pretrain.py does after a finished run
