@@ -1,8 +1,8 @@
 """A clone of the repository passes on its own: nothing beside it (no ../shared), only its committed files.
 
-The clone's tests of its real photographs and the shards built from them (the tests that read images from
-a path: before, ../shared/data/imagenet-sample) run with this venv's Python, importing the clone's antismooth (not the editable
-install of this checkout), from a folder with nothing else in it: what `make test` meets on a bare machine.
+The clone's tests of its real photographs and the shards built from them (the tests that read images from a
+path: before, ../shared/data/imagenet-sample) run with this venv's Python, importing the clone's antismooth (not the
+editable install of this checkout), from a folder with nothing else in it: what `make test` meets on a bare machine.
 """
 from __future__ import annotations
 

@@ -592,7 +592,7 @@ def loader_context(workers: int) -> Optional[Any]:
 
 # CPython before 3.13.8 never tells the server where the main script is (its '__main__' preload is dead code:
 # python/cpython#126631, #137996), so every worker imported the main script itself: pretrain.py's DeepSpeed, timm
-# and TensorBoard, 0.25 s per worker start here, at every epoch and evaluation. `_forkserver` imports it instead,
+# and TensorBoard, 0.32 s per start of a 2-worker loader here, at every epoch and evaluation. `_forkserver` imports it instead,
 # from what this variable says; the server inherits the environment of the process that starts it.
 FORKSERVER_MAIN_ENV = "ANTISMOOTH_FORKSERVER_MAIN"
 
