@@ -139,13 +139,12 @@ def test_tool_prints_the_plan_and_writes_json(tmp_path: Path, capfd: pytest.Capt
 
 
 def test_pretrain_logs_the_planned_peak_and_survives_a_planner_failure(caplog: pytest.LogCaptureFixture) -> None:
-    sys.path.insert(0, str(REPO))
-    import pretrain
+    from antismooth import startup
 
     ds = DeepSpeedSettings.from_dict(raw_config(2, "float32", 1, 16, 200_000), 1)
     with caplog.at_level("INFO", logger="pretrain"):
-        pretrain.log_planned_peak(TINY["model"], dict(TINY["model_kwargs"], img_size=32, num_classes=10), ds, 1)
-        pretrain.log_planned_peak(TINY["model"], {"no_such_argument": 1}, ds, 1)
+        startup.log_planned_peak(TINY["model"], dict(TINY["model_kwargs"], img_size=32, num_classes=10), ds, 1)
+        startup.log_planned_peak(TINY["model"], {"no_such_argument": 1}, ds, 1)
     lines = [r.getMessage() for r in caplog.records]
     assert any(line.startswith("planned peak per rank") for line in lines), lines
     assert any(line.startswith("Could not plan this run's memory") for line in lines), lines

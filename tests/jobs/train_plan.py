@@ -9,7 +9,7 @@ run, the trained engine's logits on a fixed batch, probe_images(img_size), are s
 mode; the images cast to the engine's parameter dtype, bf16 engines included; the logits in fp32), so
 tests can compare runs and exports with the live model. Optional keys, each a file rank 0 writes:
 "state_after_load" and "state_at_end", every parameter's fp32 weights and Adam moments gathered whole
-(DeepSpeed's safe_get_full_* helpers, every ZeRO stage) right after pretrain.resume loaded a checkpoint
+(DeepSpeed's safe_get_full_* helpers, every ZeRO stage) right after antismooth.startup's resume loaded a checkpoint
 and after the run (its last checkpoint saved); "record", per rank (`-rank{r}` before the suffix), the
 labels and sample positions of every batch the training loop took, with its epoch; "weights_each_step",
 the whole fp32 weights when training starts and after every optimizer step (a list). With ANTISMOOTH_TEST_KILL_DURING_SAVE=TAG,
@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import pretrain  # noqa: E402
+from antismooth import startup  # noqa: E402
 from antismooth.distributed import leave  # noqa: E402
 from antismooth.models import structure  # noqa: E402
 
@@ -93,11 +94,11 @@ def rank() -> int:
 
 @contextlib.contextmanager
 def state_after_load(path: str | None):
-    """Wrap pretrain.resume so that the engine's whole state is saved to `path` right after it loaded."""
+    """Wrap antismooth.startup.resume so that the engine's whole state is saved to `path` right after it loaded."""
     if not path:
         yield
         return
-    original = pretrain.resume
+    original = startup.resume
 
     def resume(engine, *args, **kwargs):
         original(engine, *args, **kwargs)
@@ -105,11 +106,11 @@ def state_after_load(path: str | None):
         if rank() == 0:
             torch.save(state, path)
 
-    pretrain.resume = resume
+    startup.resume = resume
     try:
         yield
     finally:
-        pretrain.resume = original
+        startup.resume = original
 
 
 @contextlib.contextmanager
