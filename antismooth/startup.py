@@ -10,8 +10,9 @@ import difflib
 import logging
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import timm
 import torch
@@ -22,7 +23,7 @@ import antismooth  # noqa: F401  (registers the model zoo with timm)
 from antismooth.config import ConfigError, DeepSpeedSettings, Derived, TrainConfig, check_optimizer_build, derive
 from antismooth.checkpoint import RunFolder, choose_resume_tag, processes, resume
 from antismooth.data.pipeline import AugmentConfig, ShardSource, StreamConfig, build_train_stream, train_transform
-from antismooth.distributed import check_shared_folder, detect_launch, init_distributed, leave, log_world
+from antismooth.distributed import DistEnv, check_shared_folder, detect_launch, init_distributed, leave, log_world
 from antismooth.ema import ShardedEma
 from antismooth.engine import (TrainingStopped, TrainState, apply_activation_checkpointing, build_scheduler,
                                compile_blocks, describe_optimizer, param_groups)
@@ -245,9 +246,81 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 3
 
 
-def run(config: TrainConfig):
-    """Train (or evaluate, or measure); returns the DeepSpeed engine after training, else None."""
-    # Everything a user can get wrong is checked here, before processes talk or models are built.
+@dataclass(frozen=True)
+class Checked:
+    """What the checks before any process group found: the launch's size, the DeepSpeed settings, the data's
+    splits read once (the training stream, every evaluation and the spectral probe take these) and the numbers
+    derived from them."""
+    world_size: int
+    ds: DeepSpeedSettings
+    train_source: Optional[ShardSource]
+    val_source: Optional[ShardSource]
+    classes: list[str]
+    derived: Optional[Derived]      # None for --eval-only
+
+
+@dataclass
+class Built:
+    """The engine and what goes with it, resumed when the run folder holds a checkpoint."""
+    engine: Any                     # deepspeed.DeepSpeedEngine
+    scheduler: Any
+    state: TrainState
+    resume_tag: Optional[str]
+    ema: Optional[ShardedEma]
+    dtype: torch.dtype
+    num_params: int
+
+
+TrainerFactory = Callable[..., Trainer]
+
+
+def run(config: TrainConfig, make_trainer: TrainerFactory = Trainer):
+    """Train (or evaluate, or measure); returns the DeepSpeed engine after training, else None.
+
+    `make_trainer` builds the training loop from Trainer's fields (keyword arguments): a Trainer subclass that
+    observes the run through its override points (Trainer.after_resume, on_batch, after_step, ...)."""
+    checked = check_before_launch(config)
+    env = init_distributed()
+    run_folder = RunFolder(config.output)
+    if not config.eval_only:
+        check_shared_folder(run_folder.root)
+    setup_logging(run_folder, env.rank)
+    log_world(env)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank and at every world size
+    model = build_model(config, len(checked.classes))
+    augment = augment_config(config, structure.input_size(model)[0])
+    meta = model_meta(config, model, checked.classes, augment)
+    if config.eval_only:
+        evaluate_only(config, checked, env, model, augment)
+        return None
+
+    built = build_engine(config, checked, env, model, run_folder)
+    ds, derived = checked.ds, checked.derived
+    if env.rank == 0:
+        log_start(config, ds, derived, meta, run_folder, built.num_params, len(structure.blocks(model)),
+                  built.resume_tag)
+    if config.throughput == "random":
+        measure_throughput(built.engine, env, ds, built.dtype, random_batches(
+            ds, structure.input_size(model), len(checked.classes), env.device, built.dtype))
+        return None
+    stream, decode = build_stream(config, checked, env, augment)
+    if config.throughput == "loader":
+        measure_throughput(built.engine, env, ds, built.dtype, loader_batches(stream, env.device, built.dtype), decode)
+        return None
+    trainer = make_trainer(config=config, ds=ds, derived=derived, env=env, engine=built.engine,
+                           scheduler=built.scheduler, stream=stream, state=built.state, run_folder=run_folder,
+                           meta=meta, dtype=built.dtype, val_source=checked.val_source, augment=augment, ema=built.ema)
+    if built.resume_tag is not None:
+        trainer.after_resume(built.resume_tag)
+    trainer.train()
+    log_peak_memory(env)
+    if config.compile:
+        log_compiled_graphs(env)
+    return built.engine
+
+
+def check_before_launch(config: TrainConfig) -> Checked:
+    """Everything a user can get wrong, checked before processes talk or models are built."""
     world_size = detect_launch().world_size
     held = None if config.eval_only else RunFolder(config.output).saved_batch()
     ds = DeepSpeedSettings.load(config.deepspeed_config, world_size, held)
@@ -261,7 +334,6 @@ def run(config: TrainConfig):
     check_model_name(config.model)
     train_manifest = find_manifest(config.data, "train", required=not config.eval_only)
     val_manifest = find_manifest(config.data, "val", required=config.eval_only)
-    # Each manifest is read once, here: the training stream, every evaluation and the spectral probe take these.
     train_source = ShardSource.resolve(train_manifest) if train_manifest else None
     val_source = ShardSource.resolve(val_manifest) if val_manifest else None
     classes = list((train_source or val_source).classes)
@@ -269,26 +341,25 @@ def run(config: TrainConfig):
     derived = derive(config, ds, world_size, train_source.num_samples) if train_source else None
     if config.finetune and not Path(config.finetune).is_file():
         raise ConfigError(f"--finetune {config.finetune} does not exist: give the path of a .pth or .safetensors file.")
+    return Checked(world_size, ds, train_source, val_source, classes, derived)
 
-    env = init_distributed()
-    run_folder = RunFolder(config.output)
-    if not config.eval_only:
-        check_shared_folder(run_folder.root)
-    setup_logging(run_folder, env.rank)
-    log_world(env)
-    torch.manual_seed(config.seed)  # the same initial weights on every rank and at every world size
-    model = build_model(config, len(classes))
-    augment = augment_config(config, structure.input_size(model)[0])
-    meta = model_meta(config, model, classes, augment)
 
-    if config.eval_only:
-        load_weights(model, config.finetune)
-        metrics = evaluate_split(model.to(env.device), val_source, ds.micro_batch, env, augment, config.workers, None)
-        if env.rank == 0:
-            print(f"eval {config.finetune}: top-1 {metrics['top1']:.2f} %  top-5 {metrics['top5']:.2f} %  "
-                  f"loss {metrics['loss']:.4f}  ({metrics['count']} images)")
-        return None
+def evaluate_only(config: TrainConfig, checked: Checked, env: DistEnv, model: nn.Module,
+                  augment: AugmentConfig) -> None:
+    """--eval-only: the --finetune weights on the validation split, one line on rank 0."""
+    load_weights(model, config.finetune)
+    metrics = evaluate_split(model.to(env.device), checked.val_source, checked.ds.micro_batch, env, augment,
+                             config.workers, None)
+    if env.rank == 0:
+        print(f"eval {config.finetune}: top-1 {metrics['top1']:.2f} %  top-5 {metrics['top5']:.2f} %  "
+              f"loss {metrics['loss']:.4f}  ({metrics['count']} images)")
 
+
+def build_engine(config: TrainConfig, checked: Checked, env: DistEnv, model: nn.Module,
+                 run_folder: RunFolder) -> Built:
+    """Fine-tuning weights (a fresh run), activation checkpointing, torch.compile, the DeepSpeed engine, the
+    schedule, the resume from the newest complete checkpoint and the EMA."""
+    ds = checked.ds
     resume_tag = choose_resume_tag(run_folder, env)
     if config.finetune and resume_tag is None:
         load_for_finetuning(model, config.finetune)
@@ -300,10 +371,9 @@ def run(config: TrainConfig):
     import deepspeed
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, ds.weight_decay),
                                            config=ds.for_deepspeed())
-    scheduler = build_scheduler(engine.optimizer, config, derived)
+    scheduler = build_scheduler(engine.optimizer, config, checked.derived)
     if env.rank == 0:
         log.info("optimizer: %s", describe_optimizer(engine))
-    dtype = getattr(torch, ds.dtype)
     state = TrainState()
     if resume_tag is not None:
         resume(engine, run_folder, resume_tag, state, env, config.workers)
@@ -311,34 +381,20 @@ def run(config: TrainConfig):
         # hold: DeepSpeed's ZeRO-3 universal loading does not restore them.
         scheduler.step_update(state.global_step)
     ema = build_ema(engine, env, config, run_folder, resume_tag) if config.model_ema else None
+    return Built(engine, scheduler, state, resume_tag, ema, getattr(torch, ds.dtype), num_params)
 
-    if env.rank == 0:
-        log_start(config, ds, derived, meta, run_folder, num_params, len(structure.blocks(model)), resume_tag)
 
-    if config.throughput == "random":
-        measure_throughput(engine, env, ds, dtype, random_batches(ds, structure.input_size(model), len(classes),
-                                                                  env.device, dtype))
-        return None
-
+def build_stream(config: TrainConfig, checked: Checked, env: DistEnv, augment: AugmentConfig):
+    """This rank's training stream, and where it decodes (cpu or gpu, --decode auto resolved)."""
     decode = choose_decode(config, env.device)
     if env.rank == 0:
         log.info("input: JPEGs decoded and augmented %s", "on the device (the workers read bytes and draw each "
                  "sample's parameters)" if decode == "gpu" else "by the loader workers")
-    stream = build_train_stream(train_source,
-                                StreamConfig(batch_size=ds.micro_batch, mode=config.stream_mode, seed=config.seed,
-                                             num_workers=config.workers, decode=decode),
-                                env.rank, env.world_size, augment, global_batch=derived.global_batch)
-    if config.throughput == "loader":
-        measure_throughput(engine, env, ds, dtype, loader_batches(stream, env.device, dtype), decode)
-        return None
-    trainer = Trainer(config=config, ds=ds, derived=derived, env=env, engine=engine, scheduler=scheduler,
-                      stream=stream, state=state, run_folder=run_folder, meta=meta, dtype=dtype,
-                      val_source=val_source, augment=augment, ema=ema)
-    trainer.train()
-    log_peak_memory(env)
-    if config.compile:
-        log_compiled_graphs(env)
-    return engine
+    stream = build_train_stream(checked.train_source,
+                                StreamConfig(batch_size=checked.ds.micro_batch, mode=config.stream_mode,
+                                             seed=config.seed, num_workers=config.workers, decode=decode),
+                                env.rank, env.world_size, augment, global_batch=checked.derived.global_batch)
+    return stream, decode
 
 
 def log_compiled_graphs(env: DistEnv) -> None:
