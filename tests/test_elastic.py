@@ -183,11 +183,9 @@ def test_two_deepspeed_nodes_train_as_the_two_process_run(elastic, zero_runs):
 
 
 def test_a_two_node_run_exports(elastic, tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "tools"))
-    sys.path.insert(0, str(REPO / "tests" / "jobs"))
-    import export as export_tool
+    from antismooth.cli import export as export_tool
     from antismooth.export import create_model_from_weights
-    from train_plan import probe_images
+    from jobs.train_plan import probe_images
 
     out = tmp_path / "two-nodes.safetensors"
     assert export_tool.main([str(elastic["chains"]["full"]), "--out", str(out)]) == 0, capsys.readouterr().err

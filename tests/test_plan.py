@@ -118,9 +118,8 @@ def test_a_plan_that_does_not_fit_lists_configurations_that_do() -> None:
 
 
 def test_tool_prints_the_plan_and_writes_json(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
-    sys.path.insert(0, str(REPO / "tools"))
-    import plan as tool  # tools/plan.py
     import antismooth.plan
+    from antismooth.cli import plan as tool
 
     antismooth.plan._profiles.clear()  # measured afresh here: the profiler's C++ side writes its noise then
 
@@ -179,8 +178,7 @@ def test_loader_workers_follow_the_decode_path(capsys: pytest.CaptureFixture) ->
     with pytest.raises(ValueError, match="use cpu or gpu"):
         plan_step_time(LARGER["model"], {}, raw, 1, LARGER["input_size"], None, 0.5, 200.0, decode="dali")
 
-    sys.path.insert(0, str(REPO / "tools"))
-    import plan as tool  # tools/plan.py
+    from antismooth.cli import plan as tool
 
     config = str(REPO / "ds_configs" / "zero2.json")
     for path in ("cpu", "gpu"):
