@@ -23,6 +23,7 @@ from typing import Any, Optional
 from timm.utils import ParseKwargs
 
 from .data.settings import AugmentConfig, StreamConfig
+from .report import parse_targets
 from .settings import BatchLayout, ConfigError, check_choices, flat_values, from_flat, section, setting
 
 __all__ = ["TrainConfig", "ModelSettings", "ScheduleSettings", "OutputSettings", "EmaSettings", "ModeSettings",
@@ -89,11 +90,20 @@ class OutputSettings:
     spectral_every: int = setting(500, flag="--spectral-every", help="log spectral diagnostics every N steps (0: off)")
     eval_every_epoch: bool = setting(True, flag="--no-eval", dest="eval_every_epoch", action="store_false",
                                      help="skip the per-epoch evaluation")
+    report_to: str = setting("tensorboard", flag="--report-to",
+                             help="where the curves go: tensorboard (in the run folder), or tensorboard,wandb: Weights "
+                                  "& Biases beside it (pip install 'antismooth[wandb]'; WANDB_MODE=offline without "
+                                  "network), rank 0 only, the resolved settings as its config")
 
     def __post_init__(self) -> None:
         _check([(self.save_every >= 1, f"--save-every must be at least 1 step, got {self.save_every}."),
                 (self.keep >= 1, f"--keep must keep at least 1 checkpoint, got {self.keep}."),
                 (self.log_every >= 1, f"--log-every must be at least 1 step, got {self.log_every}.")])
+        parse_targets(self.report_to)
+
+    @property
+    def report_targets(self) -> tuple[str, ...]:
+        return parse_targets(self.report_to)
 
 
 @dataclass

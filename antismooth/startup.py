@@ -29,6 +29,7 @@ from antismooth.ema import ShardedEma
 from antismooth.engine import (TrainingStopped, TrainState, apply_activation_checkpointing, build_scheduler,
                                compile_blocks, describe_optimizer, param_groups)
 from antismooth.models import WeightsMismatchError, load_for_finetuning, load_weights, structure
+from antismooth.report import check_targets_installed
 from antismooth.throughput import loader_batches, log_peak_memory, measure_throughput, random_batches
 from antismooth.train import Trainer, evaluate_split
 
@@ -259,6 +260,7 @@ def run(config: TrainConfig, make_trainer: TrainerFactory = Trainer):
 
 def check_before_launch(config: TrainConfig) -> Checked:
     """Everything a user can get wrong, checked before processes talk or models are built."""
+    check_targets_installed(config.output.report_targets)
     world_size = detect_launch().world_size
     held = None if config.mode.eval_only else RunFolder(config.output.folder).saved_batch()
     ds = DeepSpeedSettings.load(config.deepspeed_config, world_size, held)

@@ -31,6 +31,7 @@ from .ema import ShardedEma
 from .checkpoint import RunFolder, checkpoint_tag
 from .engine import TrainingStopped, TrainState
 from .evaluate import evaluate
+from .report import Reporter
 from .models.weights import ANTI_OVERSMOOTHING_PARAMS
 from .spectral import measure, paper_parameters, write_spectral
 
@@ -113,9 +114,11 @@ class Trainer:
         images, *_ = next(iter(stream.loader()))
         return to_device(images, self.env.device, self.augment.mean, self.augment.std).to(self.dtype)
 
-    def _writer(self):
-        from torch.utils.tensorboard import SummaryWriter
-        return SummaryWriter(str(self.run_folder.tensorboard))
+    def _writer(self) -> Reporter:
+        """TensorBoard, and W&B with --report-to tensorboard,wandb, whose config is the run's resolved settings."""
+        settings = {"flags": self.config.to_dict(), "deepspeed": self.ds.raw, "derived": self.derived.to_dict(),
+                    "model": self.meta}
+        return Reporter(self.run_folder.root, self.run_folder.tensorboard, self.config.output.report_targets, settings)
 
     # --- override points ------------------------------------------------------------------------------------------
 
