@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 __all__ = ["ConfigError", "setting", "section", "check_choices", "flag_fields", "flat_values", "build_parser",
-           "read_recipe", "from_flat", "BatchLayout"]
+           "parse", "flags_markdown", "read_recipe", "from_flat", "BatchLayout"]
 
 
 class ConfigError(ValueError):
@@ -140,6 +140,29 @@ def build_parser(tree: type, description: str) -> argparse.ArgumentParser:
         group.add_argument(meta["flag"], *meta.get("aliases", ()), dest=_path(sect, f), default=default,
                            help=meta["help"] + shown, **kwargs)
     return p
+
+
+def flags_markdown(tree: type) -> str:
+    """The flags of a settings tree as a Markdown table by section (flag, default, help): docs/training.md holds it,
+    and a test checks that it is the parser's."""
+    defaults = tree()
+    rows, title = ["| flag | default | meaning |", "|---|---|---|"], None
+    for sect, f in flag_fields(tree):
+        if sect and sect.metadata["section"] != title:
+            title = sect.metadata["section"]
+            rows.append(f"| **{title}** | | |")
+        meta = f.metadata
+        default = getattr(getattr(defaults, sect.name) if sect else defaults, f.name)
+        if meta.get("action") is argparse.BooleanOptionalAction:
+            names = f"`{meta['flag']}` / `--no-{meta['flag'][2:]}`"
+        else:
+            names = ", ".join(f"`{name}`" for name in (meta["flag"], *meta.get("aliases", ())))
+        shown = "on" if default is True else "off" if default is False else "" if default in (None, {}, "") \
+            else f"`{default}`"
+        if meta.get("action") == "store_false":
+            shown = "off"   # the flag turns off what is on by default
+        rows.append(f"| {names} | {shown} | {meta['help'].replace('|', '&#124;')} |")
+    return "\n".join(rows) + "\n"
 
 
 def parse(tree: type, parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> Any:

@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def flags_markdown() -> str:
+    """docs/training.md's table of the flags: python -c 'from antismooth.startup import flags_markdown as f; print(f())'"""
+    return settings.flags_markdown(TrainConfig)
+
+
 def parse_config(argv: Optional[list[str]]) -> TrainConfig:
     """The run's settings: a recipe's (--config), then the command line's."""
     return settings.parse(TrainConfig, build_parser(), argv)

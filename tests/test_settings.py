@@ -163,3 +163,13 @@ def test_a_recipe_with_a_missing_file_names_the_fix(tmp_path, capsys):
     assert main(["--config", str(tmp_path / "nope.toml")]) == 2
     assert "does not exist: pass one of recipes/*.toml to --config." in capsys.readouterr().err
 
+
+
+def test_the_flags_table_of_docs_training_md_is_the_parsers():
+    from antismooth.startup import flags_markdown
+
+    text = (REPO / "docs" / "training.md").read_text()
+    table = re.search(r"<!-- flags: [^\n]*-->\n(.*?)<!-- /flags -->", text, flags=re.S).group(1)
+    assert table == flags_markdown(), ("docs/training.md's flags table is not the parser's: regenerate it with "
+                                       "python -c 'from antismooth.startup import flags_markdown as f; print(f())'")
+    assert {f for f in FLAGS if not f.startswith("--no-")} <= set(re.findall(r"`(--[a-z_-]+)`", table))
