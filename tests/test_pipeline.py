@@ -277,7 +277,6 @@ if __name__ == "__main__":
 
 
 def test_workers_find_the_main_script_imported_and_die_with_a_killed_process(sample_shards, tmp_path):
-    import os
     import subprocess
     import sys
     import time

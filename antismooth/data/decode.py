@@ -21,10 +21,9 @@ from __future__ import annotations
 import functools
 import io
 import logging
-import math
 import random
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
@@ -36,13 +35,12 @@ from timm.data.auto_augment import AugmentOp, RandAugment
 from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
-__all__ = ["DecodeMode", "resolve_decode", "reduction_factor", "SampleDecoder", "SampleParams", "sample_params",
+__all__ = ["resolve_decode", "reduction_factor", "SampleDecoder", "SampleParams", "sample_params",
            "apply_params_pil", "check_gpu_recipe", "JpegBatch", "decode_jpegs", "decode_batch", "augment_batch",
-           "augment_sample", "decoder_backend", "DecodeStats"]
+           "decoder_backend", "DecodeStats"]
 
 _logger = logging.getLogger(__name__)
 
-DecodeMode = Literal["cpu", "gpu", "auto"]
 REDUCE_FACTORS = (8, 4, 2)   # the DCT scalings libjpeg offers through PIL's draft (1/8, 1/4, 1/2)
 
 
@@ -553,11 +551,6 @@ def crop_resize_flip(images: Sequence[torch.Tensor], params: Sequence[SamplePara
                                T.InterpolationMode.BICUBIC), antialias=True)
         out.append(crop.flip(-1) if p.flip else crop)
     return torch.stack(out)
-
-
-def augment_sample(image: torch.Tensor, params: SampleParams, fill: Sequence[int] = (124, 116, 104)) -> torch.Tensor:
-    """The device path for one decoded image (uint8 [3, H, W]): crop, resize, flip, its RandAugment ops."""
-    return augment_batch(crop_resize_flip([image], [params]), [params.ops], fill)[0]
 
 
 def decode_batch(batch: JpegBatch, device: torch.device | str, stats: Optional[DecodeStats] = None,

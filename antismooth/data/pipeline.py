@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -51,7 +50,7 @@ from .shards import load_manifest
 
 __all__ = ["AugmentConfig", "StreamConfig", "ShardSource", "TrainStream", "EvalStream", "Deal", "EpochPosition",
            "build_train_stream", "build_eval_stream", "train_transform", "eval_transform", "seed_augmentation",
-           "collate_uint8", "reduce_eval_metrics", "loader_context"]
+           "reduce_eval_metrics", "loader_context"]
 
 _logger = logging.getLogger(__name__)
 
@@ -208,17 +207,6 @@ def sample_fields(sample: dict) -> tuple[bytes, int]:
     return sample[ext], int(sample["cls"])
 
 
-def decode_sample(sample: dict) -> tuple[Image.Image, int]:
-    """The image (as RGB) and the class index; every other field is dropped unread, pickles included."""
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-    if ext is None or "cls" not in sample:
-        raise ValueError(f"sample {sample.get('__key__')} has no image or no cls field")
-    with Image.open(io.BytesIO(sample[ext])) as img:
-        img.load()
-        rgb = img.convert("RGB")  # grayscale and CMYK JPEGs are real in ImageNet
-    return rgb, int(sample["cls"])
-
-
 class _SkipCounter:
     """A webdataset handler that logs and counts what it skips (corrupt samples, truncated shards)."""
 
@@ -257,15 +245,6 @@ def _collate(stage: Any, samples: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
     and positions."""
     images, labels, *rest = zip(*samples)
     return (stage.collate(images), torch.tensor(labels, dtype=torch.int64),
-            *(torch.tensor(field, dtype=torch.int64) for field in rest))
-
-
-def collate_uint8(samples: Sequence[tuple[Any, ...]]) -> tuple[torch.Tensor, ...]:
-    """uint8 images [3, H, W] (tensors or timm's ToNumpy arrays) into one uint8 [B, 3, H, W] batch, the labels
-    into int64, and any further fields (sample positions) into int64: timm's fast_collate, as a webdataset
-    `batched` collation."""
-    images, labels, *rest = zip(*samples)
-    return (torch.stack([torch.as_tensor(image) for image in images]), torch.tensor(labels, dtype=torch.int64),
             *(torch.tensor(field, dtype=torch.int64) for field in rest))
 
 
