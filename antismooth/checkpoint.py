@@ -555,7 +555,7 @@ def _repair_universal_load(optimizer, settings: list[dict]) -> None:
     comes first); and one `step` tensor to every group's Adam state, which torch's Adam increments in place once
     per group, so the bias correction runs ahead. The groups keep the settings they were built with (the
     learning rate is the schedule's business: pretrain sets it from the step) and each state its own step."""
-    for group, own in zip(optimizer.param_groups, settings):
+    for group, own in zip(optimizer.param_groups, settings, strict=True):
         group.update(own)
     inner = getattr(optimizer, "optimizer", optimizer)   # the torch optimizer inside DeepSpeed's ZeRO wrapper
     for state in inner.state.values():

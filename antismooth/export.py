@@ -121,7 +121,7 @@ def _atomic_paths(*paths: Path) -> Iterator[list[Path]]:
     tmps = [p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in paths]
     try:
         yield tmps
-        for tmp, path in zip(tmps, paths):
+        for tmp, path in zip(tmps, paths, strict=True):
             os.replace(tmp, path)
     finally:
         for tmp in tmps:

@@ -66,7 +66,7 @@ def elastic(tiny_shards, sample_shards, resume_reference, tmp_path_factory):
         plans["C"].append({"argv": argv, "state_after_load": str(out / "C-load.pt"), "probe": str(out / "probe.pt")})
     data = chains["data"] = work / "data"
     [entry] = resume_plan(data_config, sample_shards.parent, data)
-    for part, steps in zip("ABC", (*DATA_STEPS, None)):
+    for part, steps in zip("ABC", (*DATA_STEPS, None), strict=True):
         limit = ["--max-steps", str(steps)] if steps else []
         plans[part].append({"argv": [*entry["argv"], *limit], "record": str(data / f"{part}.json")})
     workers = chains["workers"] = work / "workers"
@@ -99,7 +99,7 @@ def test_the_optimizer_state_is_the_saved_one_after_each_change_of_world_size(el
         before, after = torch.load(out / saved), torch.load(out / loaded)
         assert before.keys() == after.keys()
         for name in before:
-            for what, a, b in zip(("weights", "exp_avg", "exp_avg_sq"), before[name], after[name]):
+            for what, a, b in zip(("weights", "exp_avg", "exp_avg_sq"), before[name], after[name], strict=True):
                 assert torch.equal(a, b), f"{chain} {saved} → {loaded}: {name} {what} differs"
         assert any(m.abs().sum() > 0 for _, m, _ in before.values())   # real moments, not a fresh optimizer
 

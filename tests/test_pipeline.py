@@ -109,7 +109,7 @@ def test_same_seed_same_stream_other_seed_other_stream(sample_shards):
     first = list(_stream(sample_shards, augment=AUG).loader(0))
     again = list(_stream(sample_shards, augment=AUG).loader(0))
     other = list(_stream(sample_shards, augment=AUG, seed=1).loader(0))
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
     assert [y.tolist() for _, y, _ in first] != [y.tolist() for _, y, _ in other]
 
 
@@ -120,7 +120,7 @@ def test_resume_continues_with_exactly_the_same_samples_and_augmentations(sample
     consumed_steps = 7
     resumed = list(stream.loader(epoch=1, samples_consumed=consumed_steps * 4))
     assert len(resumed) == len(full) - consumed_steps
-    for (x_full, y_full, at_full), (x_res, y_res, at_res) in zip(full[consumed_steps:], resumed):
+    for (x_full, y_full, at_full), (x_res, y_res, at_res) in zip(full[consumed_steps:], resumed, strict=True):
         assert torch.equal(y_full, y_res) and torch.equal(at_full, at_res)
         assert torch.equal(x_full, x_res)
 

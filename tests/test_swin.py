@@ -310,7 +310,7 @@ def test_activation_checkpointing_wraps_each_stage_and_keeps_keys_and_gradients(
     for m in (model, checked):
         torch.manual_seed(5)  # the same drop-path draws: non-reentrant checkpointing replays the RNG state
         F.cross_entropy(m(x), torch.tensor([1, 2])).backward()
-    for (name, p), q in zip(model.named_parameters(), checked.parameters()):
+    for (name, p), q in zip(model.named_parameters(), checked.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
@@ -341,7 +341,7 @@ def test_spectral_probe_measures_each_stage_on_its_grid_and_each_window():
     assert [math.isnan(v) for v in report.attention_similarity] == [False, True, False, True, False, True, False]
     assert all(0 < v <= 1 for v in report.attention_similarity if not math.isnan(v))
     # Within windows there is less high-frequency energy than over the image; equal where the window is the grid.
-    assert all(w < h for w, h in zip(report.hc_share_window[:4], report.hc_share[:4]))
+    assert all(w < h for w, h in zip(report.hc_share_window[:4], report.hc_share[:4], strict=True))
     assert report.hc_share_window[4:] == pytest.approx(report.hc_share[4:], rel=1e-5)
     assert report.attnscale_lambda == pytest.approx([b.attn.lamb.abs().mean().item() for b in structure.blocks(model)])
     vit = measure(timm.create_model("attnscale_tiny_12", img_size=32, patch_size=8, depth=2), torch.randn(2, 3, 32, 32))

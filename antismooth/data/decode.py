@@ -243,9 +243,9 @@ class JpegBatch:
 
     def _packed(self, pin: bool = False) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
         """The JPEGs' bytes as one buffer with their lengths, and the worker-decoded pixels."""
-        encoded = [d for d, cpu in zip(self.data, self.decoded_on_cpu) if not cpu]
+        encoded = [d for d, cpu in zip(self.data, self.decoded_on_cpu, strict=True) if not cpu]
         packed = torch.cat(encoded) if encoded else torch.empty(0, dtype=torch.uint8)
-        pixels = [d for d, cpu in zip(self.data, self.decoded_on_cpu) if cpu]
+        pixels = [d for d, cpu in zip(self.data, self.decoded_on_cpu, strict=True) if cpu]
         if pin:
             packed, pixels = packed.pin_memory(), [p.pin_memory() for p in pixels]
         return packed, [d.numel() for d in encoded], pixels
@@ -545,7 +545,7 @@ def crop_resize_flip(images: Sequence[torch.Tensor], params: Sequence[SamplePara
     modes = {int(Image.Resampling.BICUBIC): T.InterpolationMode.BICUBIC,
              int(Image.Resampling.BILINEAR): T.InterpolationMode.BILINEAR}
     out = []
-    for image, p in zip(images, params):
+    for image, p in zip(images, params, strict=True):
         i, j, h, w = p.box
         crop = F2.resized_crop(image, i, j, h, w, list(p.out), interpolation=modes.get(p.interpolation,
                                T.InterpolationMode.BICUBIC), antialias=True)
@@ -578,7 +578,7 @@ def decode_batch(batch: JpegBatch, device: torch.device | str, stats: Optional[D
                 image.record_stream(caller)
     else:
         decoded = decode_jpegs([batch.data[k] for k in blobs], device)
-    for k, image in zip(blobs, decoded):
+    for k, image in zip(blobs, decoded, strict=True):
         if image is None:
             stats.refused += 1
             image = _pil_decode(batch.data[k])
@@ -650,5 +650,5 @@ class GpuSampleStage:
         return worker_sample(data, self.transform, seed, seed_fn), _identity
 
     def collate(self, samples: Sequence[tuple[torch.Tensor, SampleParams, bool]]) -> JpegBatch:
-        data, params, cpu = zip(*samples)
+        data, params, cpu = zip(*samples, strict=True)
         return JpegBatch(list(data), list(params), list(cpu), self.fill)

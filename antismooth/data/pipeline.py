@@ -164,7 +164,7 @@ def proportional_cuts(total: int, weights: Sequence[int]) -> list[tuple[int, int
     is at least its weight long."""
     whole = max(sum(weights), 1)
     bounds = [total * before // whole for before in itertools.accumulate(weights, initial=0)]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def _runs(positions: np.ndarray, starts: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
@@ -243,7 +243,7 @@ def _decoded(samples: Iterable[tuple[int, dict]], stage: Any, seed: int,
 def _collate(stage: Any, samples: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
     """A batch of the stage's images (uint8 [B, 3, H, W], or a decode.JpegBatch on the GPU path), int64 labels
     and positions."""
-    images, labels, *rest = zip(*samples)
+    images, labels, *rest = zip(*samples, strict=True)
     return (stage.collate(images), torch.tensor(labels, dtype=torch.int64),
             *(torch.tensor(field, dtype=torch.int64) for field in rest))
 
