@@ -143,7 +143,7 @@ def test_sample_params_are_timms_own_draws(sample_images):
 
 def test_each_randaugment_op_on_the_device_is_pils_to_one_level(sample_images):
     transform = train_transform(DEIT_64)
-    ra = decode._randaugment(transform)
+    ra = decode.randaugment_of(transform)
     crops = [_full(data).resize((64, 64), Image.Resampling.BICUBIC) for data in _files(sample_images)[:24]]
     for op in ra.ops:
         for k, crop in enumerate(crops):

@@ -122,7 +122,7 @@ def test_tool_prints_the_plan_and_writes_json(tmp_path: Path, capfd: pytest.Capt
     import plan as tool  # tools/plan.py
     import antismooth.plan
 
-    antismooth.plan._profiles.clear()  # measured afresh here: the profiler's C++ side writes its noise then
+    antismooth.plan.forget_activation_profiles()  # measured afresh here: the profiler's C++ side writes its noise then
 
     config = tmp_path / "ds.json"
     config.write_text(json.dumps(raw_config(2, "bfloat16", 1, 8, 500_000)))

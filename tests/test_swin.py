@@ -25,7 +25,7 @@ from antismooth.flops import training_flops_per_image
 from antismooth.models import (MODEL_NAMES, SWIN_VARIANTS, TIMM_SWIN_NAMES, WeightsMismatchError, load_for_finetuning,
                                load_weights, set_fused_attn, structure)
 from antismooth.models.swin import FeatScaleSwinBlock
-from antismooth.plan import _phase_peaks, activation_profile, model_shape
+from antismooth.plan import activation_profile, model_shape, phase_peaks
 from antismooth.spectral import measure
 from swin_runs import (SWIN_IMG_SIZE, SWIN_KWARGS, official_state_dict, randomize_paper_params)
 
@@ -320,7 +320,7 @@ def test_planner_fits_swin_activations_by_stage_three_depth():
     assert model_shape(name, kwargs, 64).depth == 2
     for every in (0, 1):
         profile = activation_profile(name, kwargs, 64, "float32", every)
-        measured = max(_phase_peaks(name, kwargs, 64, "float32", every, 2, 6)[1:])
+        measured = max(phase_peaks(name, kwargs, 64, "float32", every, 2, 6)[1:])
         assert profile.peak(2, 6) == pytest.approx(measured, rel=0.05)
 
 

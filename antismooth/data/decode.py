@@ -37,7 +37,7 @@ from torchvision import transforms as T
 
 __all__ = ["resolve_decode", "reduction_factor", "SampleDecoder", "SampleParams", "sample_params",
            "apply_params_pil", "check_gpu_recipe", "JpegBatch", "decode_jpegs", "decode_batch", "augment_batch",
-           "decoder_backend", "DecodeStats"]
+           "randaugment_of", "decoder_backend", "DecodeStats"]
 
 _logger = logging.getLogger(__name__)
 
@@ -208,7 +208,8 @@ def _draw_op(op: AugmentOp) -> Optional[tuple[str, tuple[float, ...]]]:
     return op.name, tuple(args)
 
 
-def _randaugment(transform: T.Compose) -> Optional[RandAugment]:
+def randaugment_of(transform: T.Compose) -> Optional[RandAugment]:
+    """timm's RandAugment inside a transform, None when the recipe has none."""
     return next((op for op in transform.transforms if isinstance(op, RandAugment)), None)
 
 
@@ -219,7 +220,7 @@ def apply_params_pil(img: Image.Image, params: SampleParams, transform: T.Compos
         {v: k for k, v in TF.pil_modes_mapping.items() if k.value != "nearest-exact"}[params.interpolation]))
     if params.flip:
         out = TF.hflip(out)
-    ra = _randaugment(transform)
+    ra = randaugment_of(transform)
     by_name = {op.name: op for op in ra.ops} if ra else {}
     for name, args in params.ops:
         op = by_name[name]
@@ -642,7 +643,7 @@ class GpuSampleStage:
 
     def __post_init__(self) -> None:
         check_gpu_recipe(self.transform)
-        ra = _randaugment(self.transform)
+        ra = randaugment_of(self.transform)
         if ra is not None and ra.ops:
             self.fill = tuple(int(c) for c in ra.ops[0].kwargs["fillcolor"])
 
