@@ -30,14 +30,14 @@ def pytest_report_header(config) -> list[str]:
 # `make test-fast`: the tests marked `slow` are those that wait for real training processes (a launch
 # below or a test's own), a pip install or a clone; the rest run in a few minutes.
 
-# The fixtures that start training processes: a test needing one (directly or through another) is slow.
-LAUNCH_FIXTURES = {"zero_runs", "resume_reference", "two_node_runs", "scheduler_runs", "elastic", "resume_runs",
-                   "one_process_runs", "reliability_runs", "measured", "fresh_venv"}
-
+# Such fixtures are defined with launch.slow_fixture, which registers their names; collection has imported every
+# test module (and so defined its fixtures) before this hook runs.
 
 def pytest_collection_modifyitems(config, items) -> None:
+    from launch import SLOW_FIXTURES
+
     for item in items:
-        if LAUNCH_FIXTURES & set(item.fixturenames):
+        if SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
 
 
@@ -94,7 +94,7 @@ def sample_shards(sample_images: Path, tmp_path_factory: pytest.TempPathFactory)
 import json  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
-from launch import FULL_BATCH_SIZE, ds_config, launch_plan  # noqa: E402  (tests/launch.py: the process-launch helpers)
+from launch import FULL_BATCH_SIZE, ds_config, launch_plan, slow_fixture  # noqa: E402  (tests/launch.py: the process-launch helpers)
 
 # A 24-block AttnScale ViT small enough for CPU tests: 32 px, patch 8 (16 tokens), width 64.
 TINY_MODEL = ["--model", "attnscale_tiny_24", "--model-kwargs", "patch_size=8", "embed_dim=64", "num_heads=4",
@@ -186,7 +186,7 @@ def uneven_val_shards(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactor
     return out
 
 
-@pytest.fixture(scope="session")
+@slow_fixture(scope="session")
 def zero_runs(tiny_shards: Path, uneven_val_shards: Path,
               tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int | str, int], TrainedRun]:
     """attnscale_tiny_24 trained full-batch for 6 steps with ZeRO-1, -2 and -3 at world size 1 and 2:
@@ -238,7 +238,7 @@ def resume_plan(config: Path, shards: Path, out: Path, record: bool = False) -> 
     return [{"argv": argv, "probe": str(out / "probe.pt"), **({"record": str(out / "record.json")} if record else {})}]
 
 
-@pytest.fixture(scope="session")
+@slow_fixture(scope="session")
 def resume_reference(sample_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(ZeRO-2 config, run folder) of the 12-step resume run on 2 processes, uninterrupted: what every
     interrupted and resumed copy of it must end with, bit for bit; its batches recorded (record-rank{r}.json)."""

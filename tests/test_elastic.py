@@ -31,7 +31,7 @@ from antismooth.cli import reshard as reshard_tool
 from antismooth.checkpoint import RunFolder, convert_to_universal
 from conftest import BF16, EMA_RUNS, FULL_BATCH, TINY_MODEL, WITH_EMA, resume_plan
 from launch import (ONE_THREAD, REPO, TRAIN_PLAN, VENV_BIN, clean_env, ds_config, free_port, launch_plan,
-                    start_processes, torchrun_nodes, wait_processes, write_plan)
+                    slow_fixture, start_processes, torchrun_nodes, wait_processes, write_plan)
 from test_ema import export
 from test_train import scalars
 
@@ -49,7 +49,7 @@ def _deepspeed_nodes(hostfile: Path, plan: Path) -> list[tuple[list, dict]]:
               "--master_addr", "127.0.0.1", "--master_port", port, TRAIN_PLAN, plan], ONE_THREAD) for node in (0, 1)]
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def elastic(tiny_shards, sample_shards, resume_reference, tmp_path_factory):
     work = tmp_path_factory.mktemp("elastic")
     data_config, _ = resume_reference
