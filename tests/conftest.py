@@ -12,7 +12,7 @@ import pytest
 
 def pytest_report_header(config) -> list[str]:
     """DeepSpeed CPU launches that built its shared-memory all-reduce (antismooth's before this was fixed, or another
-    program's) leave 69 MB /dev/shm buffers per rank: RAM that stays taken, and a suite short of RAM hangs."""
+    program's) leave a /dev/shm buffer per rank: RAM that stays taken, and a suite short of RAM hangs."""
     sizes = []
     for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
         try:
@@ -88,8 +88,8 @@ def sample_shards(sample_images: Path, tmp_path_factory: pytest.TempPathFactory)
 
 # ----------------------------------------------------------------------------------------------
 # Training fixtures: real pretrain.py runs in real DeepSpeed processes (CPU, gloo), shared by the
-# training and export tests. A DeepSpeed launch costs ~20-40 s here, so each launch runs a plan
-# of several runs in the same processes (tests/jobs/train_plan.py).
+# training and export tests. A DeepSpeed launch costs far more than a tiny run (docs/benchmarks.md), so each
+# launch runs a plan of several runs in the same processes (tests/jobs/train_plan.py).
 
 import json  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -100,8 +100,8 @@ from launch import FULL_BATCH_SIZE, ds_config, launch_plan, slow_fixture  # noqa
 TINY_MODEL = ["--model", "attnscale_tiny_24", "--model-kwargs", "patch_size=8", "embed_dim=64", "num_heads=4",
               "--input-size", "32"]
 # Every step sees the whole 16-image set, unaugmented: runs at any world size see the same data. Read in the
-# training process (--workers 0): these runs test the engine, not the loader, and a forkserver with two workers
-# costs a run ~4 s here. The runs that test the loader workers keep them: RESUME_FLAGS, WITH_WORKERS below.
+# training process (--workers 0): these runs test the engine, not the loader, and starting a forkserver with two
+# workers costs a run more than its steps do (docs/benchmarks.md). The runs that test the loader workers keep them: RESUME_FLAGS, WITH_WORKERS below.
 FULL_BATCH = ["--no-aug", "--mixup", "0", "--cutmix", "0", "--smoothing", "0", "--repeated-aug", "1",
               "--drop-path", "0", "--epochs", "6", "--warmup-epochs", "0", "--lr", "0.05", "--min-lr", "1e-4",
               "--workers", "0", "--log-every", "1", "--spectral-every", "3", "--no-model-ema"]
@@ -136,7 +136,7 @@ class TrainedRun:
 
 # The runs of each launch besides fp32 ZeRO-1/2/3, for the export tests: (key name, ZeRO stage, extra DeepSpeed
 # JSON, flags after FULL_BATCH). A ZeRO-0 checkpoint (which export refuses): one step; bf16 engines (exported
-# from their fp32 masters): 3 steps, the last with spectral diagnostics (each step with its save and eval: ~2.5 s).
+# from their fp32 masters): 3 steps, the last with spectral diagnostics (each step runs its save and eval).
 BF16 = {"bf16": {"enabled": True}}
 # --compile beside the eager runs it must match (tests/test_compile.py), in the world-1 launch: ZeRO-2 as (2, 1);
 # ZeRO-1 with its EMA as (1, 1), eager for 3 steps (FIRST_PART) and resumed compiled; bf16 ZeRO-2 as ("zero2-bf16", 2).

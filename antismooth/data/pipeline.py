@@ -223,7 +223,7 @@ def seed_augmentation(sample_seed: int) -> None:
     """Seed the generators timm's transforms draw from (all three), for one sample's augmentation."""
     random.seed(sample_seed)
     np.random.seed(sample_seed % 2**32)
-    torch.default_generator.manual_seed(sample_seed)  # torch.manual_seed also queues CUDA seeding: 2 ms
+    torch.default_generator.manual_seed(sample_seed)  # torch.manual_seed also queues CUDA seeding, per sample
 
 
 def _decoded(samples: Iterable[tuple[int, dict]], stage: Any, seed: int,
@@ -571,8 +571,8 @@ def loader_context(workers: int) -> Optional[Any]:
 
 # CPython before 3.13.8 never tells the server where the main script is (its '__main__' preload is dead code:
 # python/cpython#126631, #137996), so every worker imported the main script itself: pretrain.py's DeepSpeed, timm
-# and TensorBoard, 0.32 s per start of a 2-worker loader here, at every epoch and evaluation. `_forkserver` imports it instead,
-# from what this variable says; the server inherits the environment of the process that starts it.
+# and TensorBoard, at every loader start (each epoch and evaluation; docs/benchmarks.md, "Figures behind code
+# comments"). `_forkserver` imports it instead, from what this variable says; the server inherits the environment of the process that starts it.
 FORKSERVER_MAIN_ENV = "ANTISMOOTH_FORKSERVER_MAIN"
 
 
