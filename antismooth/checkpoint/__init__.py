@@ -24,14 +24,19 @@ from __future__ import annotations
 
 from .files import (CLIENT_STATE_KEY, EMA_FILE, EVAL_FILE, LATEST_FILE, META_FILE, UNIVERSAL_SUFFIX, CheckpointError,
                     checkpoint_tag, ema_file, ema_files, fsync_folder)
-from .lookup import CheckpointRef, list_tags, resolve_checkpoint
+from .latest import read_latest, write_latest
+from .lookup import CheckpointRef, resolve_checkpoint
 from .meta import read_model_meta, write_model_meta
+from .rank_files import RankFiles, damaged_files, files_of_rank, require_every_rank, saved_world_size
 from .resume import Loaded, choose_resume_tag, conversion_workers, load_for_resume, processes, resume
 from .run_folder import RunFolder
+from .tags import complete_tags, list_tags
 from .universal import Conversion, convert_to_universal, load_checkpoint, universal_folder
 
-__all__ = ["META_FILE", "LATEST_FILE", "EVAL_FILE", "EMA_FILE", "UNIVERSAL_SUFFIX", "CheckpointError",
-           "CheckpointRef", "Conversion", "Loaded", "RunFolder", "checkpoint_tag", "ema_file", "ema_files",
-           "write_model_meta", "read_model_meta", "list_tags", "resolve_checkpoint", "universal_folder",
-           "convert_to_universal", "load_checkpoint", "choose_resume_tag", "load_for_resume", "resume",
-           "fsync_folder", "CLIENT_STATE_KEY", "conversion_workers", "processes"]
+__all__ = ["META_FILE", "LATEST_FILE", "EVAL_FILE", "EMA_FILE", "UNIVERSAL_SUFFIX", "CLIENT_STATE_KEY",
+           "CheckpointError", "CheckpointRef", "Conversion", "Loaded", "RunFolder", "RankFiles",
+           "checkpoint_tag", "ema_file", "ema_files", "fsync_folder",
+           "read_latest", "write_latest", "list_tags", "complete_tags",
+           "files_of_rank", "damaged_files", "saved_world_size", "require_every_rank",
+           "write_model_meta", "read_model_meta", "resolve_checkpoint", "universal_folder", "convert_to_universal",
+           "load_checkpoint", "choose_resume_tag", "load_for_resume", "resume", "conversion_workers", "processes"]

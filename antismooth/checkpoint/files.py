@@ -15,15 +15,15 @@ CLIENT_STATE_KEY = "antismooth"        # the trainer's state inside DeepSpeed's 
 UNIVERSAL_CHECKPOINT_INFO = "universal_checkpoint_info"  # deepspeed.checkpoint.constants' key, without importing it
 REQUIRED_META = ("model", "model_kwargs", "classes", "data_config")
 
-_TAG = re.compile(r"step\d{8}")
-_UNIVERSAL = re.compile(r"step\d{8}_universal(\.partial)?")
+TAG_PATTERN = re.compile(r"step\d{8}")
+UNIVERSAL_PATTERN = re.compile(r"step\d{8}_universal(\.partial)?")
 # DeepSpeed's per-rank optimizer shard: zero_pp_rank_{dp}_mp_rank_{mp}_optim_states.pt (bf16_ prefixed under bf16).
-_OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-_ZERO3_MODEL_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
-_ZERO12_MODEL_FILE = "mp_rank_00_model_states.pt"
+OPTIM_FILE_PATTERN = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+ZERO3_MODEL_FILE_PATTERN = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+ZERO12_MODEL_FILE = "mp_rank_00_model_states.pt"
 # Any file of one rank's: its ZeRO shards (ZeRO-3 also its model states) and its EMA file.
-_RANK_FILE = re.compile(r"(?:zero_pp_rank_|ema_rank)(\d+)[_.]")
-_EMA_FILE = re.compile(r"ema_rank(\d+)\.pt$")
+RANK_FILE_PATTERN = re.compile(r"(?:zero_pp_rank_|ema_rank)(\d+)[_.]")
+EMA_FILE_PATTERN = re.compile(r"ema_rank(\d+)\.pt$")
 
 
 class CheckpointError(ValueError):
@@ -40,8 +40,8 @@ def ema_file(tag_dir: str | Path, rank: int) -> Path:
 
 def ema_files(tag_dir: str | Path) -> list[Path]:
     """The EMA files of a checkpoint, by rank; [] for a run without --model-ema."""
-    files = [p for p in Path(tag_dir).iterdir() if _EMA_FILE.search(p.name)]
-    return sorted(files, key=lambda p: int(_EMA_FILE.search(p.name).group(1)))
+    files = [p for p in Path(tag_dir).iterdir() if EMA_FILE_PATTERN.search(p.name)]
+    return sorted(files, key=lambda p: int(EMA_FILE_PATTERN.search(p.name).group(1)))
 
 
 def fsync_folder(folder: Path) -> None:
@@ -53,7 +53,7 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def _flush_tree(folder: Path) -> None:
+def flush_tree(folder: Path) -> None:
     """fsync every file and folder under `folder`, so a rename names only what the disk holds."""
     for root, _, files in os.walk(folder):
         for name in files:

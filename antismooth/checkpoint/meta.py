@@ -38,3 +38,19 @@ def read_model_meta(tag_dir: str | Path) -> Optional[dict[str, Any]]:
         raise CheckpointError(f"{path} does not hold a JSON object; rewrite it with "
                               "antismooth.checkpoint.write_model_meta.")
     return meta
+
+
+def saved_meta(tag_dir: str | Path) -> dict[str, Any]:
+    """A tag folder's antismooth.json, {} when it is missing or unreadable (for callers that fall back)."""
+    try:
+        return read_model_meta(tag_dir) or {}
+    except (CheckpointError, OSError):
+        return {}
+
+
+def recorded_world_size(meta: Mapping[str, Any]) -> Optional[int]:
+    """The world size an antismooth.json records, None when it records none."""
+    try:
+        return int(meta.get("world_size", 0)) or None
+    except (TypeError, ValueError):
+        return None

@@ -2,29 +2,24 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from ..config import HeldBatch
-from .files import (_OPTIM_FILE, _RANK_FILE, _TAG, _UNIVERSAL, CLIENT_STATE_KEY, EVAL_FILE, LATEST_FILE,
-                    UNIVERSAL_CHECKPOINT_INFO, CheckpointError, fsync_folder)
-from .meta import read_model_meta, write_model_meta
-
-_logger = logging.getLogger(__name__)
+from .files import CLIENT_STATE_KEY, EVAL_FILE, UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_PATTERN, fsync_folder
+from .latest import read_latest, write_latest
+from .meta import recorded_world_size, saved_meta, write_model_meta
+from .rank_files import damaged_files, files_of_rank, saved_world_size
+from .tags import complete_tags
 
 
 class RunFolder:
     """The `--output` folder (layout in antismooth.checkpoint's docstring).
 
-    The newest complete checkpoint is the one the `latest` file names (DeepSpeed's format). DeepSpeed
-    0.19.8's rank 0 writes `latest` as soon as its *own* files are written, before the barrier that waits
-    for the other ranks, and not atomically: a rank dying mid-write could leave `latest` naming a
-    half-written checkpoint. So checkpoints are saved with save_latest=False and `commit()` writes
-    `latest` here, after every rank's files are on the disk, by an atomic rename.
+    The newest complete checkpoint is the one the `latest` file names (antismooth.checkpoint.latest: why it is
+    written there, after every rank's files, and not by DeepSpeed).
     """
 
     def __init__(self, root: str | Path) -> None:
@@ -42,22 +37,11 @@ class RunFolder:
 
     def latest_tag(self) -> Optional[str]:
         """The tag of the newest complete checkpoint, or None when there is none."""
-        latest = self.checkpoints / LATEST_FILE
-        if not latest.is_file():
-            return None
-        tag = latest.read_text().strip()
-        if not tag or not (self.checkpoints / tag).is_dir():
-            _logger.warning("%s names no checkpoint folder (%r): starting from scratch.", latest, tag)
-            return None
-        return tag
+        return read_latest(self.checkpoints)
 
     def complete_tags(self) -> list[str]:
         """Every complete checkpoint, oldest first: the tags `latest` named when they were saved."""
-        latest = self.latest_tag()
-        if latest is None:
-            return []
-        return sorted(p.name for p in self.checkpoints.iterdir()
-                      if p.is_dir() and _TAG.fullmatch(p.name) and p.name <= latest)
+        return complete_tags(self.checkpoints)
 
     # --- writing one
 
@@ -82,19 +66,8 @@ class RunFolder:
         shutil.rmtree(self.tag_dir(tag), ignore_errors=True)
 
     def commit(self, tag: str) -> None:
-        """Name `tag` the newest complete checkpoint: call on rank 0 after every rank's files are on disk.
-
-        Written to a temporary file, flushed to the disk, renamed over `latest`, and the rename itself
-        flushed (the folder's fsync), so neither a crash nor a power loss leaves `latest` half-written
-        or naming files the disk never received.
-        """
-        tmp = self.checkpoints / f"{LATEST_FILE}.tmp"
-        with open(tmp, "w") as f:
-            f.write(tag)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.checkpoints / LATEST_FILE)
-        fsync_folder(self.checkpoints)
+        """Name `tag` the newest complete checkpoint: call on rank 0 after every rank's files are on disk."""
+        write_latest(self.checkpoints, tag)
 
     def sync_files(self, tag: str, rank: int) -> None:
         """Flush the files this rank wrote for checkpoint `tag` (rank 0: also the shared ones) to the disk."""
@@ -112,54 +85,25 @@ class RunFolder:
         latest = self.latest_tag()
         if latest is None:
             return []
-        tags = sorted(p.name for p in self.checkpoints.iterdir()
-                      if p.is_dir() and _TAG.fullmatch(p.name) and p.name <= latest)
-        doomed = tags[:-keep]
+        doomed = complete_tags(self.checkpoints, latest)[:-keep]
         for tag in doomed:
             shutil.rmtree(self.checkpoints / tag, ignore_errors=True)
         for converted in self.checkpoints.iterdir():
-            if _UNIVERSAL.fullmatch(converted.name) and converted.name.split("_")[0] < latest:
+            if UNIVERSAL_PATTERN.fullmatch(converted.name) and converted.name.split("_")[0] < latest:
                 shutil.rmtree(converted, ignore_errors=True)
         return doomed
 
     # --- checking one
 
     def rank_files(self, tag: str, rank: int) -> list[Path]:
-        """The files of checkpoint `tag` that rank `rank` reads and writes: its own ZeRO shards and EMA file; rank
-        0 also every file no rank owns (model states, antismooth.json)."""
-        files = []
-        for path in sorted(self.tag_dir(tag).iterdir()):
-            owner = _RANK_FILE.search(path.name)
-            if path.is_file() and (int(owner.group(1)) == rank if owner else rank == 0):
-                files.append(path)
-        return files
+        """The files of checkpoint `tag` that rank `rank` reads and writes (rank_files.files_of_rank)."""
+        return files_of_rank(self.tag_dir(tag), rank)
 
     def damaged_files(self, tag: str, rank: int, world_size: Optional[int] = None) -> list[str]:
-        """The files of checkpoint `tag` that rank `rank` of `world_size` checks and that cannot be read back: a
-        truncated or corrupted zip archive (torch.save's format, checked to the last CRC), unreadable JSON, or
-        a missing ZeRO shard; [] when all are sound. Each rank checks the files of the saving ranks it stands
-        for (saving rank % world_size == rank: its own, at the same world size); rank 0 also the shared ones."""
+        """The files of checkpoint `tag` that rank `rank` of `world_size` (default: the saving one) checks and that
+        cannot be read back or are missing (rank_files.damaged_files); [] when all are sound."""
         saved = self.saved_world_size(tag)
-        world_size = world_size or saved or 1
-        owners = [r for r in range(saved or 0) if r % world_size == rank]
-        files = [p for owner in owners for p in self.rank_files(tag, owner) if _RANK_FILE.search(p.name)]
-        if rank == 0:
-            files += [p for p in self.rank_files(tag, 0) if not _RANK_FILE.search(p.name)]
-        damaged = []
-        for path in files:
-            try:
-                if path.suffix == ".pt":
-                    with zipfile.ZipFile(path) as archive:
-                        if archive.testzip() is not None:
-                            raise zipfile.BadZipFile("CRC mismatch")
-                elif path.suffix == ".json":
-                    json.loads(path.read_text())
-            except (OSError, ValueError, zipfile.BadZipFile, EOFError):
-                damaged.append(path.name)
-        for owner in owners:
-            if not any(_OPTIM_FILE.search(p.name) for p in self.rank_files(tag, owner)):
-                damaged.append(f"zero_pp_rank_{owner}_…_optim_states.pt (missing)")
-        return damaged
+        return damaged_files(self.tag_dir(tag), rank, world_size or saved or 1, saved)
 
     def set_aside(self, tag: str) -> Path:
         """Rename a damaged checkpoint out of the way (never deleted: its files may still be worth a look)."""
@@ -173,23 +117,12 @@ class RunFolder:
     # --- what one says of itself
 
     def saved_world_size(self, tag: str) -> Optional[int]:
-        """How many processes wrote checkpoint `tag`: from its ZeRO optimizer shards and its antismooth.json (so a
-        lost shard does not shrink it); None without ZeRO shards (ZeRO-0 checkpoints load at any world size)."""
-        ranks = {int(m.group(1)) for p in self.tag_dir(tag).iterdir() if (m := _OPTIM_FILE.search(p.name))}
-        if not ranks:
-            return None
-        try:
-            said = int(self.meta(tag).get("world_size", 0))
-        except (TypeError, ValueError):
-            said = 0
-        return max(max(ranks) + 1, said)
+        """How many processes wrote checkpoint `tag`; None without ZeRO shards (rank_files.saved_world_size)."""
+        return saved_world_size(self.tag_dir(tag), recorded_world_size(self.meta(tag)))
 
     def meta(self, tag: str) -> dict[str, Any]:
         """Checkpoint `tag`'s antismooth.json ({} when it is missing or unreadable: the caller falls back)."""
-        try:
-            return read_model_meta(self.tag_dir(tag)) or {}
-        except (CheckpointError, OSError):
-            return {}
+        return saved_meta(self.tag_dir(tag))
 
     def saved_batch(self) -> Optional[HeldBatch]:
         """The batch the newest checkpoint was trained with (from its antismooth.json, else from run.json for

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .files import PARTIAL_SUFFIX, UNIVERSAL_SUFFIX, _flush_tree, fsync_folder
+from .files import PARTIAL_SUFFIX, UNIVERSAL_SUFFIX, flush_tree, fsync_folder
 
 # A ZeRO checkpoint holds each data-parallel rank's slice of the fp32 weights and the optimizer moments, so
 # only the world size that wrote it can load it as it is. DeepSpeed's converter
@@ -58,7 +58,7 @@ def convert_to_universal(checkpoints: str | Path, tag: str, workers: int = 1) ->
     ds_to_universal.main(args)
     # The converter names its output in `latest_universal`: the partial folder, which is about to be renamed.
     (checkpoints / "latest_universal").unlink(missing_ok=True)
-    _flush_tree(partial)
+    flush_tree(partial)
     os.replace(partial, final)
     fsync_folder(checkpoints)
     return Conversion(final, time.perf_counter() - start, reused=False)
