@@ -6,6 +6,7 @@ samples through the stream by their labels, without any hook in the pipeline.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import pickle
 from pathlib import Path
@@ -246,6 +247,36 @@ def test_the_same_layout_continues_its_deal_sample_for_sample(sample_shards):
     rest, _, _ = _train(sample_shards, 0, 1, 3, 4, EpochPosition(deal, stream.delivered.copy()), 32)
     whole, _, _ = _train(sample_shards, 0, 1, 3, 6)
     assert first + rest == whole
+
+
+def _epoch_labels(stream, samples: int, steps: int) -> list[int]:
+    labels = []
+    for _, y, positions in itertools.islice(stream.epoch_loader(0, samples), steps * stream.accumulation):
+        stream.record(positions)
+        labels += y.tolist()
+    return labels
+
+
+def test_the_stream_saves_and_restores_its_own_position(sample_shards):
+    """What a checkpoint holds of the data (TrainStream.state_dict) lets a new stream go on sample for sample on the
+    same layout, and deal the rest anew on another, saying so."""
+    def stream(workers):
+        config = StreamConfig(batch_size=8, num_workers=workers, shuffle_buffer=40, shuffle_initial=10)
+        return build_train_stream(sample_shards, config, 0, 1, AUG, global_batch=16)
+
+    first = stream(3)
+    assert first.state_dict() == {}                       # before its first loader: the epoch's start
+    head = _epoch_labels(first, 0, 2)
+    saved = first.state_dict()
+    again = stream(3)
+    again.load_state_dict(saved)
+    assert again.redeal_note(32) == ""
+    assert head + _epoch_labels(again, 32, 4) == _epoch_labels(stream(3), 0, 6)
+    other = stream(2)
+    other.load_state_dict(saved)
+    assert other.redeal_note(32) == "data was dealt to 1 × 3 loader workers, now the rest of its samples to 1 × 2"
+    rest = _epoch_labels(other, 32, 4)
+    assert collections.Counter(head + rest) == collections.Counter(_epoch_labels(stream(3), 0, 6))
 
 
 # --- the loader workers' forkserver --------------------------------------------------------------------------

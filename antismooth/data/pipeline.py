@@ -429,6 +429,7 @@ class TrainStream:
         self.mixup = self._build_mixup()
         self._consumed_before: Optional[np.ndarray] = None     # copies trained on before this loader (all ranks)
         self._delivered = np.zeros(self.source.num_samples, np.int32)   # ... and by this rank since
+        self.position = EpochPosition()   # the deal in force (epoch_loader) or loaded (load_state_dict)
 
     @property
     def accumulation(self) -> int:
@@ -528,6 +529,44 @@ class TrainStream:
         dataset = _WorkerStream(self._plan(epoch, deal), skip, self.stage, self.config)
         batches = (self.epoch_samples - samples_consumed) // (self.config.batch_size * self.world_size)
         return _CountingLoader(self, dataset, batches, self.config.num_workers, pin_memory)
+
+    def epoch_loader(self, epoch: int, samples_in_epoch: int = 0,
+                     pin_memory: bool = False) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """`loader` of `epoch` from `samples_in_epoch` (global) on: mid-epoch, the position `load_state_dict` gave
+        goes on (its deal on the same layout, else what is left dealt anew); at an epoch's start, a fresh deal.
+        The deal becomes the one `state_dict` saves."""
+        position = self.position if samples_in_epoch else EpochPosition()
+        deal = position.deal_for(self.world_size, self.config.num_workers, samples_in_epoch)
+        self.position = EpochPosition(deal, position.consumed)
+        return self.loader(epoch, samples_in_epoch, deal, position.consumed, pin_memory=pin_memory)
+
+    # --- the stream's own position, saved with each checkpoint (as torchtitan's dataloader is Stateful)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the epoch stands (EpochPosition.state_dict: the deal in force, the copies trained on by all ranks);
+        {} before its first loader. A collective: every rank calls it, at a mid-epoch save."""
+        if self.position.deal is None:
+            return {}
+        return EpochPosition(self.position.deal, self.consumed()).state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go on from a saved position at the next `epoch_loader` ({}: the epoch's start)."""
+        self.position = EpochPosition.from_state_dict(state)
+
+    def load_layout(self, world_size: int, workers: int) -> None:
+        """For checkpoints saved before they recorded which samples were trained on: only the layout the epoch was
+        dealt to is known (its samples are then dealt on by count)."""
+        self.position = EpochPosition(Deal(world_size, workers))
+
+    def redeal_note(self, samples_in_epoch: int) -> str:
+        """'' when the loaded position goes on as it was dealt, else what changes (for the resume's log line)."""
+        saved = self.position.deal
+        if not samples_in_epoch or saved is None or saved.same_layout(self.world_size, self.config.num_workers):
+            return ""
+        left = "the rest of its samples" if self.position.consumed is not None else \
+            "its samples by count (this checkpoint predates the record of which were trained on: some may repeat)"
+        return (f"data was dealt to {saved.world_size} × {saved.workers} loader workers, now {left} to "
+                f"{self.world_size} × {self.config.num_workers}")
 
     @property
     def delivered(self) -> np.ndarray:
