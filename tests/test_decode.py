@@ -144,7 +144,7 @@ def test_sample_params_are_timms_own_draws(sample_images):
 
 def test_each_randaugment_op_on_the_device_is_pils_to_one_level(sample_images):
     transform = train_transform(DEIT_64)
-    ra = decode._randaugment(transform)
+    ra = decode.randaugment_of(transform)
     crops = [_full(data).resize((64, 64), Image.Resampling.BICUBIC) for data in _files(sample_images)[:24]]
     for op in ra.ops:
         for k, crop in enumerate(crops):
@@ -174,7 +174,7 @@ def test_the_device_path_on_the_cpu_gives_the_cpu_paths_images(sample_images, au
     files = _files(sample_images)
     samples = _worker_samples(files, transform)
     stats = decode.DecodeStats()
-    batch = decode.JpegBatch(*map(list, zip(*samples)))
+    batch = decode.JpegBatch(*map(list, zip(*samples, strict=True)))
     images = decode.decode_batch(batch, "cpu", stats)
     assert images.shape == (len(files), 3, 64, 64) and images.dtype == torch.uint8
     psnrs = []
@@ -190,7 +190,7 @@ def test_a_jpeg_the_device_decoder_refuses_is_decoded_on_the_cpu_and_counted(sam
     transform = train_transform(DEIT_64)
     files = _files(sample_images)[:4]
     samples = _worker_samples(files, transform)
-    data, params, cpu = map(list, zip(*samples))
+    data, params, cpu = map(list, zip(*samples, strict=True))
     # Bytes that open as a JPEG header but no decoder reads: the fill colour, counted, and the batch goes on.
     data[1] = data[1][:200]
     stats = decode.DecodeStats()
@@ -227,12 +227,12 @@ def test_the_gpu_path_stream_is_deterministic_and_resumes_sample_exactly(sample_
     resumed, _ = _gpu_path_batches(sample_shards, samples_consumed=5 * 8)
     cpu_path, _ = _gpu_path_batches(sample_shards, decode_mode="cpu")
     assert len(first) == len(again) == len(cpu_path) == 103 // 8 and len(resumed) == len(first) - 5
-    for a, b in zip(first, again):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
-    for a, b in zip(first[5:], resumed):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for a, b in zip(first, again, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    for a, b in zip(first[5:], resumed, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     # The same samples in the same batches as the CPU path, augmented alike (same parameters, close pixels).
-    for (x_gpu, y_gpu, at_gpu), (x_cpu, y_cpu, at_cpu) in zip(first, cpu_path):
+    for (x_gpu, y_gpu, at_gpu), (x_cpu, y_cpu, at_cpu) in zip(first, cpu_path, strict=True):
         assert torch.equal(y_gpu, y_cpu) and torch.equal(at_gpu, at_cpu)
         assert (x_gpu - x_cpu).abs().mean() < 0.05   # normalised units; different draws would differ by ~1
 
@@ -278,12 +278,12 @@ def test_a_batch_of_jpegs_crosses_the_process_boundary_as_one_buffer(sample_imag
     from multiprocessing.reduction import ForkingPickler
 
     samples = _worker_samples(_files(sample_images), train_transform(DEIT_64))
-    batch = decode.JpegBatch(*map(list, zip(*samples)))
+    batch = decode.JpegBatch(*map(list, zip(*samples, strict=True)))
     assert any(batch.decoded_on_cpu) and not all(batch.decoded_on_cpu)
     back = ForkingPickler.loads(bytes(ForkingPickler.dumps(batch)))
     assert back.decoded_on_cpu == batch.decoded_on_cpu and back.params == batch.params and back.fill == batch.fill
-    assert all(torch.equal(a, b) for a, b in zip(back.data, batch.data))
-    jpegs = [d for d, cpu in zip(back.data, back.decoded_on_cpu) if not cpu]
+    assert all(torch.equal(a, b) for a, b in zip(back.data, batch.data, strict=True))
+    jpegs = [d for d, cpu in zip(back.data, back.decoded_on_cpu, strict=True) if not cpu]
     assert len({d.untyped_storage().data_ptr() for d in jpegs}) == 1   # views of one buffer
 
 

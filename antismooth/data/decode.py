@@ -21,10 +21,9 @@ from __future__ import annotations
 import functools
 import io
 import logging
-import math
 import random
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
@@ -36,13 +35,12 @@ from timm.data.auto_augment import AugmentOp, RandAugment
 from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
-__all__ = ["DecodeMode", "resolve_decode", "reduction_factor", "SampleDecoder", "SampleParams", "sample_params",
+__all__ = ["resolve_decode", "reduction_factor", "SampleDecoder", "SampleParams", "sample_params",
            "apply_params_pil", "check_gpu_recipe", "JpegBatch", "decode_jpegs", "decode_batch", "augment_batch",
-           "augment_sample", "decoder_backend", "DecodeStats"]
+           "randaugment_of", "decoder_backend", "DecodeStats"]
 
 _logger = logging.getLogger(__name__)
 
-DecodeMode = Literal["cpu", "gpu", "auto"]
 REDUCE_FACTORS = (8, 4, 2)   # the DCT scalings libjpeg offers through PIL's draft (1/8, 1/4, 1/2)
 
 
@@ -219,7 +217,8 @@ def _draw_op(op: AugmentOp) -> Optional[tuple[str, tuple[float, ...]]]:
     return op.name, tuple(args)
 
 
-def _randaugment(transform: T.Compose) -> Optional[RandAugment]:
+def randaugment_of(transform: T.Compose) -> Optional[RandAugment]:
+    """timm's RandAugment inside a transform, None when the recipe has none."""
     return next((op for op in transform.transforms if isinstance(op, RandAugment)), None)
 
 
@@ -232,7 +231,7 @@ def apply_params_pil(img: Image.Image, params: SampleParams, transform: T.Compos
         out = TF.center_crop(out, list(params.center))
     if params.flip:
         out = TF.hflip(out)
-    ra = _randaugment(transform)
+    ra = randaugment_of(transform)
     by_name = {op.name: op for op in ra.ops} if ra else {}
     for name, args in params.ops:
         op = by_name[name]
@@ -256,9 +255,9 @@ class JpegBatch:
 
     def _packed(self, pin: bool = False) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
         """The JPEGs' bytes as one buffer with their lengths, and the worker-decoded pixels."""
-        encoded = [d for d, cpu in zip(self.data, self.decoded_on_cpu) if not cpu]
+        encoded = [d for d, cpu in zip(self.data, self.decoded_on_cpu, strict=True) if not cpu]
         packed = torch.cat(encoded) if encoded else torch.empty(0, dtype=torch.uint8)
-        pixels = [d for d, cpu in zip(self.data, self.decoded_on_cpu) if cpu]
+        pixels = [d for d, cpu in zip(self.data, self.decoded_on_cpu, strict=True) if cpu]
         if pin:
             packed, pixels = packed.pin_memory(), [p.pin_memory() for p in pixels]
         return packed, [d.numel() for d in encoded], pixels
@@ -558,7 +557,7 @@ def crop_resize_flip(images: Sequence[torch.Tensor], params: Sequence[SamplePara
     modes = {int(Image.Resampling.BICUBIC): T.InterpolationMode.BICUBIC,
              int(Image.Resampling.BILINEAR): T.InterpolationMode.BILINEAR}
     out = []
-    for image, p in zip(images, params):
+    for image, p in zip(images, params, strict=True):
         i, j, h, w = p.box
         crop = F2.resized_crop(image, i, j, h, w, list(p.out), interpolation=modes.get(p.interpolation,
                                T.InterpolationMode.BICUBIC), antialias=True)
@@ -566,11 +565,6 @@ def crop_resize_flip(images: Sequence[torch.Tensor], params: Sequence[SamplePara
             crop = F2.center_crop(crop, list(p.center))
         out.append(crop.flip(-1) if p.flip else crop)
     return torch.stack(out)
-
-
-def augment_sample(image: torch.Tensor, params: SampleParams, fill: Sequence[int] = (124, 116, 104)) -> torch.Tensor:
-    """The device path for one decoded image (uint8 [3, H, W]): crop, resize, flip, its RandAugment ops."""
-    return augment_batch(crop_resize_flip([image], [params]), [params.ops], fill)[0]
 
 
 def decode_batch(batch: JpegBatch, device: torch.device | str, stats: Optional[DecodeStats] = None,
@@ -598,7 +592,7 @@ def decode_batch(batch: JpegBatch, device: torch.device | str, stats: Optional[D
                 image.record_stream(caller)
     else:
         decoded = decode_jpegs([batch.data[k] for k in blobs], device)
-    for k, image in zip(blobs, decoded):
+    for k, image in zip(blobs, decoded, strict=True):
         if image is None:
             stats.refused += 1
             image = _pil_decode(batch.data[k])
@@ -662,7 +656,7 @@ class GpuSampleStage:
 
     def __post_init__(self) -> None:
         check_gpu_recipe(self.transform)
-        ra = _randaugment(self.transform)
+        ra = randaugment_of(self.transform)
         if ra is not None and ra.ops:
             self.fill = tuple(int(c) for c in ra.ops[0].kwargs["fillcolor"])
 
@@ -670,5 +664,5 @@ class GpuSampleStage:
         return worker_sample(data, self.transform, seed, seed_fn), _identity
 
     def collate(self, samples: Sequence[tuple[torch.Tensor, SampleParams, bool]]) -> JpegBatch:
-        data, params, cpu = zip(*samples)
+        data, params, cpu = zip(*samples, strict=True)
         return JpegBatch(list(data), list(params), list(cpu), self.fill)
