@@ -35,6 +35,9 @@ LR_REFERENCE_BATCH = 512
 # model parallelism; antismooth checkpoints whole transformer blocks with torch.utils.checkpoint
 # instead (and honours `cpu_checkpointing` itself: segment inputs kept in host memory).
 UNSUPPORTED_ACTIVATION_KEYS = ("partition_activations", "contiguous_memory_optimization")
+# Settings that change the pixels the model trains on, each with what a run that did not record it had (runs older
+# than reduced-size decode decoded in full): a resume that changes one is told so.
+INPUT_SETTINGS = {"reduced_decode": False}
 
 
 # --- the run's settings, by concern: each a section of TrainConfig, each field's flag, default and help once -----
@@ -161,6 +164,21 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """{flag name: value}: what run.json records under "flags" (the model card and the depth study read it)."""
         return flat_values(self)
+
+    def input_changes(self, recorded_flags: dict[str, Any]) -> list[str]:
+        """One sentence per setting that changes what the model sees and differs from what the resumed run
+        recorded in run.json's "flags"."""
+        def flag(name: str, on: bool) -> str:
+            return "--" + ("" if on else "no-") + name.replace("_", "-")
+
+        changes, now = [], self.to_dict()
+        for name, unrecorded in INPUT_SETTINGS.items():
+            then = recorded_flags.get(name, unrecorded)
+            if then != now[name]:
+                changes.append(f"This run trained with {flag(name, then)} and resumes with {flag(name, now[name])}: "
+                               f"its training images are resampled differently from here on; pass {flag(name, then)} "
+                               "to keep them as they were.")
+        return changes
 
 
 def _check(checks: list[tuple[Any, str]]) -> None:

@@ -306,6 +306,9 @@ def build_engine(config: TrainConfig, checked: Checked, env: DistEnv, model: nn.
     schedule, the resume from the newest complete checkpoint and the EMA."""
     ds = checked.ds
     resume_tag = choose_resume_tag(run_folder, env)
+    if resume_tag is not None and env.rank == 0:
+        for change in config.input_changes(run_folder.read_run_json().get("flags", {})):
+            log.warning(change)
     if config.model.finetune and resume_tag is None:
         load_for_finetuning(model, config.model.finetune)
     apply_activation_checkpointing(model, ds.blocks_per_checkpoint, ds.offload_checkpoints)

@@ -22,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import antismooth  # noqa: F401
 from antismooth import startup
 from conftest import TINY_MODEL, resume_plan
-from launch import ds_config, launch_plan
+from launch import ds_config, launch_plan, slow_fixture
 
 STAGES_AND_WORLDS = [(stage, world) for stage in (1, 2, 3) for world in (1, 2)]
 
@@ -114,7 +114,7 @@ def _latest(run: Path) -> str | None:
     return latest.read_text() if latest.is_file() else None
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def resume_runs(sample_shards, resume_reference, tmp_path_factory):
     """The 12-step ZeRO-2 resume run on 2 processes (conftest.resume_reference) interrupted twice: SIGKILL
     from outside once a checkpoint exists, then SIGKILL of one rank in the middle of writing one."""
@@ -176,7 +176,7 @@ def test_a_checkpoint_cut_short_is_never_resumed_from(resume_runs):
 
 # --- fine-tuning, eval-only, throughput (one process, under torchrun) ------------------------------------------
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def one_process_runs(tiny_shards, tmp_path_factory):
     work = tmp_path_factory.mktemp("one-process")
     plain = timm.create_model("vit_tiny_24", img_size=64, patch_size=8, embed_dim=64, num_heads=4, num_classes=1000)
@@ -306,7 +306,7 @@ GOOD_JSON = {"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"t
     ("partition_activations", "partition_activations"),
     ("val_other_classes", "numbers its labels by another class list"),
     ("compile_zero3", "--compile cannot run under ZeRO-3"),
-    ("decode_gpu_no_aug", "--decode gpu does not apply"),
+    ("decode_gpu_color_jitter", "--decode gpu does not apply ColorJitter"),
 ])
 def test_bad_startup_inputs_stop_with_one_clear_sentence(case, expected, tiny_shards, tmp_path, monkeypatch, capsys):
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
@@ -348,8 +348,8 @@ def test_bad_startup_inputs_stop_with_one_clear_sentence(case, expected, tiny_sh
         extra = ["--compile"]
     elif case == "partition_activations":
         config = _write(tmp_path / "c.json", {**GOOD_JSON, "activation_checkpointing": {"partition_activations": True}})
-    elif case == "decode_gpu_no_aug":
-        extra = ["--decode", "gpu", "--no-aug"]
+    elif case == "decode_gpu_color_jitter":   # colour jitter without RandAugment: an op the device path lacks
+        extra = ["--decode", "gpu", "--aa", "none"]
     out = tmp_path / "run"
     code = startup.main(["--deepspeed_config", config, "--data", data, "--model", model, "--output", str(out),
                          *extra])

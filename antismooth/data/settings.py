@@ -42,10 +42,10 @@ class AugmentConfig:
     mean: tuple[float, float, float] = setting(IMAGENET_DEFAULT_MEAN, help="normalisation mean")
     std: tuple[float, float, float] = setting(IMAGENET_DEFAULT_STD, help="normalisation standard deviation")
     # Evaluation decodes in full whatever this says (EvalStream).
-    reduced_decode: bool = setting(True, flag="--reduced-decode", action=argparse.BooleanOptionalAction,
-                                   help="CPU workers decode training JPEGs at 1/2-1/8 scale where the crop still has "
-                                        "the output's pixels (antismooth.data.decode); --no-reduced-decode: the full "
-                                        "decode of earlier runs, bit for bit")
+    reduced_decode: bool = setting(False, flag="--reduced-decode", action=argparse.BooleanOptionalAction,
+                                   help="CPU workers decode JPEGs at 1/2-1/8 scale where the crop still has the "
+                                        "output's pixels: faster on large photographs, but training then sees other "
+                                        "pixels than evaluation, which costs accuracy (docs/decode.md)")
 
     def __post_init__(self) -> None:
         if self.auto_augment in ("none", "None", ""):
