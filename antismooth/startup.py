@@ -244,12 +244,13 @@ def run(config: TrainConfig, make_trainer: TrainerFactory = Trainer):
         log_start(config, ds, derived, meta, run_folder, built.num_params, len(structure.blocks(model)),
                   built.resume_tag)
     if config.mode.throughput == "random":
-        measure_throughput(built.engine, env, ds, built.dtype, random_batches(
-            ds, structure.input_size(model), len(checked.classes), env.device, built.dtype))
+        show_throughput(env, measure_throughput(built.engine, env, ds, built.dtype, random_batches(
+            ds, structure.input_size(model), len(checked.classes), env.device, built.dtype)))
         return None
     stream, decode = build_stream(config, checked, env, augment)
     if config.mode.throughput == "loader":
-        measure_throughput(built.engine, env, ds, built.dtype, loader_batches(stream, env.device, built.dtype), decode)
+        show_throughput(env, measure_throughput(built.engine, env, ds, built.dtype,
+                                                loader_batches(stream, env.device, built.dtype), decode))
         return None
     trainer = make_trainer(config=config, ds=ds, derived=derived, env=env, engine=built.engine,
                            scheduler=built.scheduler, stream=stream, state=built.state, run_folder=run_folder,
@@ -261,6 +262,13 @@ def run(config: TrainConfig, make_trainer: TrainerFactory = Trainer):
     if config.model.compile:
         log_compiled_graphs(env)
     return built.engine
+
+
+def show_throughput(env: DistEnv, line: Optional[str]) -> None:
+    """--throughput's result: its line printed on rank 0, then the run's peak GPU memory logged."""
+    if line:
+        print(line)
+    log_peak_memory(env)
 
 
 def check_before_launch(config: TrainConfig) -> Checked:
