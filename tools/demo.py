@@ -130,7 +130,7 @@ def train_export_eval(shards: Path, work: Path, model: str, flags: list[str], pr
     run([*launcher(processes), "pretrain.py", "--deepspeed_config", deepspeed_config, "--model", model,
          "--model-kwargs", *MODEL_KWARGS, "--data", str(shards), "--output", str(work), *RECIPE, *flags])
     weights = work / f"{model}.safetensors"
-    run([sys.executable, "tools/export.py", str(work / "checkpoints"), "--out", str(weights)])
+    run([sys.executable, "tools/export.py", str(work / "checkpoints"), "--out", str(weights), "--overwrite"])
     run([sys.executable, "tools/eval.py", "--weights", str(weights), "--data", str(shards), "--workers", "1",
          *(["--json", str(eval_json)] if eval_json else [])])
 
