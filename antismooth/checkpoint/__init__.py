@@ -26,7 +26,7 @@ from .files import (CLIENT_STATE_KEY, EMA_FILE, EVAL_FILE, LATEST_FILE, META_FIL
                     checkpoint_tag, ema_file, ema_files, fsync_folder)
 from .latest import read_latest, write_latest
 from .lookup import CheckpointRef, resolve_checkpoint
-from .meta import read_model_meta, write_model_meta
+from .meta import read_description, read_model_meta, write_model_meta
 from .rank_files import RankFiles, damaged_files, files_of_rank, require_every_rank, saved_world_size
 from .resume import Loaded, choose_resume_tag, conversion_workers, load_for_resume, processes, resume
 from .run_folder import RunFolder
@@ -38,5 +38,5 @@ __all__ = ["META_FILE", "LATEST_FILE", "EVAL_FILE", "EMA_FILE", "UNIVERSAL_SUFFI
            "checkpoint_tag", "ema_file", "ema_files", "fsync_folder",
            "read_latest", "write_latest", "list_tags", "complete_tags",
            "files_of_rank", "damaged_files", "saved_world_size", "require_every_rank",
-           "write_model_meta", "read_model_meta", "resolve_checkpoint", "universal_folder", "convert_to_universal",
+           "write_model_meta", "read_model_meta", "read_description", "resolve_checkpoint", "universal_folder", "convert_to_universal",
            "load_checkpoint", "choose_resume_tag", "load_for_resume", "resume", "conversion_workers", "processes"]
