@@ -83,7 +83,7 @@ class SampleDecoder:
     """Bytes of one image → timm's transform of it, seeded per sample; with `reduced`, decoded at the smallest
     DCT scale that loses nothing the transform's first resize keeps (same boxes, same random draws)."""
 
-    def __init__(self, transform: T.Compose, reduced: bool = True) -> None:
+    def __init__(self, transform: T.Compose, reduced: bool = False) -> None:
         self.transform, self.reduced = transform, reduced
         ops = list(transform.transforms)
         self.first = ops[0] if ops and isinstance(ops[0], (RandomResizedCropAndInterpolation, T.Resize)) else None
@@ -145,8 +145,9 @@ class SampleDecoder:
 class SampleParams:
     """One sample's augmentation, drawn from its seeded generators exactly as timm's transform draws it."""
     size: tuple[int, int]                         # the source image's (w, h), from its header
-    box: tuple[int, int, int, int]                # RandomResizedCrop's (top, left, height, width)
-    out: tuple[int, int]                          # output (h, w)
+    box: tuple[int, int, int, int]                # RandomResizedCrop's (top, left, height, width); Resize: all
+    out: tuple[int, int]                          # the box resized to (h, w)
+    center: Optional[tuple[int, int]] = None      # CenterCrop's (h, w) of the resized box (timm's --no-aug)
     flip: bool = False
     ops: tuple[tuple[str, tuple[float, ...]], ...] = ()   # RandAugment ops applied, in order, with their arguments
     interpolation: int = int(Image.Resampling.BICUBIC)    # PIL resample of the crop's resize
@@ -166,9 +167,10 @@ def check_gpu_recipe(transform: T.Compose) -> None:
             if unknown or any(isinstance(o.kwargs["resample"], (tuple, list)) for o in op.ops):
                 raise ValueError(f"--decode gpu applies timm's rand-m*-inc1 RandAugment ops with one interpolation; "
                                  f"this recipe has {unknown or 'a random interpolation'}: use --decode cpu.")
-        elif not isinstance(op, (RandomResizedCropAndInterpolation, T.RandomHorizontalFlip, MaybePILToTensor)):
+        elif not isinstance(op, (RandomResizedCropAndInterpolation, T.RandomHorizontalFlip, MaybePILToTensor,
+                                 T.Resize, T.CenterCrop)):
             raise ValueError(f"--decode gpu does not apply {type(op).__name__} on the device (no colour jitter with "
-                             "RandAugment off, no --no-aug): use --decode cpu for this recipe.")
+                             "RandAugment off): use --decode cpu for this recipe.")
 
 
 def sample_params(transform: T.Compose, img: Image.Image, seed: int, seed_fn: Callable[[int], None]) -> SampleParams:
@@ -176,12 +178,18 @@ def sample_params(transform: T.Compose, img: Image.Image, seed: int, seed_fn: Ca
     read) after `seed_fn(seed)`: the same generator calls in the same order, so `apply_params_pil` on the
     decoded image equals `transform` on it, pixel for pixel (tests/test_decode.py)."""
     seed_fn(seed)
-    box, flip, ops, out, interpolation = None, False, [], None, int(Image.Resampling.BICUBIC)
+    box, flip, ops, out, center, interpolation = None, False, [], None, None, int(Image.Resampling.BICUBIC)
     for op in transform.transforms:
         if isinstance(op, RandomResizedCropAndInterpolation):
             box = op.get_params(img, op.scale, op.ratio)
             mode = random.choice(op.interpolation) if isinstance(op.interpolation, (tuple, list)) else op.interpolation
             interpolation, out = _pil_resample(mode), tuple(op.size)
+        elif isinstance(op, T.Resize):      # timm's --no-aug: the whole image resized, then centre-cropped
+            size = [op.size] if isinstance(op.size, int) else list(op.size)
+            out = tuple(TF._compute_resized_output_size((img.size[1], img.size[0]), size, op.max_size))
+            box, interpolation = (0, 0, img.size[1], img.size[0]), _pil_resample(op.interpolation)
+        elif isinstance(op, T.CenterCrop):
+            center = tuple(op.size)
         elif isinstance(op, T.RandomHorizontalFlip):
             flip = bool(torch.rand(1) < op.p)
         elif isinstance(op, RandAugment):
@@ -190,8 +198,9 @@ def sample_params(transform: T.Compose, img: Image.Image, seed: int, seed_fn: Ca
         elif not isinstance(op, MaybePILToTensor):
             raise ValueError(f"sample_params cannot draw {type(op).__name__}: use --decode cpu for this recipe.")
     if box is None:
-        raise ValueError("sample_params needs a RandomResizedCrop first: use --decode cpu for this recipe.")
-    return SampleParams(size=tuple(img.size), box=tuple(box), out=out, flip=flip, ops=tuple(ops),
+        raise ValueError("sample_params needs a RandomResizedCrop or a Resize first: use --decode cpu for this "
+                         "recipe.")
+    return SampleParams(size=tuple(img.size), box=tuple(box), out=out, center=center, flip=flip, ops=tuple(ops),
                         interpolation=interpolation)
 
 
@@ -218,6 +227,8 @@ def apply_params_pil(img: Image.Image, params: SampleParams, transform: T.Compos
     i, j, h, w = params.box
     out = TF.resized_crop(img, i, j, h, w, list(params.out), T.InterpolationMode(
         {v: k for k, v in TF.pil_modes_mapping.items() if k.value != "nearest-exact"}[params.interpolation]))
+    if params.center:
+        out = TF.center_crop(out, list(params.center))
     if params.flip:
         out = TF.hflip(out)
     ra = randaugment_of(transform)
@@ -550,6 +561,8 @@ def crop_resize_flip(images: Sequence[torch.Tensor], params: Sequence[SamplePara
         i, j, h, w = p.box
         crop = F2.resized_crop(image, i, j, h, w, list(p.out), interpolation=modes.get(p.interpolation,
                                T.InterpolationMode.BICUBIC), antialias=True)
+        if p.center:
+            crop = F2.center_crop(crop, list(p.center))
         out.append(crop.flip(-1) if p.flip else crop)
     return torch.stack(out)
 

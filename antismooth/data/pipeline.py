@@ -82,9 +82,9 @@ class AugmentConfig:
     eval_crop_pct: float = 0.875    # resize 256 / crop 224, scaled with input_size as timm does
     mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
-    reduced_decode: bool = True     # training JPEGs decoded at 1/2-1/8 scale where the crop still has the output's
-                                    # pixels (antismooth.data.decode); False: the full decode of earlier runs, bit
-                                    # for bit. Evaluation decodes in full whatever this says (EvalStream).
+    reduced_decode: bool = False    # opt-in: training JPEGs decoded at 1/2-1/8 scale where the crop still has the
+                                    # output's pixels (antismooth.data.decode). Off, training sees evaluation's
+                                    # pixels; on, another resampling that costs accuracy (docs/decode.md).
 
 
 @dataclass(frozen=True)
