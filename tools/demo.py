@@ -27,7 +27,6 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 DIGIT_SIZE = 32            # stored JPEG size: the 8×8 scans upsampled, so JPEG blocks do not smear strokes
 VAL_FRACTION = 0.2
