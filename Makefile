@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(PY) tools/demo.py
 
 test: $(STAMP)
+	bash tests/cluster/install_packages.sh
 	$(PY) -m pytest tests
 
 # For contributors: the suite without the tests that wait for training processes (a few minutes).
