@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "per-sample augmentation on the GPU, the workers only read bytes), auto: gpu on CUDA "
                         "(default: %(default)s; docs/decode.md)")
     g.add_argument("--reduced-decode", action=argparse.BooleanOptionalAction, default=d.reduced_decode,
-                   help="CPU workers decode JPEGs at 1/2-1/8 scale where the crop still has the output's pixels; "
-                        "--no-reduced-decode: the full decode of earlier runs, bit for bit (default: on)")
+                   help="CPU workers decode JPEGs at 1/2-1/8 scale where the crop still has the output's pixels: "
+                        "faster on large photographs, but training then sees other pixels than evaluation, which "
+                        "costs accuracy (docs/decode.md; default: off)")
     g.add_argument("--stream-mode", default=d.stream_mode, choices=["exact", "resampled"])
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--no-aug", action="store_true", help="resize and centre crop only, as timm's --no-aug")
@@ -288,6 +289,9 @@ def run(config: TrainConfig):
         return None
 
     resume_tag = choose_resume_tag(run_folder, env)
+    if resume_tag is not None and env.rank == 0:
+        for change in config.input_changes(run_folder.read_run_json().get("flags", {})):
+            log.warning(change)
     if config.finetune and resume_tag is None:
         load_for_finetuning(model, config.finetune)
     apply_activation_checkpointing(model, ds.blocks_per_checkpoint, ds.offload_checkpoints)

@@ -27,6 +27,11 @@ LR_REFERENCE_BATCH = 512
 UNSUPPORTED_ACTIVATION_KEYS = ("partition_activations", "contiguous_memory_optimization")
 
 
+# Settings that change the pixels the model trains on, each with what a run that did not record it had (runs older
+# than reduced-size decode decoded in full): a resume that changes one is told so.
+INPUT_SETTINGS = {"reduced_decode": False}
+
+
 class ConfigError(ValueError):
     """A setting a user got wrong; the message names it and the fix."""
 
@@ -61,7 +66,7 @@ class TrainConfig:
     stream_mode: str = "exact"
     workers: int = 8
     decode: str = "auto"                      # cpu: workers decode and augment; gpu: on the device; auto: gpu on CUDA
-    reduced_decode: bool = True               # training JPEGs decoded at 1/2-1/8 scale where the crop keeps its pixels
+    reduced_decode: bool = False              # opt-in: training JPEGs decoded at 1/2-1/8 scale (pixels differ from eval's)
     seed: int = 0
     # checkpoints, evaluation, logging
     save_every: int = 1000
@@ -104,6 +109,20 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def input_changes(self, recorded_flags: dict[str, Any]) -> list[str]:
+        """One sentence per setting that changes what the model sees and differs from what the resumed run
+        recorded in run.json's "flags"."""
+        changes = []
+        for name, unrecorded in INPUT_SETTINGS.items():
+            then, now = recorded_flags.get(name, unrecorded), getattr(self, name)
+            if then != now:
+                def flag(on: bool) -> str:
+                    return "--" + ("" if on else "no-") + name.replace("_", "-")
+                changes.append(f"This run trained with {flag(then)} and resumes with {flag(now)}: its training "
+                               f"images are resampled differently from here on; pass {flag(then)} to keep them as "
+                               "they were.")
+        return changes
 
 
 @dataclass(frozen=True)
@@ -273,6 +292,20 @@ class Derived:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def input_changes(self, recorded_flags: dict[str, Any]) -> list[str]:
+        """One sentence per setting that changes what the model sees and differs from the run being resumed
+        (`recorded_flags`: run.json's "flags"); a run that recorded none (older than the setting) is taken at the
+        default of its day."""
+        changes = []
+        for name, default_then in INPUT_SETTINGS.items():
+            then, now = recorded_flags.get(name, default_then), getattr(self, name)
+            if then != now:
+                flag = "--" + name.replace("_", "-")
+                changes.append(f"this run trained with {flag if then else '--no-' + flag[2:]} and resumes with "
+                               f"{flag if now else '--no-' + flag[2:]}: the training images are resampled differently "
+                               f"from here on; pass {flag if then else '--no-' + flag[2:]} to keep what it had.")
+        return changes
 
 
 def derive(config: TrainConfig, ds: DeepSpeedSettings, world_size: int, num_samples: int) -> Derived:

@@ -8,7 +8,8 @@ one `Launch`; a process none of them describes is a world of one, and a process 
 say there are others but not who it is stops with one sentence (never N silent worlds of one).
 
 NCCL groups serve CUDA tensors only ("No backend type associated with device type cpu"), so every
-collective here builds its tensor on `DistEnv.device`: callers pass numbers, never tensors.
+collective here works on `collective_device()`: the object and number collectives build their tensors there,
+and `all_reduce_tensor` copies the tensor it is given there (a caller's CPU tensor works under NCCL too).
 """
 from __future__ import annotations
 
@@ -271,7 +272,8 @@ def _master_from_mpi(launch: Launch) -> Launch:
 def _without_cpu_shm_all_reduce() -> None:
     """Keep DeepSpeed's CPU backend from building its shared-memory all-reduce.
 
-    It JIT-compiles the op (~90 s on each new install) and maps 69 MB of /dev/shm per rank that it never unlinks:
+    It JIT-compiles the op on each new install and maps a buffer of /dev/shm per rank that it never unlinks
+    (docs/benchmarks.md, "Figures behind code comments"):
     every CPU launch leaks them, /dev/shm is RAM, and once it fills later launches hang in their first collective
     or die of SIGBUS (sglang#38638). The op serves only `inference_all_reduce` (tensor-parallel inference), which
     training never calls; its absence is a state DeepSpeed handles already (an op it could not build).

@@ -87,7 +87,7 @@ class ShardedEma:
             return None
         Path(tag_dir).mkdir(parents=True, exist_ok=True)   # rank 0's model description may not have made it yet
         path = ema_file(tag_dir, self.rank)
-        torch.save({f.name: (f.offset, a) for f, a in zip(self.fragments, self.average)}, path)
+        torch.save({f.name: (f.offset, a) for f, a in zip(self.fragments, self.average, strict=True)}, path)
         return path
 
     def load(self, tag_dir: Path) -> None:
@@ -105,7 +105,7 @@ class ShardedEma:
         """Exchange the weights and the average: called once, the model holds the EMA (to evaluate it), twice,
         its own weights again. A collective under ZeRO-1/2 (the module's weights are gathered from the
         masters), so every rank calls it."""
-        for f, a in zip(self.fragments, self.average):
+        for f, a in zip(self.fragments, self.average, strict=True):
             held = f.master.clone()
             f.master.copy_(a)
             a.copy_(held)

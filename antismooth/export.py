@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import META_FILE, CheckpointError, CheckpointRef, read_model_meta, resolve_checkpoint
-from .models.weights import _describe_mismatch, clean_state_dict, load_weights
+from .models.weights import clean_state_dict, describe_mismatch, load_weights
 
 __all__ = ["ExportResult", "DTYPES", "consolidate", "save_weights", "read_export_meta", "read_timm_config",
            "consolidate_checkpoint", "export_checkpoint", "create_model_from_weights"]
@@ -121,7 +121,7 @@ def _atomic_paths(*paths: Path) -> Iterator[list[Path]]:
     tmps = [p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in paths]
     try:
         yield tmps
-        for tmp, path in zip(tmps, paths):
+        for tmp, path in zip(tmps, paths, strict=True):
             os.replace(tmp, path)
     finally:
         for tmp in tmps:
@@ -221,7 +221,7 @@ def _check_against_model(state_dict: Mapping[str, torch.Tensor], meta: Mapping[s
                               "know: fix its 'model' field.")
     with torch.device("meta"):
         model = timm.create_model(meta["model"], **meta["model_kwargs"])
-    mismatch = _describe_mismatch(state_dict, model)
+    mismatch = describe_mismatch(state_dict, model)
     if mismatch:
         raise CheckpointError(f"the weights of {ref.tag_dir} do not fit the model its {META_FILE} describes "
                               f"({meta['model']} with {meta['model_kwargs']}); fix that file:\n{mismatch}")

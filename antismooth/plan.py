@@ -26,7 +26,8 @@ import torch
 from .config import DeepSpeedSettings
 from .models import structure
 
-__all__ = ["ModelShape", "ActivationProfile", "StepProfile", "MemoryPlan", "model_shape", "activation_profile", "plan_memory",
+__all__ = ["ModelShape", "ActivationProfile", "StepProfile", "MemoryPlan", "model_shape", "activation_profile", "phase_peaks",
+           "forget_activation_profiles", "plan_memory",
            "alternatives", "DEFAULT_BUCKET", "StepTimePlan", "forward_flops", "plan_step_time"]
 
 _logger = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ PHASES = ("forward", "head backward", "blocks backward", "stem backward")
 MARKER_BYTES = 4099
 
 
-def _phase_peaks(model_name: str, model_kwargs: dict[str, Any], input_size: Optional[int], dtype: str,
+def phase_peaks(model_name: str, model_kwargs: dict[str, Any], input_size: Optional[int], dtype: str,
                  blocks_per_checkpoint: int, batch: int, depth: int) -> list[int]:
     """Allocator peak of each of PHASES in one forward + backward of the model cut to `depth` blocks, above what
     was held before (the parameters' gradients allocated first, as they are after a first step in training)."""
@@ -230,6 +231,11 @@ def _phase_peaks(model_name: str, model_kwargs: dict[str, Any], input_size: Opti
     return peaks
 
 
+def forget_activation_profiles() -> None:
+    """Drop the profiles measured so far in this process, so the next `activation_profile` measures again."""
+    _profiles.clear()
+
+
 @dataclass(frozen=True)
 class StepProfile:
     """The activation peak of a forward + backward: the highest of its phases' fitted peaks."""
@@ -263,9 +269,9 @@ def activation_profile(model_name: str, model_kwargs: dict[str, Any], input_size
         # Checkpointing every block is measured as such; k blocks per segment is scaled in _activations.
         every = 1 if blocks_per_checkpoint else 0
         with torch.random.fork_rng(devices=[]):   # the run's own random state stays untouched (pretrain calls this)
-            points = {(b, d): _phase_peaks(model_name, model_kwargs, input_size, dtype, every, b, d)
+            points = {(b, d): phase_peaks(model_name, model_kwargs, input_size, dtype, every, b, d)
                       for b in (1, 2) for d in (1, 2)}
-            points[4, 1] = _phase_peaks(model_name, model_kwargs, input_size, dtype, every, 4, 1)
+            points[4, 1] = phase_peaks(model_name, model_kwargs, input_size, dtype, every, 4, 1)
         phases = [_fit({k: v[i] for k, v in points.items() if k != (4, 1)}) for i in range(len(PHASES))]
         # The stem's backward holds a convolution workspace that on the CPU grows with the batch only up to the
         # thread count (attnscale_tiny_12 at 64 px: 2.3 MiB for 1 image, 5.2 for 2, 5.4 for 8): its growth per

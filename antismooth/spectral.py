@@ -345,7 +345,7 @@ def curves_figure(reports: Mapping[str, SpectralReport], names: Sequence[str]) -
     """A figure with one panel per measurement name, each with one curve per labelled report."""
     figure = Figure(figsize=(5.5 * len(names), 4.2), layout="constrained")
     axes = figure.subplots(1, len(names), squeeze=False)[0]
-    for ax, name in zip(axes, names):
+    for ax, name in zip(axes, names, strict=True):
         plot_measurement(ax, {label: getattr(r, name) for label, r in reports.items()}, name)
     return figure
 

@@ -350,7 +350,7 @@ class PendingLosses:
         if not self.steps:
             return []
         sums = all_reduce_tensor(torch.stack(self.losses).double()).tolist()
-        read = [(step, total / world_size, dropped) for (step, dropped), total in zip(self.steps, sums)]
+        read = [(step, total / world_size, dropped) for (step, dropped), total in zip(self.steps, sums, strict=True)]
         self.steps, self.losses = [], []
         return read
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -86,7 +85,7 @@ def device_parts(blobs: list[bytes], augment: AugmentConfig, batch: int, device:
     pinned = [data.pin_memory() if device.type == "cuda" else data for _, data in jpegs]
     decoded = decode.decode_jpegs(pinned, device)
     images = [None] * batch
-    for (k, _), image in zip(jpegs, decoded):
+    for (k, _), image in zip(jpegs, decoded, strict=True):
         images[k] = image
     for k, (data, _, cpu) in enumerate(samples):
         if cpu:

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([py, str(JOB), "--out", work, "--configs", ",".join(configs), "--model", args.model,
                         "--model-kwargs", json.dumps({"img_size": IMG_SIZE}), "--steps", "1"],
                        check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        runs = {stage: Path(work) / name for stage, name in zip((2, 3), configs)}
+        runs = {stage: Path(work) / name for stage, name in zip((2, 3), configs, strict=True)}
         for stage, run in runs.items():
             size = sum(f.stat().st_size for f in run.rglob("*.pt"))
             print(f"ZeRO-{stage} checkpoint of {args.model}: {size / 2**30:.2f} GiB on disk", flush=True)

@@ -146,6 +146,8 @@ def kept_for_backward(model, x, phase_hooks: list, run_step) -> dict:
     run_step returns the step's peak RSS on CPU (None on GPU)."""
     import torch
 
+    from antismooth.models import structure
+
     params = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
     saved: dict[int, int] = {}
     inputs: dict[int, int] = {}

@@ -177,7 +177,7 @@ def measure_stage(model_name: str, stage: int, variant: str, batch: int, device_
     with_grads = held()
     engine.step()
     peak = step_peak(lambda: (forward_backward(), engine.step()), cuda) + after_step["live_bytes"]
-    del x, y
+    x = y = None   # the closures hold them: assigning (not del) frees them and keeps the names bound
     result = {
         "stage": stage, "variant": variant, "rank": int(os.environ.get("RANK", 0)),
         "world": int(os.environ.get("WORLD_SIZE", 1)), "num_params": num_params, "persistent_params": persistent,
@@ -187,7 +187,7 @@ def measure_stage(model_name: str, stage: int, variant: str, batch: int, device_
         "config": config["zero_optimization"],
     }
     engine.destroy()
-    del engine
+    engine = None
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()

@@ -12,7 +12,7 @@ import pytest
 
 def pytest_report_header(config) -> list[str]:
     """DeepSpeed CPU launches that built its shared-memory all-reduce (antismooth's before this was fixed, or another
-    program's) leave 69 MB /dev/shm buffers per rank: RAM that stays taken, and a suite short of RAM hangs."""
+    program's) leave a /dev/shm buffer per rank: RAM that stays taken, and a suite short of RAM hangs."""
     sizes = []
     for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
         try:
@@ -30,14 +30,14 @@ def pytest_report_header(config) -> list[str]:
 # `make test-fast`: the tests marked `slow` are those that wait for real training processes (a launch
 # below or a test's own), a pip install or a clone; the rest run in a few minutes.
 
-# The fixtures that start training processes: a test needing one (directly or through another) is slow.
-LAUNCH_FIXTURES = {"zero_runs", "resume_reference", "two_node_runs", "scheduler_runs", "elastic", "resume_runs",
-                   "one_process_runs", "reliability_runs", "measured", "fresh_venv", "cluster"}
-
+# Such fixtures are defined with launch.slow_fixture, which registers their names; collection has imported every
+# test module (and so defined its fixtures) before this hook runs.
 
 def pytest_collection_modifyitems(config, items) -> None:
+    from launch import SLOW_FIXTURES
+
     for item in items:
-        if LAUNCH_FIXTURES & set(item.fixturenames):
+        if SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
 
 
@@ -88,20 +88,20 @@ def sample_shards(sample_images: Path, tmp_path_factory: pytest.TempPathFactory)
 
 # ----------------------------------------------------------------------------------------------
 # Training fixtures: real pretrain.py runs in real DeepSpeed processes (CPU, gloo), shared by the
-# training and export tests. A DeepSpeed launch costs ~20-40 s here, so each launch runs a plan
-# of several runs in the same processes (tests/jobs/train_plan.py).
+# training and export tests. A DeepSpeed launch costs far more than a tiny run (docs/benchmarks.md), so each
+# launch runs a plan of several runs in the same processes (tests/jobs/train_plan.py).
 
 import json  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
-from launch import FULL_BATCH_SIZE, ds_config, launch_plan  # noqa: E402  (tests/launch.py: the process-launch helpers)
+from launch import FULL_BATCH_SIZE, ds_config, launch_plan, slow_fixture  # noqa: E402  (tests/launch.py: the process-launch helpers)
 
 # A 24-block AttnScale ViT small enough for CPU tests: 32 px, patch 8 (16 tokens), width 64.
 TINY_MODEL = ["--model", "attnscale_tiny_24", "--model-kwargs", "patch_size=8", "embed_dim=64", "num_heads=4",
               "--input-size", "32"]
 # Every step sees the whole 16-image set, unaugmented: runs at any world size see the same data. Read in the
-# training process (--workers 0): these runs test the engine, not the loader, and a forkserver with two workers
-# costs a run ~4 s here. The runs that test the loader workers keep them: RESUME_FLAGS, WITH_WORKERS below.
+# training process (--workers 0): these runs test the engine, not the loader, and starting a forkserver with two
+# workers costs a run more than its steps do (docs/benchmarks.md). The runs that test the loader workers keep them: RESUME_FLAGS, WITH_WORKERS below.
 FULL_BATCH = ["--no-aug", "--mixup", "0", "--cutmix", "0", "--smoothing", "0", "--repeated-aug", "1",
               "--drop-path", "0", "--epochs", "6", "--warmup-epochs", "0", "--lr", "0.05", "--min-lr", "1e-4",
               "--workers", "0", "--log-every", "1", "--spectral-every", "3", "--no-model-ema"]
@@ -136,7 +136,7 @@ class TrainedRun:
 
 # The runs of each launch besides fp32 ZeRO-1/2/3, for the export tests: (key name, ZeRO stage, extra DeepSpeed
 # JSON, flags after FULL_BATCH). A ZeRO-0 checkpoint (which export refuses): one step; bf16 engines (exported
-# from their fp32 masters): 3 steps, the last with spectral diagnostics (each step with its save and eval: ~2.5 s).
+# from their fp32 masters): 3 steps, the last with spectral diagnostics (each step runs its save and eval).
 BF16 = {"bf16": {"enabled": True}}
 # --compile beside the eager runs it must match (tests/test_compile.py), in the world-1 launch: ZeRO-2 as (2, 1);
 # ZeRO-1 with its EMA as (1, 1), eager for 3 steps (FIRST_PART) and resumed compiled; bf16 ZeRO-2 as ("zero2-bf16", 2).
@@ -186,7 +186,7 @@ def uneven_val_shards(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactor
     return out
 
 
-@pytest.fixture(scope="session")
+@slow_fixture(scope="session")
 def zero_runs(tiny_shards: Path, uneven_val_shards: Path,
               tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int | str, int], TrainedRun]:
     """attnscale_tiny_24 trained full-batch for 6 steps with ZeRO-1, -2 and -3 at world size 1 and 2:
@@ -238,7 +238,7 @@ def resume_plan(config: Path, shards: Path, out: Path, record: bool = False) -> 
     return [{"argv": argv, "probe": str(out / "probe.pt"), **({"record": str(out / "record.json")} if record else {})}]
 
 
-@pytest.fixture(scope="session")
+@slow_fixture(scope="session")
 def resume_reference(sample_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(ZeRO-2 config, run folder) of the 12-step resume run on 2 processes, uninterrupted: what every
     interrupted and resumed copy of it must end with, bit for bit; its batches recorded (record-rank{r}.json)."""
@@ -251,7 +251,7 @@ def resume_reference(sample_shards: Path, tmp_path_factory: pytest.TempPathFacto
 
 # --- the cluster in a box (tests/cluster/): one bring-up per session -------------------------------------------
 
-@pytest.fixture(scope="session")
+@slow_fixture(scope="session")
 def cluster():
     """Two nodes n1, n2 (network namespaces on a bridge) with munge, slurmctld, slurmd and sshd: a
     tests.cluster.Cluster (nodes, run_on(node, cmd), sbatch(script, ...), hostfile(), paths). Skipped, with one

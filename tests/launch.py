@@ -20,6 +20,18 @@ VENV_BIN = Path(sys.executable).parent
 TRAIN_PLAN = REPO / "tests" / "jobs" / "train_plan.py"
 FULL_BATCH_SIZE = 16  # the global batch of the full-batch runs: tiny_shards' 16 images in every step (conftest)
 
+# The names of the fixtures made with `slow_fixture`; tests/conftest.py marks every test that needs one `slow`.
+SLOW_FIXTURES: set[str] = set()
+
+
+def slow_fixture(*args, **kwargs):
+    """`pytest.fixture` for a fixture that waits for real training processes, a pip install or a clone: a test
+    needing it, directly or through another fixture, is marked `slow` (`make test-fast` skips it)."""
+    def register(function):
+        SLOW_FIXTURES.add(function.__name__)
+        return pytest.fixture(*args, **kwargs)(function)
+    return register
+
 
 def free_port() -> int:
     with socket.socket() as s:

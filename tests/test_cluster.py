@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FULL_BATCH, TINY_MODEL
-from launch import ONE_THREAD, REPO, VENV_BIN, ds_config, free_port, start_processes, wait_processes
+from launch import ONE_THREAD, REPO, VENV_BIN, ds_config, free_port, slow_fixture, start_processes, wait_processes
 
 sys.path.insert(0, str(REPO / "tools"))
 import export as export_tool  # noqa: E402  (tools/export.py, in-process)
@@ -40,7 +40,7 @@ def recipe_env(work: Path, shards: Path, run: str, **extra) -> dict:
             "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", **extra}
 
 
-@pytest.fixture(scope="session")
+@slow_fixture(scope="session")
 def cluster_runs(cluster, tiny_shards, tmp_path_factory) -> dict:
     """{recipe: (Job, run folder)} for each sbatch recipe of cluster/."""
     work = tmp_path_factory.mktemp("cluster-runs")
@@ -62,7 +62,7 @@ def train_args(work: Path, shards: Path, run: str) -> list[str]:
             str(env["RUN"]), *EXTRA_ARGS]
 
 
-@pytest.fixture(scope="session")
+@slow_fixture(scope="session")
 def reference_weights(tiny_shards, tmp_path_factory) -> dict[str, torch.Tensor]:
     """The export of the same run by `deepspeed --num_gpus 2` on one host."""
     work = tmp_path_factory.mktemp("cluster-reference")

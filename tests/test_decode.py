@@ -4,6 +4,7 @@ decoder standing in for nvJPEG) against the CPU path, per-sample RandAugment, an
 determinism, resume and corrupt-sample handling. No CUDA here: tests/gpu/test_decode_gpu.py runs the CUDA part."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -22,8 +23,8 @@ from antismooth.data import decode
 from antismooth.data.decode import (SampleDecoder, SampleParams, apply_params_pil, augment_batch, crop_resize_flip,
                                     decode_jpegs, reduction_factor, resolve_decode, sample_params)
 from antismooth.data.device import DeviceBatches
-from antismooth.data.pipeline import (AugmentConfig, StreamConfig, build_train_stream, eval_transform,
-                                      seed_augmentation, train_transform)
+from antismooth.data.pipeline import (AugmentConfig, StreamConfig, build_eval_stream, build_train_stream,
+                                      eval_transform, seed_augmentation, train_transform)
 
 CROP_ONLY = AugmentConfig(input_size=64, auto_augment=None, color_jitter=0.0)   # RandomResizedCrop + flip
 DEIT_64 = AugmentConfig(input_size=64)                                            # the full DeiT recipe
@@ -143,7 +144,7 @@ def test_sample_params_are_timms_own_draws(sample_images):
 
 def test_each_randaugment_op_on_the_device_is_pils_to_one_level(sample_images):
     transform = train_transform(DEIT_64)
-    ra = decode._randaugment(transform)
+    ra = decode.randaugment_of(transform)
     crops = [_full(data).resize((64, 64), Image.Resampling.BICUBIC) for data in _files(sample_images)[:24]]
     for op in ra.ops:
         for k, crop in enumerate(crops):
@@ -173,7 +174,7 @@ def test_the_device_path_on_the_cpu_gives_the_cpu_paths_images(sample_images, au
     files = _files(sample_images)
     samples = _worker_samples(files, transform)
     stats = decode.DecodeStats()
-    batch = decode.JpegBatch(*map(list, zip(*samples)))
+    batch = decode.JpegBatch(*map(list, zip(*samples, strict=True)))
     images = decode.decode_batch(batch, "cpu", stats)
     assert images.shape == (len(files), 3, 64, 64) and images.dtype == torch.uint8
     psnrs = []
@@ -189,7 +190,7 @@ def test_a_jpeg_the_device_decoder_refuses_is_decoded_on_the_cpu_and_counted(sam
     transform = train_transform(DEIT_64)
     files = _files(sample_images)[:4]
     samples = _worker_samples(files, transform)
-    data, params, cpu = map(list, zip(*samples))
+    data, params, cpu = map(list, zip(*samples, strict=True))
     # Bytes that open as a JPEG header but no decoder reads: the fill colour, counted, and the batch goes on.
     data[1] = data[1][:200]
     stats = decode.DecodeStats()
@@ -201,8 +202,7 @@ def test_a_jpeg_the_device_decoder_refuses_is_decoded_on_the_cpu_and_counted(sam
 def test_the_gpu_path_needs_a_recipe_it_applies():
     with pytest.raises(ValueError, match="--decode cpu"):
         decode.check_gpu_recipe(train_transform(AugmentConfig(input_size=64, auto_augment=None)))  # colour jitter
-    with pytest.raises(ValueError, match="--decode cpu"):
-        decode.check_gpu_recipe(train_transform(AugmentConfig(input_size=64, no_aug=True)))
+    decode.check_gpu_recipe(train_transform(AugmentConfig(input_size=64, no_aug=True)))   # resize, centre crop
     decode.check_gpu_recipe(train_transform(DEIT_64))
     assert resolve_decode("auto", "cpu") == "cpu" and resolve_decode("gpu", "cpu") == "gpu"
     with pytest.raises(ValueError, match="cpu, gpu or auto"):
@@ -227,12 +227,12 @@ def test_the_gpu_path_stream_is_deterministic_and_resumes_sample_exactly(sample_
     resumed, _ = _gpu_path_batches(sample_shards, samples_consumed=5 * 8)
     cpu_path, _ = _gpu_path_batches(sample_shards, decode_mode="cpu")
     assert len(first) == len(again) == len(cpu_path) == 103 // 8 and len(resumed) == len(first) - 5
-    for a, b in zip(first, again):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
-    for a, b in zip(first[5:], resumed):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for a, b in zip(first, again, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    for a, b in zip(first[5:], resumed, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     # The same samples in the same batches as the CPU path, augmented alike (same parameters, close pixels).
-    for (x_gpu, y_gpu, at_gpu), (x_cpu, y_cpu, at_cpu) in zip(first, cpu_path):
+    for (x_gpu, y_gpu, at_gpu), (x_cpu, y_cpu, at_cpu) in zip(first, cpu_path, strict=True):
         assert torch.equal(y_gpu, y_cpu) and torch.equal(at_gpu, at_cpu)
         assert (x_gpu - x_cpu).abs().mean() < 0.05   # normalised units; different draws would differ by ~1
 
@@ -278,10 +278,77 @@ def test_a_batch_of_jpegs_crosses_the_process_boundary_as_one_buffer(sample_imag
     from multiprocessing.reduction import ForkingPickler
 
     samples = _worker_samples(_files(sample_images), train_transform(DEIT_64))
-    batch = decode.JpegBatch(*map(list, zip(*samples)))
+    batch = decode.JpegBatch(*map(list, zip(*samples, strict=True)))
     assert any(batch.decoded_on_cpu) and not all(batch.decoded_on_cpu)
     back = ForkingPickler.loads(bytes(ForkingPickler.dumps(batch)))
     assert back.decoded_on_cpu == batch.decoded_on_cpu and back.params == batch.params and back.fill == batch.fill
-    assert all(torch.equal(a, b) for a, b in zip(back.data, batch.data))
-    jpegs = [d for d, cpu in zip(back.data, back.decoded_on_cpu) if not cpu]
+    assert all(torch.equal(a, b) for a, b in zip(back.data, batch.data, strict=True))
+    jpegs = [d for d, cpu in zip(back.data, back.decoded_on_cpu, strict=True) if not cpu]
     assert len({d.untyped_storage().data_ptr() for d in jpegs}) == 1   # views of one buffer
+
+
+# --- training and evaluation see the same pixels -----------------------------------------------------------------
+
+def _demo_augment() -> AugmentConfig:
+    """The augmentation `make demo` trains with: its recipe's flags (tools/demo.py) parsed by pretrain.py, every
+    other setting at its default, so a default that changes what training sees shows here."""
+    import importlib.util
+
+    import pretrain
+
+    spec = importlib.util.spec_from_file_location("demo", Path(__file__).resolve().parents[1] / "tools" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    config = pretrain.parse_config([*demo.RECIPE, "--deepspeed_config", "ds_configs/demo.json"])
+    return pretrain.augment_config(config, int(config.input_size))
+
+
+def _by_label(batches) -> dict[int, torch.Tensor]:
+    images = {}
+    for x, labels, *_ in batches:
+        if isinstance(x, decode.JpegBatch):
+            x = decode.decode_batch(x, "cpu")
+        images.update({int(y): image for image, y in zip(x, labels)})
+    return images
+
+
+@pytest.mark.parametrize("decode_mode", ["cpu", "gpu"])
+def test_training_and_evaluation_see_the_same_pixels_with_the_demos_recipe(tiny_shards, decode_mode):
+    """The demo's recipe (no random augmentation: resize, centre crop) through the real training stream (a loader
+    worker; `gpu`: the device path's decode and resize run on the CPU) and the real evaluation stream, on the same
+    JPEGs (tiny_shards' val split is its train split): the CPU path gives evaluation's tensor bit for bit (the same
+    decoder and the same PIL resize). The device path resizes with torchvision's antialiased bicubic on tensors,
+    which rounds where PIL's fixed-point filter rounds otherwise: at most one level (of 255) on any pixel. A
+    training image resampled any other way (reduced-size decode's 1/2-1/8 DCT scaling, ~30-45 dB) is many levels
+    off somewhere and fails."""
+    augment = _demo_augment()
+    assert augment.no_aug and augment.eval_crop_pct == 1.0, "the demo's recipe changed: revisit this test"
+    train = build_train_stream(str(tiny_shards / "train.json"), StreamConfig(batch_size=4, num_workers=1,
+                               decode=decode_mode), 0, 1, dataclasses.replace(augment, repeated_aug=1))
+    evaluated = build_eval_stream(str(tiny_shards / "val.json"), 4, 0, 1, num_workers=1, augment=augment)
+    seen, reference = _by_label(train.loader(0)), _by_label(evaluated.loader())
+    assert len(seen) == len(reference) == 16
+    worst = max((seen[k].int() - reference[k].int()).abs().max().item() for k in reference)
+    assert worst <= (0 if decode_mode == "cpu" else 1), f"training pixels differ from evaluation's by {worst} levels"
+
+
+def test_reduced_decode_makes_training_pixels_differ_from_evaluation(tiny_shards):
+    """The consistency test above can fail: the opt-in --reduced-decode on the demo's recipe trips it."""
+    augment = dataclasses.replace(_demo_augment(), reduced_decode=True, repeated_aug=1)
+    train = build_train_stream(str(tiny_shards / "train.json"), StreamConfig(batch_size=4, num_workers=0), 0, 1,
+                               augment)
+    evaluated = build_eval_stream(str(tiny_shards / "val.json"), 4, 0, 1, num_workers=0, augment=augment)
+    seen, reference = _by_label(train.loader(0)), _by_label(evaluated.loader())
+    assert max((seen[k].int() - reference[k].int()).abs().max().item() for k in reference) > 1
+
+
+def test_a_resume_that_changes_the_decode_of_its_run_says_so_in_one_sentence():
+    """Reduced-size decode was the default until 2026-12-06: a run started then (run.json records it on) and resumed
+    now (off) is told which flag keeps its images as they were; a run that recorded nothing decoded in full."""
+    from antismooth.config import TrainConfig
+
+    now = TrainConfig()
+    [sentence] = now.input_changes({"reduced_decode": True})
+    assert "--reduced-decode" in sentence and "pass --reduced-decode" in sentence
+    assert now.input_changes({"reduced_decode": False}) == now.input_changes({}) == []
+    assert "pass --no-reduced-decode" in TrainConfig(reduced_decode=True).input_changes({})[0]

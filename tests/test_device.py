@@ -37,7 +37,7 @@ def test_eval_batches_normalised_on_the_device_equal_timms_float_transform_bit_f
     seen = 0
     for images, labels, *_ in DeviceBatches(stream.loader(), "cpu", augment.mean, augment.std):
         assert images.dtype == torch.float32 and images.shape[1:] == (3, 224, 224)
-        for image, label in zip(images, labels):
+        for image, label in zip(images, labels, strict=True):
             assert torch.equal(image, float_transform(_jpeg(sample_images, classes[label])))
         seen += len(labels)
     assert seen == NUM_SAMPLES
@@ -82,11 +82,11 @@ def test_erasing_on_the_device_is_deterministic_resumable_and_erases(sample_shar
     first = _erased_training_batches(sample_shards, seed=0)
     again = _erased_training_batches(sample_shards, seed=0)
     assert len(first) == len(again) == NUM_SAMPLES // 8
-    for (clean_a, erased_a, labels_a), (clean_b, erased_b, labels_b) in zip(first, again):
+    for (clean_a, erased_a, labels_a), (clean_b, erased_b, labels_b) in zip(first, again, strict=True):
         assert torch.equal(labels_a, labels_b) and torch.equal(clean_a, clean_b) and torch.equal(erased_a, erased_b)
     resumed = _erased_training_batches(sample_shards, seed=0, samples_consumed=5 * 8)
     assert len(resumed) == len(first) - 5
-    assert all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(first[5:], resumed))
+    assert all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(first[5:], resumed, strict=True))
     changed = sum(int((clean != erased).flatten(1).any(1).sum()) for clean, erased, _ in first)
     assert changed > 0.9 * len(first) * 8  # reprob=1: every sample is tried, nearly every box fits at 32 px
 

@@ -23,7 +23,7 @@ from antismooth.distributed import (Launch, LaunchError, all_reduce, barrier, br
                                     collective_device, detect_launch, first_host, launch_variables, tasks_on_node)
 from conftest import FULL_BATCH, TINY_MODEL, UNEVEN_VAL_IMAGES, resume_plan
 from launch import (ONE_THREAD, REPO, TRAIN_PLAN, ds_config, free_port, kill_tree, start_processes, torchrun_nodes,
-                    wait_processes, write_plan)
+                    slow_fixture, wait_processes, write_plan)
 from test_train import scalars
 
 
@@ -172,7 +172,7 @@ def _latest(run: Path) -> str | None:
     return latest.read_text() if latest.is_file() else None
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def two_node_runs(sample_shards, resume_reference, tmp_path_factory):
     """torchrun on two nodes runs conftest's resume run, one node killed mid-run, then both started again. (DeepSpeed's
     hostfile launcher on two nodes is tests/test_elastic.py's launch C.)"""
@@ -212,7 +212,7 @@ def _python_ranks(plan: Path, variables: list[dict]) -> list[tuple[list, dict]]:
     return [([sys.executable, TRAIN_PLAN, plan], {**ONE_THREAD, **v}) for v in variables]
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def scheduler_runs(tiny_shards, tmp_path_factory):
     """Plain `python` processes that know their rank only from srun's or Open MPI's variables."""
     work = tmp_path_factory.mktemp("scheduler")

@@ -31,7 +31,7 @@ from antismooth.cli import reshard as reshard_tool
 from antismooth.checkpoint import RunFolder, convert_to_universal
 from conftest import BF16, EMA_RUNS, FULL_BATCH, TINY_MODEL, WITH_EMA, resume_plan
 from launch import (ONE_THREAD, REPO, TRAIN_PLAN, VENV_BIN, clean_env, ds_config, free_port, launch_plan,
-                    start_processes, torchrun_nodes, wait_processes, write_plan)
+                    slow_fixture, start_processes, torchrun_nodes, wait_processes, write_plan)
 from test_ema import export
 from test_train import scalars
 
@@ -49,7 +49,7 @@ def _deepspeed_nodes(hostfile: Path, plan: Path) -> list[tuple[list, dict]]:
               "--master_addr", "127.0.0.1", "--master_port", port, TRAIN_PLAN, plan], ONE_THREAD) for node in (0, 1)]
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def elastic(tiny_shards, sample_shards, resume_reference, tmp_path_factory):
     work = tmp_path_factory.mktemp("elastic")
     data_config, _ = resume_reference
@@ -66,7 +66,7 @@ def elastic(tiny_shards, sample_shards, resume_reference, tmp_path_factory):
         plans["C"].append({"argv": argv, "state_after_load": str(out / "C-load.pt"), "probe": str(out / "probe.pt")})
     data = chains["data"] = work / "data"
     [entry] = resume_plan(data_config, sample_shards.parent, data)
-    for part, steps in zip("ABC", (*DATA_STEPS, None)):
+    for part, steps in zip("ABC", (*DATA_STEPS, None), strict=True):
         limit = ["--max-steps", str(steps)] if steps else []
         plans[part].append({"argv": [*entry["argv"], *limit], "record": str(data / f"{part}.json")})
     workers = chains["workers"] = work / "workers"
@@ -99,7 +99,7 @@ def test_the_optimizer_state_is_the_saved_one_after_each_change_of_world_size(el
         before, after = torch.load(out / saved), torch.load(out / loaded)
         assert before.keys() == after.keys()
         for name in before:
-            for what, a, b in zip(("weights", "exp_avg", "exp_avg_sq"), before[name], after[name]):
+            for what, a, b in zip(("weights", "exp_avg", "exp_avg_sq"), before[name], after[name], strict=True):
                 assert torch.equal(a, b), f"{chain} {saved} → {loaded}: {name} {what} differs"
         assert any(m.abs().sum() > 0 for _, m, _ in before.values())   # real moments, not a fresh optimizer
 

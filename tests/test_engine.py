@@ -54,7 +54,7 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine_to_min_lr():
     assert lrs[0] == pytest.approx(1e-6)
     assert lrs[10] == pytest.approx(1e-6 + (derived.peak_lr - 1e-6) * 10 / 20)  # linear warmup
     assert max(lrs) == pytest.approx(derived.peak_lr) and lrs.index(max(lrs)) == 20  # the peak, when warmup ends
-    assert all(a > b for a, b in zip(lrs[20:], lrs[21:]))                       # then only down
+    assert all(a > b for a, b in zip(lrs[20:], lrs[21:], strict=False))                       # then only down
     assert lrs[-1] == pytest.approx(1e-5)
     assert {g["lr"] for g in optimizer.param_groups} == {lrs[-1]}               # every group alike
 

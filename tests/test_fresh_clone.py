@@ -22,7 +22,6 @@ def test_a_clone_with_nothing_beside_it_passes_the_data_tests(tmp_path: Path):
         pytest.skip("not a git checkout")
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(REPO), str(clone)], check=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clone"]  # no shared/ (nor anything else) beside it
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTHON"))}
     env.update(PYTHONPATH=str(clone), PYTHONDONTWRITEBYTECODE="1")
     imported = subprocess.run([sys.executable, "-c", "import antismooth; print(antismooth.__file__)"], cwd=clone,

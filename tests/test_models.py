@@ -101,7 +101,7 @@ def test_every_model_builds_and_trains_one_step(name):
     assert logits.shape == (2, 10)
     F.cross_entropy(logits, torch.tensor([1, 2], device=device)).backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
-    assert all(g is not None and g.shape == p.shape for g, p in zip(grads.values(), model.parameters()))
+    assert all(g is not None and g.shape == p.shape for g, p in zip(grads.values(), model.parameters(), strict=True))
     paper_grads = [g for n, g in grads.items() if n.endswith(("lamb", "lamb1", "lamb2"))]
     assert ("attnscale" in name or "featscale" in name) == bool(paper_grads)
     if device == "cpu":

@@ -22,7 +22,7 @@ import sysconfig
 import tomllib
 from pathlib import Path
 
-import pytest
+from launch import slow_fixture
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def test_declared_ranges_admit_the_pins_and_cover_the_imports():
     assert set(PYPROJECT["project"]["scripts"]) == set(ENTRY_POINTS)
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def fresh_venv(tmp_path_factory) -> Path:
     """A new venv with `pip install .` of this checkout; third-party packages visible from the test's venv."""
     venv = tmp_path_factory.mktemp("fresh") / "venv"

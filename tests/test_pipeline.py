@@ -6,6 +6,7 @@ samples through the stream by their labels, without any hook in the pipeline.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import pickle
 from pathlib import Path
@@ -109,7 +110,7 @@ def test_same_seed_same_stream_other_seed_other_stream(sample_shards):
     first = list(_stream(sample_shards, augment=AUG).loader(0))
     again = list(_stream(sample_shards, augment=AUG).loader(0))
     other = list(_stream(sample_shards, augment=AUG, seed=1).loader(0))
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
     assert [y.tolist() for _, y, _ in first] != [y.tolist() for _, y, _ in other]
 
 
@@ -120,7 +121,7 @@ def test_resume_continues_with_exactly_the_same_samples_and_augmentations(sample
     consumed_steps = 7
     resumed = list(stream.loader(epoch=1, samples_consumed=consumed_steps * 4))
     assert len(resumed) == len(full) - consumed_steps
-    for (x_full, y_full, at_full), (x_res, y_res, at_res) in zip(full[consumed_steps:], resumed):
+    for (x_full, y_full, at_full), (x_res, y_res, at_res) in zip(full[consumed_steps:], resumed, strict=True):
         assert torch.equal(y_full, y_res) and torch.equal(at_full, at_res)
         assert torch.equal(x_full, x_res)
 
@@ -135,8 +136,12 @@ def test_batches_are_uint8_deit_augmented_rgb_and_mixup_is_timms(sample_shards):
     images, labels, positions = next(iter(stream.loader(0)))
     assert positions.shape == (8,) and positions.dtype == torch.int64
     assert images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8 and labels.dtype == torch.int64
+    raw = images
     images, labels, _ = next(iter(DeviceBatches(stream.loader(0), "cpu", AUG.mean, AUG.std)))  # normalised, as trained on
-    assert images.dtype == torch.float32 and -3 < images.mean() < 3
+    # ImageNet's mean and std, written out here (timm's IMAGENET_DEFAULT_*): each pixel as x / 255 - mean over std.
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    assert images.dtype == torch.float32
+    torch.testing.assert_close(images, (raw.float() / 255 - mean[:, None, None]) / std[:, None, None])
     assert stream.mixup is not None and stream.mixup.label_smoothing == 0.1
     mixed, soft = stream.mixup(images, labels)
     assert soft.shape == (8, NUM_SAMPLES) and torch.allclose(soft.sum(-1), torch.ones(8))
@@ -244,6 +249,36 @@ def test_the_same_layout_continues_its_deal_sample_for_sample(sample_shards):
     assert first + rest == whole
 
 
+def _epoch_labels(stream, samples: int, steps: int) -> list[int]:
+    labels = []
+    for _, y, positions in itertools.islice(stream.epoch_loader(0, samples), steps * stream.accumulation):
+        stream.record(positions)
+        labels += y.tolist()
+    return labels
+
+
+def test_the_stream_saves_and_restores_its_own_position(sample_shards):
+    """What a checkpoint holds of the data (TrainStream.state_dict) lets a new stream go on sample for sample on the
+    same layout, and deal the rest anew on another, saying so."""
+    def stream(workers):
+        config = StreamConfig(batch_size=8, num_workers=workers, shuffle_buffer=40, shuffle_initial=10)
+        return build_train_stream(sample_shards, config, 0, 1, AUG, global_batch=16)
+
+    first = stream(3)
+    assert first.state_dict() == {}                       # before its first loader: the epoch's start
+    head = _epoch_labels(first, 0, 2)
+    saved = first.state_dict()
+    again = stream(3)
+    again.load_state_dict(saved)
+    assert again.redeal_note(32) == ""
+    assert head + _epoch_labels(again, 32, 4) == _epoch_labels(stream(3), 0, 6)
+    other = stream(2)
+    other.load_state_dict(saved)
+    assert other.redeal_note(32) == "data was dealt to 1 × 3 loader workers, now the rest of its samples to 1 × 2"
+    rest = _epoch_labels(other, 32, 4)
+    assert collections.Counter(head + rest) == collections.Counter(_epoch_labels(stream(3), 0, 6))
+
+
 # --- the loader workers' forkserver --------------------------------------------------------------------------
 
 # A main script as pretrain.py is one: heavy imports at the top (here: a line written per import), its start guarded.
@@ -277,7 +312,6 @@ if __name__ == "__main__":
 
 
 def test_workers_find_the_main_script_imported_and_die_with_a_killed_process(sample_shards, tmp_path):
-    import os
     import subprocess
     import sys
     import time

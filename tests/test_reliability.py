@@ -10,11 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from conftest import FULL_BATCH, TINY_MODEL
-from launch import REPO, ds_config, launch_plan
+from launch import REPO, ds_config, launch_plan, slow_fixture
 from test_train import scalars
 
 DIVERGING_LR = "1e9"       # per 512 images: the weights blow up in the first step, the loss is NaN from step 2
@@ -29,7 +28,7 @@ def _mount_small_tmpfs(path: Path) -> bool:
     return done.returncode == 0
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def reliability_runs(zero_runs, tiny_shards, tmp_path_factory):
     work = tmp_path_factory.mktemp("reliability")
     config = str(ds_config(work / "zero2.json", 2))

@@ -25,7 +25,7 @@ from antismooth.flops import training_flops_per_image
 from antismooth.models import (MODEL_NAMES, SWIN_VARIANTS, TIMM_SWIN_NAMES, WeightsMismatchError, load_for_finetuning,
                                load_weights, set_fused_attn, structure)
 from antismooth.models.swin import FeatScaleSwinBlock
-from antismooth.plan import _phase_peaks, activation_profile, model_shape
+from antismooth.plan import activation_profile, model_shape, phase_peaks
 from antismooth.spectral import measure
 from swin_runs import (SWIN_IMG_SIZE, SWIN_KWARGS, official_state_dict, randomize_paper_params)
 
@@ -310,7 +310,7 @@ def test_activation_checkpointing_wraps_each_stage_and_keeps_keys_and_gradients(
     for m in (model, checked):
         torch.manual_seed(5)  # the same drop-path draws: non-reentrant checkpointing replays the RNG state
         F.cross_entropy(m(x), torch.tensor([1, 2])).backward()
-    for (name, p), q in zip(model.named_parameters(), checked.parameters()):
+    for (name, p), q in zip(model.named_parameters(), checked.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
@@ -320,7 +320,7 @@ def test_planner_fits_swin_activations_by_stage_three_depth():
     assert model_shape(name, kwargs, 64).depth == 2
     for every in (0, 1):
         profile = activation_profile(name, kwargs, 64, "float32", every)
-        measured = max(_phase_peaks(name, kwargs, 64, "float32", every, 2, 6)[1:])
+        measured = max(phase_peaks(name, kwargs, 64, "float32", every, 2, 6)[1:])
         assert profile.peak(2, 6) == pytest.approx(measured, rel=0.05)
 
 
@@ -341,7 +341,7 @@ def test_spectral_probe_measures_each_stage_on_its_grid_and_each_window():
     assert [math.isnan(v) for v in report.attention_similarity] == [False, True, False, True, False, True, False]
     assert all(0 < v <= 1 for v in report.attention_similarity if not math.isnan(v))
     # Within windows there is less high-frequency energy than over the image; equal where the window is the grid.
-    assert all(w < h for w, h in zip(report.hc_share_window[:4], report.hc_share[:4]))
+    assert all(w < h for w, h in zip(report.hc_share_window[:4], report.hc_share[:4], strict=True))
     assert report.hc_share_window[4:] == pytest.approx(report.hc_share[4:], rel=1e-5)
     assert report.attnscale_lambda == pytest.approx([b.attn.lamb.abs().mean().item() for b in structure.blocks(model)])
     vit = measure(timm.create_model("attnscale_tiny_12", img_size=32, patch_size=8, depth=2), torch.randn(2, 3, 32, 32))

@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import antismooth  # noqa: F401
 from conftest import TINY_MODEL, resume_plan
-from launch import ds_config, launch_plan
+from launch import ds_config, launch_plan, slow_fixture
 
 import pretrain
 
@@ -112,7 +112,7 @@ def _latest(run: Path) -> str | None:
     return latest.read_text() if latest.is_file() else None
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def resume_runs(sample_shards, resume_reference, tmp_path_factory):
     """The 12-step ZeRO-2 resume run on 2 processes (conftest.resume_reference) interrupted twice: SIGKILL
     from outside once a checkpoint exists, then SIGKILL of one rank in the middle of writing one."""
@@ -174,7 +174,7 @@ def test_a_checkpoint_cut_short_is_never_resumed_from(resume_runs):
 
 # --- fine-tuning, eval-only, throughput (one process, under torchrun) ------------------------------------------
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def one_process_runs(tiny_shards, tmp_path_factory):
     work = tmp_path_factory.mktemp("one-process")
     plain = timm.create_model("vit_tiny_24", img_size=64, patch_size=8, embed_dim=64, num_heads=4, num_classes=1000)

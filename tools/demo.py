@@ -38,6 +38,7 @@ RECIPE = ["--input-size", "16", "--crop-pct", "1.0", "--no-aug", "--mixup", "0",
           # DeiT's model EMA (decay 0.99996) averages over ~25,000 steps; the demo's ~440 would leave it at the
           # initial weights. Off, and said so when the demo starts.
           "--no-model-ema"]
+SCHEDULE = {"epochs": 20, "lr": 8e-3, "warmup_epochs": 2}
 
 
 def write_digits_imagefolder(root: Path, seed: int = 0) -> dict[str, int]:
@@ -87,9 +88,10 @@ def check_gpus(gpus: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="attnscale_tiny_24", help="e.g. vit_tiny_24 for the plain baseline")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=8e-3, help="base lr for a global batch of 512: 1e-3 at batch 64")
-    parser.add_argument("--warmup-epochs", type=float, default=2)
+    parser.add_argument("--epochs", type=int, default=SCHEDULE["epochs"])
+    parser.add_argument("--lr", type=float, default=SCHEDULE["lr"],
+                        help="base lr for a global batch of 512: 1e-3 at batch 64")
+    parser.add_argument("--warmup-epochs", type=float, default=SCHEDULE["warmup_epochs"])
     parser.add_argument("--processes", type=int, default=2, help="training processes on the CPU (gloo)")
     parser.add_argument("--gpus", type=int, help="train on this many GPUs instead, one process each (NCCL)")
     parser.add_argument("--deepspeed-config", default="ds_configs/demo.json",
@@ -112,15 +114,23 @@ def main(argv: list[str] | None = None) -> int:
     print("model EMA off (--no-model-ema): DeiT's decay of 0.99996 averages over ~25,000 steps, the demo runs "
           "~440.", flush=True)
 
-    run([*launcher(args.gpus or args.processes), "pretrain.py", "--deepspeed_config", args.deepspeed_config,
-         "--model", args.model, "--model-kwargs", *MODEL_KWARGS, "--data", str(shards), "--output", str(work),
-         "--epochs", str(args.epochs), "--lr", str(args.lr), "--warmup-epochs", str(args.warmup_epochs), *RECIPE])
-    weights = work / f"{args.model}.safetensors"
-    run([sys.executable, "tools/export.py", str(work / "checkpoints"), "--out", str(weights)])
-    run([sys.executable, "tools/eval.py", "--weights", str(weights), "--data", str(shards), "--workers", "1",
-         *(["--json", args.eval_json] if args.eval_json else [])])
+    train_export_eval(shards, work, args.model, ["--epochs", str(args.epochs), "--lr", str(args.lr),
+                                                 "--warmup-epochs", str(args.warmup_epochs)],
+                      args.gpus or args.processes, args.deepspeed_config, args.eval_json)
     print(f"demo finished in {time.time() - start:.0f} s", flush=True)
     return 0
+
+
+def train_export_eval(shards: Path, work: Path, model: str, flags: list[str], processes: int, deepspeed_config: str,
+                      eval_json: str | Path | None = None) -> None:
+    """The demo's recipe (plus `flags`) trained on `shards` into `work`, its newest checkpoint exported and evaluated
+    on the val split (the figures also to `eval_json`); bench/path_accuracy.py trains each input path this way."""
+    run([*launcher(processes), "pretrain.py", "--deepspeed_config", deepspeed_config, "--model", model,
+         "--model-kwargs", *MODEL_KWARGS, "--data", str(shards), "--output", str(work), *RECIPE, *flags])
+    weights = work / f"{model}.safetensors"
+    run([sys.executable, "tools/export.py", str(work / "checkpoints"), "--out", str(weights)])
+    run([sys.executable, "tools/eval.py", "--weights", str(weights), "--data", str(shards), "--workers", "1",
+         *(["--json", str(eval_json)] if eval_json else [])])
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def build(args: argparse.Namespace) -> int:
             split = listing.split
             start, done_bytes = time.perf_counter(), 0
             with _bar(split, len(listing.files), "img") as bar:
-                def progress(images: int, nbytes: int) -> None:
+                def progress(images: int, nbytes: int, start: float = start) -> None:
                     nonlocal done_bytes
                     done_bytes += nbytes
                     bar.set_postfix_str(f"{done_bytes / 1e6 / max(time.perf_counter() - start, 1e-9):.0f} MB/s",

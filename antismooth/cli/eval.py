@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from antismooth.data.device import pin_memory_for
 from antismooth.data.pipeline import reduce_eval_metrics
-from antismooth.distributed import DistEnv, LaunchError, detect_launch, init_distributed
+from antismooth.distributed import DistEnv, LaunchError, detect_launch, init_distributed, leave
 from antismooth.evaluate import (augment_from_data_config, build_eval_model, eval_batches, evaluate, match_classes,
                                  model_data_config, resolve_eval_data)
 
@@ -108,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:  # WeightsMismatchError is a ValueError
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if started:
+        if started:   # no barrier here: a rank that failed alone must not wait for the others
             dist.destroy_process_group()
+        return 2
+    if started:
+        leave()   # every rank finished: leave the process group together, as pretrain.py does
     if rank == 0:
         print(f"{figures['model']} on {figures['data']}: top-1 {figures['top1']:.2f} %  top-5 {figures['top5']:.2f} %  "
               f"loss {figures['loss']:.4f}  ({figures['count']} images, {figures['images_per_s']:.1f} img/s on "

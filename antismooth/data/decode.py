@@ -21,10 +21,9 @@ from __future__ import annotations
 import functools
 import io
 import logging
-import math
 import random
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
@@ -36,13 +35,12 @@ from timm.data.auto_augment import AugmentOp, RandAugment
 from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
-__all__ = ["DecodeMode", "resolve_decode", "reduction_factor", "SampleDecoder", "SampleParams", "sample_params",
+__all__ = ["resolve_decode", "reduction_factor", "SampleDecoder", "SampleParams", "sample_params",
            "apply_params_pil", "check_gpu_recipe", "JpegBatch", "decode_jpegs", "decode_batch", "augment_batch",
-           "augment_sample", "decoder_backend", "DecodeStats"]
+           "randaugment_of", "decoder_backend", "DecodeStats"]
 
 _logger = logging.getLogger(__name__)
 
-DecodeMode = Literal["cpu", "gpu", "auto"]
 REDUCE_FACTORS = (8, 4, 2)   # the DCT scalings libjpeg offers through PIL's draft (1/8, 1/4, 1/2)
 
 
@@ -85,7 +83,7 @@ class SampleDecoder:
     """Bytes of one image → timm's transform of it, seeded per sample; with `reduced`, decoded at the smallest
     DCT scale that loses nothing the transform's first resize keeps (same boxes, same random draws)."""
 
-    def __init__(self, transform: T.Compose, reduced: bool = True) -> None:
+    def __init__(self, transform: T.Compose, reduced: bool = False) -> None:
         self.transform, self.reduced = transform, reduced
         ops = list(transform.transforms)
         self.first = ops[0] if ops and isinstance(ops[0], (RandomResizedCropAndInterpolation, T.Resize)) else None
@@ -147,8 +145,9 @@ class SampleDecoder:
 class SampleParams:
     """One sample's augmentation, drawn from its seeded generators exactly as timm's transform draws it."""
     size: tuple[int, int]                         # the source image's (w, h), from its header
-    box: tuple[int, int, int, int]                # RandomResizedCrop's (top, left, height, width)
-    out: tuple[int, int]                          # output (h, w)
+    box: tuple[int, int, int, int]                # RandomResizedCrop's (top, left, height, width); Resize: all
+    out: tuple[int, int]                          # the box resized to (h, w)
+    center: Optional[tuple[int, int]] = None      # CenterCrop's (h, w) of the resized box (timm's --no-aug)
     flip: bool = False
     ops: tuple[tuple[str, tuple[float, ...]], ...] = ()   # RandAugment ops applied, in order, with their arguments
     interpolation: int = int(Image.Resampling.BICUBIC)    # PIL resample of the crop's resize
@@ -168,9 +167,10 @@ def check_gpu_recipe(transform: T.Compose) -> None:
             if unknown or any(isinstance(o.kwargs["resample"], (tuple, list)) for o in op.ops):
                 raise ValueError(f"--decode gpu applies timm's rand-m*-inc1 RandAugment ops with one interpolation; "
                                  f"this recipe has {unknown or 'a random interpolation'}: use --decode cpu.")
-        elif not isinstance(op, (RandomResizedCropAndInterpolation, T.RandomHorizontalFlip, MaybePILToTensor)):
+        elif not isinstance(op, (RandomResizedCropAndInterpolation, T.RandomHorizontalFlip, MaybePILToTensor,
+                                 T.Resize, T.CenterCrop)):
             raise ValueError(f"--decode gpu does not apply {type(op).__name__} on the device (no colour jitter with "
-                             "RandAugment off, no --no-aug): use --decode cpu for this recipe.")
+                             "RandAugment off): use --decode cpu for this recipe.")
 
 
 def sample_params(transform: T.Compose, img: Image.Image, seed: int, seed_fn: Callable[[int], None]) -> SampleParams:
@@ -178,12 +178,18 @@ def sample_params(transform: T.Compose, img: Image.Image, seed: int, seed_fn: Ca
     read) after `seed_fn(seed)`: the same generator calls in the same order, so `apply_params_pil` on the
     decoded image equals `transform` on it, pixel for pixel (tests/test_decode.py)."""
     seed_fn(seed)
-    box, flip, ops, out, interpolation = None, False, [], None, int(Image.Resampling.BICUBIC)
+    box, flip, ops, out, center, interpolation = None, False, [], None, None, int(Image.Resampling.BICUBIC)
     for op in transform.transforms:
         if isinstance(op, RandomResizedCropAndInterpolation):
             box = op.get_params(img, op.scale, op.ratio)
             mode = random.choice(op.interpolation) if isinstance(op.interpolation, (tuple, list)) else op.interpolation
             interpolation, out = _pil_resample(mode), tuple(op.size)
+        elif isinstance(op, T.Resize):      # timm's --no-aug: the whole image resized, then centre-cropped
+            size = [op.size] if isinstance(op.size, int) else list(op.size)
+            out = tuple(TF._compute_resized_output_size((img.size[1], img.size[0]), size, op.max_size))
+            box, interpolation = (0, 0, img.size[1], img.size[0]), _pil_resample(op.interpolation)
+        elif isinstance(op, T.CenterCrop):
+            center = tuple(op.size)
         elif isinstance(op, T.RandomHorizontalFlip):
             flip = bool(torch.rand(1) < op.p)
         elif isinstance(op, RandAugment):
@@ -192,8 +198,9 @@ def sample_params(transform: T.Compose, img: Image.Image, seed: int, seed_fn: Ca
         elif not isinstance(op, MaybePILToTensor):
             raise ValueError(f"sample_params cannot draw {type(op).__name__}: use --decode cpu for this recipe.")
     if box is None:
-        raise ValueError("sample_params needs a RandomResizedCrop first: use --decode cpu for this recipe.")
-    return SampleParams(size=tuple(img.size), box=tuple(box), out=out, flip=flip, ops=tuple(ops),
+        raise ValueError("sample_params needs a RandomResizedCrop or a Resize first: use --decode cpu for this "
+                         "recipe.")
+    return SampleParams(size=tuple(img.size), box=tuple(box), out=out, center=center, flip=flip, ops=tuple(ops),
                         interpolation=interpolation)
 
 
@@ -210,7 +217,8 @@ def _draw_op(op: AugmentOp) -> Optional[tuple[str, tuple[float, ...]]]:
     return op.name, tuple(args)
 
 
-def _randaugment(transform: T.Compose) -> Optional[RandAugment]:
+def randaugment_of(transform: T.Compose) -> Optional[RandAugment]:
+    """timm's RandAugment inside a transform, None when the recipe has none."""
     return next((op for op in transform.transforms if isinstance(op, RandAugment)), None)
 
 
@@ -219,9 +227,11 @@ def apply_params_pil(img: Image.Image, params: SampleParams, transform: T.Compos
     i, j, h, w = params.box
     out = TF.resized_crop(img, i, j, h, w, list(params.out), T.InterpolationMode(
         {v: k for k, v in TF.pil_modes_mapping.items() if k.value != "nearest-exact"}[params.interpolation]))
+    if params.center:
+        out = TF.center_crop(out, list(params.center))
     if params.flip:
         out = TF.hflip(out)
-    ra = _randaugment(transform)
+    ra = randaugment_of(transform)
     by_name = {op.name: op for op in ra.ops} if ra else {}
     for name, args in params.ops:
         op = by_name[name]
@@ -245,9 +255,9 @@ class JpegBatch:
 
     def _packed(self, pin: bool = False) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
         """The JPEGs' bytes as one buffer with their lengths, and the worker-decoded pixels."""
-        encoded = [d for d, cpu in zip(self.data, self.decoded_on_cpu) if not cpu]
+        encoded = [d for d, cpu in zip(self.data, self.decoded_on_cpu, strict=True) if not cpu]
         packed = torch.cat(encoded) if encoded else torch.empty(0, dtype=torch.uint8)
-        pixels = [d for d, cpu in zip(self.data, self.decoded_on_cpu) if cpu]
+        pixels = [d for d, cpu in zip(self.data, self.decoded_on_cpu, strict=True) if cpu]
         if pin:
             packed, pixels = packed.pin_memory(), [p.pin_memory() for p in pixels]
         return packed, [d.numel() for d in encoded], pixels
@@ -547,17 +557,14 @@ def crop_resize_flip(images: Sequence[torch.Tensor], params: Sequence[SamplePara
     modes = {int(Image.Resampling.BICUBIC): T.InterpolationMode.BICUBIC,
              int(Image.Resampling.BILINEAR): T.InterpolationMode.BILINEAR}
     out = []
-    for image, p in zip(images, params):
+    for image, p in zip(images, params, strict=True):
         i, j, h, w = p.box
         crop = F2.resized_crop(image, i, j, h, w, list(p.out), interpolation=modes.get(p.interpolation,
                                T.InterpolationMode.BICUBIC), antialias=True)
+        if p.center:
+            crop = F2.center_crop(crop, list(p.center))
         out.append(crop.flip(-1) if p.flip else crop)
     return torch.stack(out)
-
-
-def augment_sample(image: torch.Tensor, params: SampleParams, fill: Sequence[int] = (124, 116, 104)) -> torch.Tensor:
-    """The device path for one decoded image (uint8 [3, H, W]): crop, resize, flip, its RandAugment ops."""
-    return augment_batch(crop_resize_flip([image], [params]), [params.ops], fill)[0]
 
 
 def decode_batch(batch: JpegBatch, device: torch.device | str, stats: Optional[DecodeStats] = None,
@@ -585,7 +592,7 @@ def decode_batch(batch: JpegBatch, device: torch.device | str, stats: Optional[D
                 image.record_stream(caller)
     else:
         decoded = decode_jpegs([batch.data[k] for k in blobs], device)
-    for k, image in zip(blobs, decoded):
+    for k, image in zip(blobs, decoded, strict=True):
         if image is None:
             stats.refused += 1
             image = _pil_decode(batch.data[k])
@@ -649,7 +656,7 @@ class GpuSampleStage:
 
     def __post_init__(self) -> None:
         check_gpu_recipe(self.transform)
-        ra = _randaugment(self.transform)
+        ra = randaugment_of(self.transform)
         if ra is not None and ra.ops:
             self.fill = tuple(int(c) for c in ra.ops[0].kwargs["fillcolor"])
 
@@ -657,5 +664,5 @@ class GpuSampleStage:
         return worker_sample(data, self.transform, seed, seed_fn), _identity
 
     def collate(self, samples: Sequence[tuple[torch.Tensor, SampleParams, bool]]) -> JpegBatch:
-        data, params, cpu = zip(*samples)
+        data, params, cpu = zip(*samples, strict=True)
         return JpegBatch(list(data), list(params), list(cpu), self.fill)

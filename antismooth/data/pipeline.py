@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -51,7 +50,7 @@ from .shards import load_manifest
 
 __all__ = ["AugmentConfig", "StreamConfig", "ShardSource", "TrainStream", "EvalStream", "Deal", "EpochPosition",
            "build_train_stream", "build_eval_stream", "train_transform", "eval_transform", "seed_augmentation",
-           "collate_uint8", "reduce_eval_metrics", "loader_context"]
+           "reduce_eval_metrics", "loader_context"]
 
 _logger = logging.getLogger(__name__)
 
@@ -83,9 +82,9 @@ class AugmentConfig:
     eval_crop_pct: float = 0.875    # resize 256 / crop 224, scaled with input_size as timm does
     mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
-    reduced_decode: bool = True     # training JPEGs decoded at 1/2-1/8 scale where the crop still has the output's
-                                    # pixels (antismooth.data.decode); False: the full decode of earlier runs, bit
-                                    # for bit. Evaluation decodes in full whatever this says (EvalStream).
+    reduced_decode: bool = False    # opt-in: training JPEGs decoded at 1/2-1/8 scale where the crop still has the
+                                    # output's pixels (antismooth.data.decode). Off, training sees evaluation's
+                                    # pixels; on, another resampling that costs accuracy (docs/decode.md).
 
 
 @dataclass(frozen=True)
@@ -165,7 +164,7 @@ def proportional_cuts(total: int, weights: Sequence[int]) -> list[tuple[int, int
     is at least its weight long."""
     whole = max(sum(weights), 1)
     bounds = [total * before // whole for before in itertools.accumulate(weights, initial=0)]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def _runs(positions: np.ndarray, starts: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
@@ -208,17 +207,6 @@ def sample_fields(sample: dict) -> tuple[bytes, int]:
     return sample[ext], int(sample["cls"])
 
 
-def decode_sample(sample: dict) -> tuple[Image.Image, int]:
-    """The image (as RGB) and the class index; every other field is dropped unread, pickles included."""
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-    if ext is None or "cls" not in sample:
-        raise ValueError(f"sample {sample.get('__key__')} has no image or no cls field")
-    with Image.open(io.BytesIO(sample[ext])) as img:
-        img.load()
-        rgb = img.convert("RGB")  # grayscale and CMYK JPEGs are real in ImageNet
-    return rgb, int(sample["cls"])
-
-
 class _SkipCounter:
     """A webdataset handler that logs and counts what it skips (corrupt samples, truncated shards)."""
 
@@ -235,7 +223,7 @@ def seed_augmentation(sample_seed: int) -> None:
     """Seed the generators timm's transforms draw from (all three), for one sample's augmentation."""
     random.seed(sample_seed)
     np.random.seed(sample_seed % 2**32)
-    torch.default_generator.manual_seed(sample_seed)  # torch.manual_seed also queues CUDA seeding: 2 ms
+    torch.default_generator.manual_seed(sample_seed)  # torch.manual_seed also queues CUDA seeding, per sample
 
 
 def _decoded(samples: Iterable[tuple[int, dict]], stage: Any, seed: int,
@@ -255,17 +243,8 @@ def _decoded(samples: Iterable[tuple[int, dict]], stage: Any, seed: int,
 def _collate(stage: Any, samples: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
     """A batch of the stage's images (uint8 [B, 3, H, W], or a decode.JpegBatch on the GPU path), int64 labels
     and positions."""
-    images, labels, *rest = zip(*samples)
+    images, labels, *rest = zip(*samples, strict=True)
     return (stage.collate(images), torch.tensor(labels, dtype=torch.int64),
-            *(torch.tensor(field, dtype=torch.int64) for field in rest))
-
-
-def collate_uint8(samples: Sequence[tuple[Any, ...]]) -> tuple[torch.Tensor, ...]:
-    """uint8 images [3, H, W] (tensors or timm's ToNumpy arrays) into one uint8 [B, 3, H, W] batch, the labels
-    into int64, and any further fields (sample positions) into int64: timm's fast_collate, as a webdataset
-    `batched` collation."""
-    images, labels, *rest = zip(*samples)
-    return (torch.stack([torch.as_tensor(image) for image in images]), torch.tensor(labels, dtype=torch.int64),
             *(torch.tensor(field, dtype=torch.int64) for field in rest))
 
 
@@ -450,6 +429,7 @@ class TrainStream:
         self.mixup = self._build_mixup()
         self._consumed_before: Optional[np.ndarray] = None     # copies trained on before this loader (all ranks)
         self._delivered = np.zeros(self.source.num_samples, np.int32)   # ... and by this rank since
+        self.position = EpochPosition()   # the deal in force (epoch_loader) or loaded (load_state_dict)
 
     @property
     def accumulation(self) -> int:
@@ -550,6 +530,44 @@ class TrainStream:
         batches = (self.epoch_samples - samples_consumed) // (self.config.batch_size * self.world_size)
         return _CountingLoader(self, dataset, batches, self.config.num_workers, pin_memory)
 
+    def epoch_loader(self, epoch: int, samples_in_epoch: int = 0,
+                     pin_memory: bool = False) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """`loader` of `epoch` from `samples_in_epoch` (global) on: mid-epoch, the position `load_state_dict` gave
+        goes on (its deal on the same layout, else what is left dealt anew); at an epoch's start, a fresh deal.
+        The deal becomes the one `state_dict` saves."""
+        position = self.position if samples_in_epoch else EpochPosition()
+        deal = position.deal_for(self.world_size, self.config.num_workers, samples_in_epoch)
+        self.position = EpochPosition(deal, position.consumed)
+        return self.loader(epoch, samples_in_epoch, deal, position.consumed, pin_memory=pin_memory)
+
+    # --- the stream's own position, saved with each checkpoint (as torchtitan's dataloader is Stateful)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the epoch stands (EpochPosition.state_dict: the deal in force, the copies trained on by all ranks);
+        {} before its first loader. A collective: every rank calls it, at a mid-epoch save."""
+        if self.position.deal is None:
+            return {}
+        return EpochPosition(self.position.deal, self.consumed()).state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go on from a saved position at the next `epoch_loader` ({}: the epoch's start)."""
+        self.position = EpochPosition.from_state_dict(state)
+
+    def load_layout(self, world_size: int, workers: int) -> None:
+        """For checkpoints saved before they recorded which samples were trained on: only the layout the epoch was
+        dealt to is known (its samples are then dealt on by count)."""
+        self.position = EpochPosition(Deal(world_size, workers))
+
+    def redeal_note(self, samples_in_epoch: int) -> str:
+        """'' when the loaded position goes on as it was dealt, else what changes (for the resume's log line)."""
+        saved = self.position.deal
+        if not samples_in_epoch or saved is None or saved.same_layout(self.world_size, self.config.num_workers):
+            return ""
+        left = "the rest of its samples" if self.position.consumed is not None else \
+            "its samples by count (this checkpoint predates the record of which were trained on: some may repeat)"
+        return (f"data was dealt to {saved.world_size} × {saved.workers} loader workers, now {left} to "
+                f"{self.world_size} × {self.config.num_workers}")
+
     @property
     def delivered(self) -> np.ndarray:
         """Copies of each sample position this rank trained on since its loader began (see `record`)."""
@@ -592,8 +610,8 @@ def loader_context(workers: int) -> Optional[Any]:
 
 # CPython before 3.13.8 never tells the server where the main script is (its '__main__' preload is dead code:
 # python/cpython#126631, #137996), so every worker imported the main script itself: pretrain.py's DeepSpeed, timm
-# and TensorBoard, 0.32 s per start of a 2-worker loader here, at every epoch and evaluation. `_forkserver` imports it instead,
-# from what this variable says; the server inherits the environment of the process that starts it.
+# and TensorBoard, at every loader start (each epoch and evaluation; docs/benchmarks.md, "Figures behind code
+# comments"). `_forkserver` imports it instead, from what this variable says; the server inherits the environment of the process that starts it.
 FORKSERVER_MAIN_ENV = "ANTISMOOTH_FORKSERVER_MAIN"
 
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 from .structure import fit_state_dict
 
 __all__ = ["ANTI_OVERSMOOTHING_PARAMS", "TIMM_WEIGHTS_FILES", "weights_file", "read_checkpoint", "clean_state_dict",
-           "checkpoint_filter_fn", "load_weights", "load_for_finetuning", "WeightsMismatchError"]
+           "checkpoint_filter_fn", "describe_mismatch", "load_weights", "load_for_finetuning", "WeightsMismatchError"]
 
 _logger = logging.getLogger(__name__)
 
@@ -100,7 +100,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dic
     return state_dict
 
 
-def _describe_mismatch(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> str:
+def describe_mismatch(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> str:
+    """The keys missing, unexpected and of another shape in `state_dict` against `model`, a few lines; '' when
+    they match."""
     model_state = model.state_dict()
     missing = [k for k in model_state if k not in state_dict]
     unexpected = [k for k in state_dict if k not in model_state]
@@ -117,7 +119,7 @@ def load_weights(model: nn.Module, source: str | Path | Mapping[str, Any], *, fi
     """Load a file or a (wrapped) state_dict into `model` with strict=True, or say exactly what differs."""
     checkpoint = read_checkpoint(source) if isinstance(source, (str, Path)) else source
     state_dict = checkpoint_filter_fn(checkpoint, model) if filter_fn else clean_state_dict(checkpoint)
-    mismatch = _describe_mismatch(state_dict, model)
+    mismatch = describe_mismatch(state_dict, model)
     if mismatch:
         name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
         raise WeightsMismatchError(

@@ -249,7 +249,7 @@ def readme(crops: list[Crop], names: list[str], sizes: list[int]) -> str:
         "| class | file | source | crop box | size | mode, format | bytes | note |",
         "|---|---|---|---|---|---|---:|---|",
     ]
-    for crop, name, size in zip(crops, names, sizes):
+    for crop, name, size in zip(crops, names, sizes, strict=True):
         fmt = crop.fmt + (f" q{crop.quality}" if crop.quality else "") + (" progressive" if crop.progressive else "")
         lines.append(f"| `{crop.folder}` | `{name}` | `{crop.source.file}` | {crop.box} | {crop.size[0]}x{crop.size[1]} "
                      f"| {crop.mode}, {fmt} | {size} | {crop.note} |")

@@ -227,7 +227,7 @@ def test_the_device_path_on_the_gpu_gives_what_it_gives_on_the_cpu(sample_images
     transform = train_transform(AugmentConfig(input_size=224, auto_augment=aa, color_jitter=None))
     files = [p.read_bytes() for p in sorted((sample_images / "train").rglob("*.JPEG"))]
     samples = [decode.worker_sample(data, transform, k, seed_augmentation) for k, data in enumerate(files)]
-    batch = decode.JpegBatch(*map(list, zip(*samples)))
+    batch = decode.JpegBatch(*map(list, zip(*samples, strict=True)))
     stats = decode.DecodeStats()
     on_gpu = decode.decode_batch(batch.pin_memory(), "cuda", stats)
     again = decode.decode_batch(batch.pin_memory(), "cuda")
@@ -235,7 +235,7 @@ def test_the_device_path_on_the_gpu_gives_what_it_gives_on_the_cpu(sample_images
     on_cpu = decode.decode_batch(batch, "cpu")
     assert on_gpu.is_cuda and on_gpu.shape == (len(files), 3, 224, 224) and torch.equal(on_gpu, again)
     assert stats.device == len(files) - stats.worker_cpu and stats.refused == 0, str(stats)
-    psnrs = sorted(_psnr(g, c) for g, c in zip(on_gpu.cpu(), on_cpu))
+    psnrs = sorted(_psnr(g, c) for g, c in zip(on_gpu.cpu(), on_cpu, strict=True))
     print(f"decoder {decode.decoder_backend()}, RandAugment {aa}: PSNR min {psnrs[0]:.1f}, "
           f"median {psnrs[len(psnrs) // 2]:.1f} dB")
     assert psnrs[len(psnrs) // 2] >= 35 and psnrs[0] >= (30 if aa is None else 15)

@@ -60,7 +60,8 @@ def measure(job: dict, world: int) -> dict:
     held = sum(n for p, n in live_tensor_storages("cpu").items() if p not in before)
     peak = allocator_peak(step) + held
     engine.destroy()
-    del engine, held_before
+    engine = None   # step() holds it: assigning (not del) frees it and keeps the name bound
+    del held_before
     gc.collect()
     return {"name": job["name"], "rank": dist.get_rank(), "world": world, "held_bytes": held, "peak_bytes": peak}
 
