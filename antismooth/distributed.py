@@ -346,7 +346,7 @@ def check_socket_interface(launch: Launch, environ: Mapping[str, str] = os.envir
                               "set GLOO_SOCKET_IFNAME to the interface on which the nodes reach each other.")
         if not _reaches(name, launch.master_addr, launch.master_port or DEFAULT_MASTER_PORT):
             raise LaunchError(f"node {host} cannot reach MASTER_ADDR {launch.master_addr} through GLOO_SOCKET_IFNAME="
-                              f"{name} within {INTERFACE_PROBE_SECONDS:.0f} s: set GLOO_SOCKET_IFNAME to the interface "
+                              f"{name} within {INTERFACE_PROBE_SECONDS:g} s: set GLOO_SOCKET_IFNAME to the interface "
                               f"on which the nodes reach each other (this node has {listing}), or MASTER_ADDR to rank "
                               "0's address on that interface's network.")
 
