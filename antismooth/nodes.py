@@ -82,6 +82,8 @@ def _differences(here: dict, there: dict) -> list[str]:
     """How `there` (another rank's node) differs from `here` (rank 0's), each as 'what: there, here'."""
     found = []
     for name in SOFTWARE:
+        if name == "commit" and None in (here["software"]["commit"], there["software"]["commit"]):
+            continue  # not a checkout there, or git unreadable (another owner, no git): nothing to compare
         if here["software"].get(name) != there["software"].get(name):
             found.append(f"{name} {there['software'].get(name)} there, {here['software'].get(name)} here")
     names = sorted(set(here["variables"]) | set(there["variables"]))

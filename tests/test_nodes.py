@@ -35,6 +35,12 @@ def test_agreeing_nodes_give_one_summary_line():
     assert "GLOO_SOCKET_IFNAME=eth1 on n1, ens5 on n2" in line and "NCCL_ALGO=Ring on every node" in line
 
 
+def test_a_commit_unknown_on_one_node_is_not_a_difference():
+    nodes = [node("n1"), node("n2")]
+    nodes[0]["software"]["commit"], nodes[1]["software"]["commit"] = "0123456789ab", None
+    assert check_agreement(nodes) is None
+
+
 def test_speed_and_logging_variables_are_not_compared():
     assert check_agreement([node("n1", OMP_NUM_THREADS="8", NCCL_DEBUG="INFO"), node("n2", OMP_NUM_THREADS="1")]) is None
 
