@@ -113,15 +113,16 @@ class TrainConfig:
     def input_changes(self, recorded_flags: dict[str, Any]) -> list[str]:
         """One sentence per setting that changes what the model sees and differs from what the resumed run
         recorded in run.json's "flags"."""
+        def flag(name: str, on: bool) -> str:
+            return "--" + ("" if on else "no-") + name.replace("_", "-")
+
         changes = []
         for name, unrecorded in INPUT_SETTINGS.items():
             then, now = recorded_flags.get(name, unrecorded), getattr(self, name)
             if then != now:
-                def flag(on: bool) -> str:
-                    return "--" + ("" if on else "no-") + name.replace("_", "-")
-                changes.append(f"This run trained with {flag(then)} and resumes with {flag(now)}: its training "
-                               f"images are resampled differently from here on; pass {flag(then)} to keep them as "
-                               "they were.")
+                changes.append(f"This run trained with {flag(name, then)} and resumes with {flag(name, now)}: its "
+                               f"training images are resampled differently from here on; pass {flag(name, then)} to "
+                               "keep them as they were.")
         return changes
 
 

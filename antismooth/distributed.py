@@ -249,10 +249,11 @@ def launch_variables(launch: Launch, device: torch.device) -> dict[str, str]:
     local_rank = device.index if device.type == "cuda" and device.index is not None else launch.local_rank
     return dict(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(local_rank),
                 LOCAL_WORLD_SIZE=str(launch.local_world_size), MASTER_ADDR=str(launch.master_addr),
-                MASTER_PORT=str(launch.master_port or _free_port()))
+                MASTER_PORT=str(launch.master_port or free_port()))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

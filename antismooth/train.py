@@ -1,7 +1,9 @@
 """The training loop: steps, logging, checkpoints, evaluation and the stops that keep a run safe.
 
-pretrain.py parses the flags, builds the model, the engine and the stream, and hands them to `Trainer`;
-what a restart needs lives in `TrainState` (antismooth.engine), saved with every checkpoint.
+antismooth.startup parses the flags, builds the model, the engine and the stream, and hands them to `Trainer`;
+what a restart needs lives in `TrainState` (antismooth.engine), saved with every checkpoint. A subclass observes or
+extends the run through the override points (`after_resume`, `before_train`, `on_batch`, `after_step`), each a no-op
+here; `antismooth.startup.run(config, make_trainer=...)` builds it instead of Trainer.
 """
 from __future__ import annotations
 
@@ -75,7 +77,10 @@ def evaluate_split(model_or_engine, source: ShardSource, batch_size: int, env: D
 
 @dataclass
 class Trainer:
-    """The training loop: steps, logging, checkpoints, evaluation. What a restart needs lives in `state` alone."""
+    """The training loop: steps, logging, checkpoints, evaluation. What a restart needs lives in `state` alone.
+
+    Override points, called where their names say and empty here (a subclass need not call super()):
+    `after_resume(tag)`, `before_train()`, `on_batch(images, targets, positions)`, `after_step()`."""
     config: TrainConfig
     ds: DeepSpeedSettings
     derived: Derived
@@ -112,12 +117,31 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
         return SummaryWriter(str(self.run_folder.tensorboard))
 
+    # --- override points ------------------------------------------------------------------------------------------
+
+    def after_resume(self, tag: str) -> None:
+        """Start-up has loaded checkpoint `tag` into the engine, `state` and the EMA; no step has run since."""
+
+    def before_train(self) -> None:
+        """`train()` is about to take its first step of this process (a fresh run's or a resumed one's)."""
+
+    def on_batch(self, images: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor) -> None:
+        """Each micro batch as the loop takes it, on the device, before random erasing and Mixup: `targets` are the
+        hard labels, `positions` each sample's position in the epoch (`state.epoch`)."""
+
+    def after_step(self) -> None:
+        """After each optimizer step (`state.global_step` counts it), once it is logged and checked, before a save
+        that falls due on it."""
+
+    # --- the loop ---------------------------------------------------------------------------------------------------
+
     def stop_step(self) -> int:
         total = self.derived.total_steps
         return min(total, self.config.max_steps) if self.config.max_steps else total
 
     def train(self) -> None:
         state = self.state
+        self.before_train()
         self.engine.train()
         self.timer = StepTimer(self.stop_step() - state.global_step)
         while state.epoch < self.config.epochs and state.global_step < self.stop_step():
@@ -150,6 +174,7 @@ class Trainer:
         erase = self.stream.random_erasing(self.env.device)
         losses = []
         for i, (images, targets, positions) in enumerate(itertools.islice(batches, steps_left * self.ds.grad_accum)):
+            self.on_batch(images, targets, positions)
             self.stream.record(positions)
             micro = i % self.ds.grad_accum
             seed_step(self.config.seed, state.global_step, micro, self.env.rank)
@@ -175,6 +200,7 @@ class Trainer:
             # The loss stays on the device; it is read back, and checked, at log steps and before every save.
             self.pending.add(state.global_step, torch.stack(losses).mean(), engine.skipped_steps)
             losses = []
+            self.finish_step()
             self.after_step()
             if state.global_step >= self.stop_step():
                 return
@@ -188,7 +214,7 @@ class Trainer:
         """A mid-epoch checkpoint now (the epoch's end saves anyway)."""
         return self.state.global_step % self.config.save_every == 0 and not self.epoch_complete()
 
-    def after_step(self) -> None:
+    def finish_step(self) -> None:
         """After each optimizer step: the losses read back and checked at log steps and before any save (epoch
         ends and the last step included), the log and the spectral diagnostics when due."""
         self.timer.tick()

@@ -22,13 +22,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loader import IMAGES, replicate_imagefolder  # noqa: E402  (bench/loader.py: the same ImageFolder of links)
+from loader import IMAGES, replicate_imagefolder  # bench/loader.py, beside this script: the same ImageFolder of links
 
-from antismooth.data import decode  # noqa: E402
-from antismooth.data.device import DeviceBatches  # noqa: E402
-from antismooth.data.pipeline import AugmentConfig, StreamConfig, build_train_stream, seed_augmentation  # noqa: E402
-from antismooth.data.shards import ShardOptions, build  # noqa: E402
+from antismooth.data import decode
+from antismooth.data.device import DeviceBatches
+from antismooth.data.pipeline import AugmentConfig, StreamConfig, build_train_stream, seed_augmentation
+from antismooth.data.shards import ShardOptions, build
 
 
 def _sync(device: torch.device) -> None:

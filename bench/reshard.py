@@ -44,7 +44,6 @@ def make_checkpoint(model_name: str, stage: int, folder: str, img_size: int) -> 
     import timm
     import torch
 
-    sys.path.insert(0, str(REPO))
     import antismooth  # noqa: F401  (the model zoo)
     from antismooth.engine import param_groups
 
@@ -69,7 +68,6 @@ def _measure(code: str) -> dict:
     """Run `code` in a fresh Python; its wall time and the peak RSS of it and its children."""
     wrapper = f"""
 import json, resource, sys, time
-sys.path.insert(0, {str(REPO)!r})
 start = time.perf_counter()
 {code}
 seconds = time.perf_counter() - start

@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from antismooth.export import create_model_from_weights
 from conftest import COMPILED_RUNS
+from jobs.train_plan import probe_images  # the batch each run's probe logits were taken on
 from test_ema import export
 from test_train import scalars
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "jobs"))
-from train_plan import probe_images  # noqa: E402  (the batch each run's probe logits were taken on)
 
 IMG_SIZE = 32
 

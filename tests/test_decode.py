@@ -294,13 +294,13 @@ def _demo_augment() -> AugmentConfig:
     other setting at its default, so a default that changes what training sees shows here."""
     import importlib.util
 
-    import pretrain
+    from antismooth import startup
 
     spec = importlib.util.spec_from_file_location("demo", Path(__file__).resolve().parents[1] / "tools" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    config = pretrain.parse_config([*demo.RECIPE, "--deepspeed_config", "ds_configs/demo.json"])
-    return pretrain.augment_config(config, int(config.input_size))
+    config = startup.parse_config([*demo.RECIPE, "--deepspeed_config", "ds_configs/demo.json"])
+    return startup.augment_config(config, int(config.input_size))
 
 
 def _by_label(batches) -> dict[int, torch.Tensor]:
@@ -308,7 +308,7 @@ def _by_label(batches) -> dict[int, torch.Tensor]:
     for x, labels, *_ in batches:
         if isinstance(x, decode.JpegBatch):
             x = decode.decode_batch(x, "cpu")
-        images.update({int(y): image for image, y in zip(x, labels)})
+        images.update({int(y): image for image, y in zip(x, labels, strict=True)})
     return images
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import pretrain
+from antismooth import startup
 from antismooth.cli import reshard as reshard_tool
 from antismooth.checkpoint import RunFolder, convert_to_universal
 from conftest import BF16, EMA_RUNS, FULL_BATCH, TINY_MODEL, WITH_EMA, resume_plan
@@ -183,11 +183,9 @@ def test_two_deepspeed_nodes_train_as_the_two_process_run(elastic, zero_runs):
 
 
 def test_a_two_node_run_exports(elastic, tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "tools"))
-    sys.path.insert(0, str(REPO / "tests" / "jobs"))
-    import export as export_tool
+    from antismooth.cli import export as export_tool
     from antismooth.export import create_model_from_weights
-    from train_plan import probe_images
+    from jobs.train_plan import probe_images
 
     out = tmp_path / "two-nodes.safetensors"
     assert export_tool.main([str(elastic["chains"]["full"]), "--out", str(out)]) == 0, capsys.readouterr().err
@@ -243,8 +241,8 @@ def test_a_world_size_that_cannot_hold_the_global_batch_stops_with_the_sizes_tha
                         "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(name, value)
     config = json.loads((run / "run.json").read_text())["flags"]
-    code = pretrain.main(["--deepspeed_config", config["deepspeed_config"], "--data", str(tiny_shards), *TINY_MODEL,
-                          "--output", str(run)])
+    code = startup.main(["--deepspeed_config", config["deepspeed_config"], "--data", str(tiny_shards), *TINY_MODEL,
+                         "--output", str(run)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == ("error: 3 processes × 8 per process (train_micro_batch_size_per_gpu) cannot make "
                                  "the global batch of 16 this run was trained with: resume on 1 or 2 processes."), err

@@ -3,7 +3,6 @@ checkpoint's per-rank files export whole at any world size. Rides on conftest's 
 conftest.EMA_RUNS keep one (decay 0.5, so that 6 steps move the average)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,12 +11,10 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from timm.utils import ModelEmaV3
 
+from antismooth.cli import export as export_tool
 from conftest import EMA_DECAY
-from launch import REPO
 from test_train import scalar_tags
 
-sys.path.insert(0, str(REPO / "tools"))
-import export as export_tool  # noqa: E402  (tools/export.py)
 
 def export(run: Path, out: Path, *flags: str) -> dict[str, torch.Tensor]:
     assert export_tool.main([str(run), "--out", str(out), *flags]) == 0

@@ -60,7 +60,7 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine_to_min_lr():
 
 
 def test_a_run_no_longer_than_its_warmup_is_named_in_the_start_up_summary_not_by_timm(tmp_path, caplog):
-    import pretrain
+    from antismooth import startup
 
     model = _model("vit_tiny_12")
     optimizer = torch.optim.AdamW(param_groups(model, 0.05))
@@ -70,7 +70,7 @@ def test_a_run_no_longer_than_its_warmup_is_named_in_the_start_up_summary_not_by
     with caplog.at_level(logging.INFO):
         build_scheduler(optimizer, config, derived)
         meta = {"model_kwargs": {"num_classes": 10, "img_size": 32, "patch_size": 8}}
-        pretrain.log_start(config, ds, derived, meta, RunFolder(tmp_path), 1, 12, None)
+        startup.log_start(config, ds, derived, meta, RunFolder(tmp_path), 1, 12, None)
     assert "will have no effect" not in caplog.text
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["--warmup-epochs 5 is as long as the whole run (--epochs 1): the learning rate only warms up "

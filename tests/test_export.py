@@ -25,6 +25,8 @@ from PIL import Image
 from timm.data import create_transform
 
 import antismooth  # noqa: F401  (registers the zoo)
+from antismooth.cli import eval as eval_tool
+from antismooth.cli import export as export_tool
 from antismooth.data.pipeline import reduce_eval_metrics
 from antismooth.data.shards import ShardOptions, build
 from antismooth.evaluate import EvalData, evaluate, match_classes
@@ -32,14 +34,10 @@ from antismooth.checkpoint import read_model_meta, write_model_meta
 from antismooth.export import create_model_from_weights, read_export_meta, save_weights
 from antismooth.models import read_checkpoint
 from conftest import TINY_MODEL, TrainedRun
+from jobs.train_plan import probe_images  # the batch each run's probe logits were taken on
 from launch import FULL_BATCH_SIZE, free_port
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-sys.path.insert(0, str(REPO / "tests" / "jobs"))
-import eval as eval_tool  # noqa: E402  (tools/ is not a package: the front ends are tested in-process)
-import export as export_tool  # noqa: E402
-from train_plan import probe_images  # noqa: E402  (the batch each run's probe logits were taken on)
 
 IMG_SIZE = int(TINY_MODEL[TINY_MODEL.index("--input-size") + 1])
 LAST_TAG = "step00000006"  # the 6-step runs' last checkpoint; --keep 3 leaves steps 4, 5 and 6

@@ -19,15 +19,13 @@ from timm.data import resolve_data_config, resolve_model_data_config
 
 import antismooth  # noqa: F401  (registers the zoo)
 from antismooth.checkpoint import RunFolder
+from antismooth.cli import analyze as analyze_tool
+from antismooth.cli import eval as eval_tool
+from antismooth.cli import export as export_tool
 from antismooth.evaluate import build_eval_model, model_data_config
 from antismooth.export import read_export_meta, save_weights
 from antismooth.hub import model_card, run_summary, save_timm_folder
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import analyze as analyze_tool  # noqa: E402  (tools/ is not a package: the front ends are tested in-process)
-import eval as eval_tool  # noqa: E402
-import export as export_tool  # noqa: E402
 
 KWARGS = dict(num_classes=103, img_size=32, patch_size=8, embed_dim=64, num_heads=4)
 # Deliberately not timm's defaults for the model: the folder must carry these, not the registry's cfg.

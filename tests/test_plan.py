@@ -118,9 +118,8 @@ def test_a_plan_that_does_not_fit_lists_configurations_that_do() -> None:
 
 
 def test_tool_prints_the_plan_and_writes_json(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
-    sys.path.insert(0, str(REPO / "tools"))
-    import plan as tool  # tools/plan.py
     import antismooth.plan
+    from antismooth.cli import plan as tool
 
     antismooth.plan.forget_activation_profiles()  # measured afresh here: the profiler's C++ side writes its noise then
 
@@ -139,13 +138,12 @@ def test_tool_prints_the_plan_and_writes_json(tmp_path: Path, capfd: pytest.Capt
 
 
 def test_pretrain_logs_the_planned_peak_and_survives_a_planner_failure(caplog: pytest.LogCaptureFixture) -> None:
-    sys.path.insert(0, str(REPO))
-    import pretrain
+    from antismooth import startup
 
     ds = DeepSpeedSettings.from_dict(raw_config(2, "float32", 1, 16, 200_000), 1)
     with caplog.at_level("INFO", logger="pretrain"):
-        pretrain.log_planned_peak(TINY["model"], dict(TINY["model_kwargs"], img_size=32, num_classes=10), ds, 1)
-        pretrain.log_planned_peak(TINY["model"], {"no_such_argument": 1}, ds, 1)
+        startup.log_planned_peak(TINY["model"], dict(TINY["model_kwargs"], img_size=32, num_classes=10), ds, 1)
+        startup.log_planned_peak(TINY["model"], {"no_such_argument": 1}, ds, 1)
     lines = [r.getMessage() for r in caplog.records]
     assert any(line.startswith("planned peak per rank") for line in lines), lines
     assert any(line.startswith("Could not plan this run's memory") for line in lines), lines
@@ -189,8 +187,7 @@ def test_loader_workers_follow_the_decode_path(capsys: pytest.CaptureFixture) ->
     with pytest.raises(ValueError, match="use cpu or gpu"):
         plan_step_time(LARGER["model"], {}, raw, 1, LARGER["input_size"], None, 0.5, 200.0, decode="dali")
 
-    sys.path.insert(0, str(REPO / "tools"))
-    import plan as tool  # tools/plan.py
+    from antismooth.cli import plan as tool
 
     config = str(REPO / "ds_configs" / "zero2.json")
     for path in ("cpu", "gpu"):

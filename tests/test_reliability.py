@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 from conftest import FULL_BATCH, TINY_MODEL
-from launch import REPO, ds_config, launch_plan, slow_fixture
+from launch import ds_config, launch_plan, slow_fixture
 from test_train import scalars
 
 DIVERGING_LR = "1e9"       # per 512 images: the weights blow up in the first step, the loss is NaN from step 2
@@ -76,8 +75,7 @@ def _error_line(log: str, text: str) -> str:
 
 def _export_is_finite(run: Path, tmp_path: Path) -> str:
     """Export `run`'s newest checkpoint, check every weight is finite, and return the exported tag."""
-    sys.path.insert(0, str(REPO / "tools"))
-    import export as export_tool
+    from antismooth.cli import export as export_tool
     from safetensors.torch import load_file
 
     from antismooth.export import read_export_meta

@@ -18,13 +18,12 @@ import torchvision.datasets.folder as tv_folder
 import webdataset as wds
 from PIL import Image
 
+from antismooth.cli import build_shards as tool
 from antismooth.data import shards
 from antismooth.data.shards import BadImage, ShardOptions, build, load_manifest, probe_image
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "build_shards.py"
-sys.path.insert(0, str(TOOL.parent))
-import build_shards as tool  # noqa: E402  (tools/ is not a package: the front end is tested in-process)
 
 
 def read_back(out: Path, split: str) -> list[dict]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -14,14 +12,12 @@ import torch
 from safetensors.torch import save_file
 
 import antismooth  # noqa: F401  (registers the zoo)
+from antismooth.cli import analyze as tool
 from antismooth.models import attnscale_matrix, featscale, load_weights, set_fused_attn, split_dc_hc
 from antismooth.spectral import (TRAINING_MEASUREMENTS, attention_similarity, delta_log_amplitude, hc_share,
                                  log_spectral, measure, patch_uniformity)
 
 TINY = dict(img_size=32, patch_size=4, depth=4, num_classes=10)  # an 8x8 grid of patches, 4 blocks
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-sys.path.insert(0, str(TOOLS))
-import analyze as tool  # noqa: E402  (tools/ is not a package: the front end is tested in-process)
 
 
 def _tiny(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,9 @@ import torch.nn.functional as F
 from timm.layers import resize_rel_pos_bias_table
 
 import antismooth  # noqa: F401  (registers the zoo)
+from antismooth.cli import analyze as analyze_tool
+from antismooth.cli import eval as eval_tool
+from antismooth.cli import export as export_tool
 from antismooth.engine import CheckpointedBlocks, apply_activation_checkpointing
 from antismooth.export import create_model_from_weights
 from antismooth.flops import training_flops_per_image
@@ -27,15 +29,9 @@ from antismooth.models import (MODEL_NAMES, SWIN_VARIANTS, TIMM_SWIN_NAMES, Weig
 from antismooth.models.swin import FeatScaleSwinBlock
 from antismooth.plan import activation_profile, model_shape, phase_peaks
 from antismooth.spectral import measure
+from jobs.train_plan import probe_images
 from swin_runs import (SWIN_IMG_SIZE, SWIN_KWARGS, official_state_dict, randomize_paper_params)
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-sys.path.insert(0, str(REPO / "tests" / "jobs"))
-import analyze as analyze_tool  # noqa: E402
-import eval as eval_tool  # noqa: E402
-import export as export_tool  # noqa: E402
-from train_plan import probe_images  # noqa: E402
 
 TECHNIQUES = ("attnscale_swin", "featscale_swin")
 # 64 px, 4 stages of 2 blocks, window 4: grids 16, 8, 4, 2; shifted windows (masks) in stages 0 and 1, a window as

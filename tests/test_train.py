@@ -17,10 +17,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import antismooth  # noqa: F401
+from antismooth import startup
 from conftest import TINY_MODEL, resume_plan
 from launch import ds_config, launch_plan, slow_fixture
-
-import pretrain
 
 STAGES_AND_WORLDS = [(stage, world) for stage in (1, 2, 3) for world in (1, 2)]
 
@@ -290,8 +289,8 @@ def test_bad_startup_inputs_stop_with_one_clear_sentence(case, expected, tiny_sh
     elif case == "decode_gpu_no_aug":
         extra = ["--decode", "gpu", "--no-aug"]
     out = tmp_path / "run"
-    code = pretrain.main(["--deepspeed_config", config, "--data", data, "--model", model, "--output", str(out),
-                          *extra])
+    code = startup.main(["--deepspeed_config", config, "--data", data, "--model", model, "--output", str(out),
+                         *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("error: ") and expected in err and "\n" not in err, err

@@ -26,11 +26,10 @@ import torch.distributed as dist
 
 import antismooth  # noqa: F401  (registers the zoo)
 from antismooth.models import set_fused_attn
+from jobs.train_plan import probe_images  # the batch each run's probe logits were taken on
 from conftest import BF16, FULL_BATCH, TINY_MODEL, ZERO3_REGATHER
 from launch import REPO, clean_env, ds_config, free_port, launch_plan
 
-sys.path.insert(0, str(REPO / "tests" / "jobs"))
-from train_plan import probe_images  # noqa: E402  (the batch each run's probe logits were taken on)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -18,20 +18,18 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import deepspeed
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
-import deepspeed  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import antismooth  # noqa: E402,F401  (registers the model zoo)
-from antismooth.config import DeepSpeedSettings  # noqa: E402
-from antismooth.distributed import init_distributed  # noqa: E402
-from antismooth.engine import apply_activation_checkpointing, param_groups  # noqa: E402
-from antismooth.memory import allocator_peak, live_tensor_storages  # noqa: E402
-from antismooth.models import structure  # noqa: E402
+import antismooth  # noqa: F401  (registers the model zoo)
+from antismooth.config import DeepSpeedSettings
+from antismooth.distributed import init_distributed
+from antismooth.engine import apply_activation_checkpointing, param_groups
+from antismooth.memory import allocator_peak, live_tensor_storages
+from antismooth.models import structure
 
 
 def measure(job: dict, world: int) -> dict:

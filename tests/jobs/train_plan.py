@@ -4,12 +4,12 @@
     deepspeed --num_gpus 2 tests/jobs/train_plan.py plan.json      (or: python tests/jobs/train_plan.py plan.json)
 
 plan.json is a list of {"argv": [...pretrain.py flags...], "probe": "logits.pt" or null}, or of
-{"argv": [...], "status": "file"}: pretrain.main's exit status written to the file (a run expected to stop). After a
+{"argv": [...], "status": "file"}: antismooth.startup.main's exit status written to the file (a run expected to stop). After a
 run, the trained engine's logits on a fixed batch, probe_images(img_size), are saved to `probe` (eval
 mode; the images cast to the engine's parameter dtype, bf16 engines included; the logits in fp32), so
 tests can compare runs and exports with the live model. Optional keys, each a file rank 0 writes:
 "state_after_load" and "state_at_end", every parameter's fp32 weights and Adam moments gathered whole
-(DeepSpeed's safe_get_full_* helpers, every ZeRO stage) right after pretrain.resume loaded a checkpoint
+(DeepSpeed's safe_get_full_* helpers, every ZeRO stage) right after antismooth.startup's resume loaded a checkpoint
 and after the run (its last checkpoint saved); "record", per rank (`-rank{r}` before the suffix), the
 labels and sample positions of every batch the training loop took, with its epoch; "weights_each_step",
 the whole fp32 weights when training starts and after every optimizer step (a list). With ANTISMOOTH_TEST_KILL_DURING_SAVE=TAG,
@@ -19,20 +19,20 @@ writing checkpoint TAG's optimizer shard fails as on a full disk.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
 import signal
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import pretrain  # noqa: E402
-from antismooth.distributed import leave  # noqa: E402
-from antismooth.models import structure  # noqa: E402
+from antismooth import startup
+from antismooth.distributed import leave
+from antismooth.models import structure
+from antismooth.train import Trainer
 
 PROBE_BATCH = 4
 
@@ -91,87 +91,62 @@ def rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
-@contextlib.contextmanager
-def state_after_load(path: str | None):
-    """Wrap pretrain.resume so that the engine's whole state is saved to `path` right after it loaded."""
-    if not path:
-        yield
-        return
-    original = pretrain.resume
+@dataclass
+class PlanTrainer(Trainer):
+    """The training loop, observed through its override points for one plan entry's optional records."""
+    entry: dict = field(default_factory=dict)
 
-    def resume(engine, *args, **kwargs):
-        original(engine, *args, **kwargs)
-        state = gathered_state(engine)
-        if rank() == 0:
-            torch.save(state, path)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.batches: list[dict] = []     # "record": (epoch, labels, positions) of every batch the loop took
+        self.weights: list[dict] = []     # "weights_each_step": whole fp32 weights at the start and after each step
 
-    pretrain.resume = resume
+    def after_resume(self, tag: str) -> None:
+        if self.entry.get("state_after_load"):
+            state = gathered_state(self.engine)
+            if rank() == 0:
+                torch.save(state, self.entry["state_after_load"])
+
+    def before_train(self) -> None:
+        self.snapshot()
+
+    def on_batch(self, images, targets, positions) -> None:
+        if self.entry.get("record"):
+            self.batches.append({"epoch": self.state.epoch, "labels": targets.tolist(),
+                                 "positions": positions.tolist()})
+
+    def after_step(self) -> None:
+        self.snapshot()
+
+    def snapshot(self) -> None:
+        if self.entry.get("weights_each_step"):
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            self.weights.append({n: safe_get_full_fp32_param(p).detach().clone()
+                                 for n, p in self.engine.module.named_parameters()})
+
+    def write_records(self) -> None:
+        """What was recorded, also when the run stopped: "record" per rank, "weights_each_step" on rank 0."""
+        if self.entry.get("record"):
+            stem, suffix = os.path.splitext(self.entry["record"])
+            Path(f"{stem}-rank{rank()}{suffix}").write_text(json.dumps(self.batches))
+        if self.entry.get("weights_each_step") and rank() == 0:
+            torch.save(self.weights, self.entry["weights_each_step"])
+
+
+def run_entry(entry: dict):
+    """One plan entry's run with a PlanTrainer; its records written however the run ends."""
+    trainers: list[PlanTrainer] = []
+
+    def make_trainer(**fields) -> PlanTrainer:
+        trainers.append(PlanTrainer(entry=entry, **fields))
+        return trainers[-1]
+
     try:
-        yield
+        return startup.run(startup.parse_config(entry["argv"]), make_trainer=make_trainer)
     finally:
-        pretrain.resume = original
-
-
-@contextlib.contextmanager
-def record_batches(path: str | None):
-    """Record (epoch, labels, positions) of every batch the training loop takes: on CPU, DeviceBatches hands out
-    batches lazily, so what it hands out is what is trained on."""
-    if not path:
-        yield
-        return
-    import antismooth.train as train
-
-    records, epoch = [], {"now": None}
-    original_batches, original_epoch = train.DeviceBatches, train.Trainer.train_epoch
-
-    class Recorded(original_batches):
-        def __iter__(self):
-            for batch in super().__iter__():
-                records.append({"epoch": epoch["now"], "labels": batch[1].tolist(), "positions": batch[2].tolist()})
-                yield batch
-
-    def train_epoch(self):
-        epoch["now"] = self.state.epoch
-        return original_epoch(self)
-
-    train.DeviceBatches, train.Trainer.train_epoch = Recorded, train_epoch
-    try:
-        yield
-    finally:
-        train.DeviceBatches, train.Trainer.train_epoch = original_batches, original_epoch
-        stem, suffix = os.path.splitext(path)
-        Path(f"{stem}-rank{rank()}{suffix}").write_text(json.dumps(records))
-
-
-@contextlib.contextmanager
-def weights_each_step(path: str | None):
-    """Record {name: whole fp32 weights} when Trainer.train starts and after every optimizer step (after_step)."""
-    if not path:
-        yield
-        return
-    import antismooth.train as train
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    history, original_train, original_after = [], train.Trainer.train, train.Trainer.after_step
-
-    def snapshot(engine):
-        history.append({n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()})
-
-    def train_(self):
-        snapshot(self.engine)
-        return original_train(self)
-
-    def after_step(self):
-        snapshot(self.engine)
-        return original_after(self)
-
-    train.Trainer.train, train.Trainer.after_step = train_, after_step
-    try:
-        yield
-    finally:
-        train.Trainer.train, train.Trainer.after_step = original_train, original_after
-        if rank() == 0:
-            torch.save(history, path)
+        for trainer in trainers:
+            trainer.write_records()
 
 
 def main(plan_path: str) -> None:
@@ -180,12 +155,10 @@ def main(plan_path: str) -> None:
     if os.environ.get("ANTISMOOTH_TEST_ENOSPC_DURING_SAVE"):
         full_disk_during_save(os.environ["ANTISMOOTH_TEST_ENOSPC_DURING_SAVE"])
     for entry in json.loads(Path(plan_path).read_text()):
-        if entry.get("status"):  # the run as a user starts it: pretrain.main's exit status, its message on stderr
-            Path(entry["status"]).write_text(str(pretrain.main(entry["argv"])))
+        if entry.get("status"):  # the run as a user starts it: startup.main's exit status, its message on stderr
+            Path(entry["status"]).write_text(str(startup.main(entry["argv"])))
             continue
-        with state_after_load(entry.get("state_after_load")), record_batches(entry.get("record")), \
-                weights_each_step(entry.get("weights_each_step")):
-            engine = pretrain.run(pretrain.parse_config(entry["argv"]))
+        engine = run_entry(entry)
         if entry.get("state_at_end") and engine is not None:
             state = gathered_state(engine)
             if rank() == 0:
