@@ -18,7 +18,9 @@ demo: $(STAMP)
 	$(PY) tools/demo.py
 
 # The linter first: an undefined name in a script no test runs (bench/, tools/) fails here, in seconds.
+# The cluster tests' Debian packages next, when missing (as root on Debian/Ubuntu; elsewhere those tests skip).
 test: lint
+	bash tests/cluster/install_packages.sh
 	$(PY) -m pytest tests
 
 lint: $(STAMP)

@@ -29,10 +29,11 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+from .nodes import check_agreement, describe_node, summary
 
 __all__ = ["Launch", "DistEnv", "LaunchError", "detect_launch", "launch_variables", "init_distributed", "log_world", "collective_device",
            "all_reduce", "all_reduce_tensor", "all_reduce_counts", "all_gather_object", "broadcast_object", "barrier", "leave", "check_shared_folder", "usable_cpus",
-           "first_host", "tasks_on_node"]
+           "first_host", "tasks_on_node", "check_socket_interface", "interfaces"]
 
 _logger = logging.getLogger(__name__)
 
@@ -248,10 +249,11 @@ def launch_variables(launch: Launch, device: torch.device) -> dict[str, str]:
     local_rank = device.index if device.type == "cuda" and device.index is not None else launch.local_rank
     return dict(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(local_rank),
                 LOCAL_WORLD_SIZE=str(launch.local_world_size), MASTER_ADDR=str(launch.master_addr),
-                MASTER_PORT=str(launch.master_port or _free_port()))
+                MASTER_PORT=str(launch.master_port or free_port()))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -286,6 +288,70 @@ def _without_cpu_shm_all_reduce() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
+INTERFACE_PROBE_SECONDS = 5.0   # a connection on one network answers in milliseconds, refused or accepted
+SIOCGIFADDR = 0x8915            # linux/sockios.h: an interface's IPv4 address
+
+
+def interfaces() -> dict[str, Optional[str]]:
+    """This node's network interfaces and their IPv4 addresses (None where it has none)."""
+    return {name: _ipv4_of(name) for _, name in socket.if_nameindex()}
+
+
+def _ipv4_of(interface: str) -> Optional[str]:
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            packed = fcntl.ioctl(probe.fileno(), SIOCGIFADDR, struct.pack("256s", interface[:15].encode()))
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def _reaches(interface: str, host: str, port: int) -> bool:
+    """Whether a TCP connection to host:port can leave through `interface`: accepted or refused, the host answered;
+    a timeout or no route, it cannot be reached that way. True when the check itself is not allowed here."""
+    try:
+        address = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4]
+    except socket.gaierror:
+        return True  # the rendezvous will say that the name does not resolve
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+        except PermissionError:
+            return True  # Linux before 5.7 lets only privileged processes choose the interface
+        probe.settimeout(INTERFACE_PROBE_SECONDS)
+        try:
+            probe.connect(address)
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+    return True
+
+
+def check_socket_interface(launch: Launch, environ: Mapping[str, str] = os.environ) -> None:
+    """Stop in seconds, with one sentence, when GLOO_SOCKET_IFNAME names an interface this node does not have or
+    one through which it cannot reach MASTER_ADDR: gloo would bind there and its peers would wait for it until the
+    process group's timeout (30 minutes by torch's default, 10 by DeepSpeed's), then fail with "connectFullMesh".
+    Only across nodes: on one node every interface reaches the others."""
+    value = environ.get("GLOO_SOCKET_IFNAME")
+    if not value or launch.local_world_size >= launch.world_size or launch.master_addr is None:
+        return
+    host, available = socket.gethostname(), interfaces()
+    listing = ", ".join(f"{name} ({address or 'no IPv4 address'})" for name, address in available.items())
+    for name in value.split(","):
+        if name not in available:
+            raise LaunchError(f"GLOO_SOCKET_IFNAME={value} names no interface of node {host}, which has {listing}: "
+                              "set GLOO_SOCKET_IFNAME to the interface on which the nodes reach each other.")
+        if not _reaches(name, launch.master_addr, launch.master_port or DEFAULT_MASTER_PORT):
+            raise LaunchError(f"node {host} cannot reach MASTER_ADDR {launch.master_addr} through GLOO_SOCKET_IFNAME="
+                              f"{name} within {INTERFACE_PROBE_SECONDS:g} s: set GLOO_SOCKET_IFNAME to the interface "
+                              f"on which the nodes reach each other (this node has {listing}), or MASTER_ADDR to rank "
+                              "0's address on that interface's network.")
+
+
 def init_distributed(use_deepspeed: bool = True, device_type: Optional[str] = None) -> DistEnv:
     """Join the process group the launcher describes (a world of one when none does) on this process's device.
 
@@ -295,6 +361,7 @@ def init_distributed(use_deepspeed: bool = True, device_type: Optional[str] = No
     launch = detect_launch(os.environ)
     if launch.master_addr is None:
         launch = _master_from_mpi(launch)
+    check_socket_interface(launch)
     device = _device_for(launch, device_type)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -316,17 +383,24 @@ def init_distributed(use_deepspeed: bool = True, device_type: Optional[str] = No
 
 
 def log_world(env: DistEnv) -> None:
-    """One line per node on rank 0 (every rank must call it): which ranks run where, on which devices."""
-    everyone = all_gather_object((env.node_rank, socket.gethostname(), env.rank, str(env.device)))
+    """One line per node on rank 0 (every rank must call it): which ranks run where, on which devices; then what
+    the nodes run, after every rank stopped, with one sentence, if a node runs other software or has other
+    variables that change numerics or networking (antismooth/nodes.py)."""
+    described = describe_node(os.environ) if env.world_size > 1 else None
+    everyone = all_gather_object((env.node_rank, socket.gethostname(), env.rank, str(env.device), described))
+    if env.world_size > 1 and (disagreement := check_agreement([node for *_, node in everyone])):
+        raise ConfigError(disagreement)  # every rank has every description: all stop alike, none waits
     if env.rank != 0:
         return
     nodes = sorted({node for node, *_ in everyone})
     _logger.info("%d process%s on %d node%s (%s launch, %s backend)", env.world_size, "es" * (env.world_size > 1),
                  len(nodes), "s" * (len(nodes) > 1), env.launcher, env.backend)
     for node in nodes:
-        members = [(rank, host, device) for n, host, rank, device in everyone if n == node]
+        members = [(rank, host, device) for n, host, rank, device, _ in everyone if n == node]
         _logger.info("node %d (%s): ranks %s on %s", node, members[0][1], ",".join(str(r) for r, _, _ in members),
                      ",".join(d for *_, d in members))
+    if env.world_size > 1:
+        _logger.info("%s", summary([node for *_, node in everyone]))
 
 
 # --- collectives on the backend's device --------------------------------------------------------------------------

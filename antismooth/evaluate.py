@@ -26,10 +26,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_model
 from .data.device import DeviceBatches
 from .data.pipeline import AugmentConfig, ShardSource, build_eval_stream, eval_transform, loader_context
 from .data.shards import name_list
-from .export import create_model_from_weights, read_export_meta
+from .export import create_model_from_weights, read_export_description
+from .models.description import ModelDescription
 from .models import structure
 
-__all__ = ["evaluate", "EvalData", "resolve_eval_data", "eval_batches", "augment_from_data_config",
+__all__ = ["evaluate", "EvalData", "resolve_eval_data", "eval_batches", "augment_from_data_config", "eval_augment",
            "model_data_config", "build_eval_model", "match_classes"]
 
 _logger = logging.getLogger(__name__)
@@ -172,10 +173,11 @@ def eval_batches(data: EvalData, augment: AugmentConfig, batch_size: int, rank: 
 # Which model, and the transform it expects
 
 
-def model_data_config(model: nn.Module, meta: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
-    """The evaluation data config: the one stored with the weights, else timm's for the model; the
+def model_data_config(model: nn.Module, meta: Optional[ModelDescription | Mapping[str, Any]] = None) -> dict[str, Any]:
+    """The evaluation data config: the one stored with the weights, else (key by key) timm's for the model; the
     input size is always the model's own (timm's pretrained_cfg keeps 224 for img_size=32)."""
-    config = dict((meta or {}).get("data_config") or resolve_model_data_config(model))
+    stored = ModelDescription.of(meta).data_config if meta is not None else {}
+    config = {**resolve_model_data_config(model), **stored}
     try:
         config["input_size"] = (3, *structure.input_size(model))
     except ValueError:
@@ -194,18 +196,24 @@ def augment_from_data_config(data_config: Mapping[str, Any]) -> AugmentConfig:
                          std=tuple(data_config.get("std", defaults.std)))
 
 
+def eval_augment(model: nn.Module, meta: Optional[ModelDescription | Mapping[str, Any]] = None) -> AugmentConfig:
+    """The evaluation transform of a model: its own image size, and the crop, interpolation, mean and std stored
+    with its weights, else its timm pretrained_cfg's (tools/eval.py and antismooth-analyze both use this)."""
+    return augment_from_data_config(model_data_config(model, meta))
+
+
 def build_eval_model(weights: str | Path, model: Optional[str] = None, num_classes: Optional[int] = None,
                      img_size: Optional[int] = None,
-                     default_num_classes: Optional[int] = None) -> tuple[nn.Module, Optional[dict[str, Any]]]:
-    """The model a weights file describes (or `model`, for files without a description), weights loaded.
-    `default_num_classes` (the data's class count) serves files without a description and no num_classes."""
-    meta = read_export_meta(weights)
-    if meta is not None and model is not None and model != meta["model"]:
-        raise ValueError(f"{weights} holds {meta['model']} (its metadata says so), not {model}: drop --model.")
-    if meta is None and num_classes is None:
+                     default_num_classes: Optional[int] = None) -> tuple[nn.Module, Optional[ModelDescription]]:
+    """The model a weights file describes (or `model`, for files without a description), weights loaded, and its
+    description. `default_num_classes` (the data's class count) serves files without one and no num_classes."""
+    described = read_export_description(weights)
+    if described is not None and model is not None and model != described.model:
+        raise ValueError(f"{weights} holds {described.model} (its metadata says so), not {model}: drop --model.")
+    if described is None and num_classes is None:
         num_classes = default_num_classes
     overrides = {k: v for k, v in (("num_classes", num_classes), ("img_size", img_size)) if v is not None}
-    return create_model_from_weights(weights, None if meta is not None else model, **overrides)
+    return create_model_from_weights(weights, None if described is not None else model, **overrides)
 
 
 def match_classes(model: nn.Module, model_classes: Optional[Sequence[str]], data: EvalData) -> EvalData:

@@ -27,20 +27,18 @@ import timm
 import torch
 import torch.nn as nn
 
-from .checkpoint import META_FILE, CheckpointError, CheckpointRef, read_model_meta, resolve_checkpoint
-from .models.weights import clean_state_dict, describe_mismatch, load_weights
+from .checkpoint import META_FILE, CheckpointError, CheckpointRef, read_description, resolve_checkpoint
+from .models.description import DATA_CONFIG_KEYS, ModelDescription, decode_text_values, encode_text_values
+from .models.weights import clean_state_dict, describe_mismatch
 
-__all__ = ["ExportResult", "DTYPES", "consolidate", "save_weights", "read_export_meta", "read_timm_config",
+__all__ = ["ExportResult", "DTYPES", "consolidate", "save_weights", "read_export_meta", "read_export_description",
+           "read_timm_config",
            "consolidate_checkpoint", "export_checkpoint", "create_model_from_weights"]
 
 _logger = logging.getLogger(__name__)
 
-# Metadata values that are not strings travel JSON-encoded (safetensors metadata is str -> str).
-JSON_META_KEYS = ("model_kwargs", "classes", "data_config", "step", "epoch", "zero_stage", "world_size", "global_batch",
-                  "micro_batch", "ema")
 TIMM_CONFIG = "config.json"            # a timm folder's description (timm.models.save_for_hf)
 TIMM_META_KEY = "antismooth"           # our provenance (tag, step, ZeRO stage…) inside that config.json
-DATA_CONFIG_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 
@@ -94,11 +92,6 @@ def _untie(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def _encode_meta(meta: Mapping[str, Any]) -> dict[str, str]:
-    """safetensors metadata: strings as they are, everything else JSON-encoded."""
-    return {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in meta.items()}
-
-
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
@@ -139,7 +132,7 @@ def save_weights(state_dict: Mapping[str, torch.Tensor], out: str | Path, meta: 
         from safetensors.torch import save_file
         with _atomic_paths(out) as (tmp,):
             # "format": "pt" marks PyTorch tensors for readers such as transformers'.
-            save_file(dict(state_dict), str(tmp), metadata={"format": "pt", **_encode_meta(meta)})
+            save_file(dict(state_dict), str(tmp), metadata={"format": "pt", **encode_text_values(meta)})
         return out
     # torch.save stores whole storages: views into one flat ZeRO-1/2 partition get their own copies.
     owned = {k: v if v.untyped_storage().nbytes() == v.nbytes else v.clone() for k, v in state_dict.items()}
@@ -187,12 +180,7 @@ def read_export_meta(path: str | Path) -> Optional[dict[str, Any]]:
         except Exception as err:  # safetensors raises its own SafetensorError for a damaged header
             raise ValueError(f"{path} is not a readable .safetensors file ({err}); export it again.") from None
         raw.pop("format", None)
-        for key in JSON_META_KEYS:
-            if isinstance(raw.get(key), str):
-                try:
-                    raw[key] = json.loads(raw[key])
-                except ValueError:
-                    raise ValueError(f"the {key!r} metadata of {path} is not valid JSON; export it again.") from None
+        raw = decode_text_values(raw, path)
     else:
         sidecar = _sidecar(path)
         if not sidecar.is_file():
@@ -202,6 +190,12 @@ def read_export_meta(path: str | Path) -> Optional[dict[str, Any]]:
         except ValueError as err:
             raise ValueError(f"{sidecar} is not valid JSON ({err}); fix or delete it (then pass --model).") from None
     return raw if raw.get("model") else None
+
+
+def read_export_description(path: str | Path) -> Optional[ModelDescription]:
+    """The description a weights file or timm folder carries (read_export_meta), typed; None when there is none."""
+    raw = read_export_meta(path)
+    return None if raw is None else ModelDescription.from_dict(raw, path)
 
 
 @dataclass(frozen=True)
@@ -214,17 +208,18 @@ class ExportResult:
     num_bytes: int
 
 
-def _check_against_model(state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any], ref: CheckpointRef) -> None:
+def _check_against_model(state_dict: Mapping[str, torch.Tensor], description: ModelDescription,
+                         ref: CheckpointRef) -> None:
     """The weights must load with strict=True into the model the description names; checked on the meta device."""
-    if not timm.is_model(meta["model"]):
-        raise CheckpointError(f"{ref.tag_dir / META_FILE} names the model {meta['model']!r}, which timm does not "
+    if not timm.is_model(description.model):
+        raise CheckpointError(f"{ref.tag_dir / META_FILE} names the model {description.model!r}, which timm does not "
                               "know: fix its 'model' field.")
     with torch.device("meta"):
-        model = timm.create_model(meta["model"], **meta["model_kwargs"])
+        model = description.create()
     mismatch = describe_mismatch(state_dict, model)
     if mismatch:
         raise CheckpointError(f"the weights of {ref.tag_dir} do not fit the model its {META_FILE} describes "
-                              f"({meta['model']} with {meta['model_kwargs']}); fix that file:\n{mismatch}")
+                              f"({description.model} with {description.model_kwargs}); fix that file:\n{mismatch}")
 
 
 def consolidate_checkpoint(path: str | Path, tag: Optional[str] = None, dtype: str = "fp32", ema: bool = False
@@ -235,30 +230,27 @@ def consolidate_checkpoint(path: str | Path, tag: Optional[str] = None, dtype: s
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
     ref = resolve_checkpoint(path, tag)
-    meta = read_model_meta(ref.tag_dir)
-    if meta is None:
+    description = read_description(ref.tag_dir)
+    if description is None:
         if ema:
             raise CheckpointError(f"{ref.tag_dir} has no {META_FILE}, which names the model whose EMA to rebuild: "
                                   "export it without --ema.")
         _logger.warning("%s has no %s: the export will not say which model it holds, so tools/eval.py needs "
                         "--model for it.", ref.tag_dir, META_FILE)
-    state_dict = consolidate_ema(ref, meta, DTYPES[dtype]) if ema else consolidate(ref, DTYPES[dtype])
-    if meta is not None:
-        _check_against_model(state_dict, meta, ref)
-    export_meta = dict(meta or {}, tag=ref.tag, zero_stage=ref.stage, world_size=ref.world_size, dtype=dtype,
-                       **({"ema": True} if ema else {}))
+    state_dict = consolidate_ema(ref, description, DTYPES[dtype]) if ema else consolidate(ref, DTYPES[dtype])
+    if description is not None:
+        _check_against_model(state_dict, description, ref)
+    export_meta = dict(description.to_dict() if description else {}, tag=ref.tag, zero_stage=ref.stage,
+                       world_size=ref.world_size, dtype=dtype, **({"ema": True} if ema else {}))
     return ref, state_dict, export_meta
 
 
-def consolidate_ema(ref: CheckpointRef, meta: Mapping[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def consolidate_ema(ref: CheckpointRef, description: ModelDescription, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The model EMA of a checkpoint (antismooth.ema's per-rank files), whole, shaped as the model's parameters."""
     from .ema import read_ema_state_dict
 
-    with torch.device("meta"):
-        model = timm.create_model(meta["model"], **meta["model_kwargs"])
-    shapes = {name: param.shape for name, param in model.named_parameters()}
     try:
-        state_dict = read_ema_state_dict(ref.tag_dir, shapes, dtype)
+        state_dict = read_ema_state_dict(ref.tag_dir, description.parameter_shapes(), dtype)
     except (KeyError, ValueError, RuntimeError, OSError) as err:
         raise CheckpointError(f"the model EMA of {ref.tag_dir} cannot be rebuilt ({err}): export another tag, or "
                               "the weights without --ema.") from err
@@ -282,17 +274,14 @@ def export_checkpoint(path: str | Path, out: str | Path, tag: Optional[str] = No
 
 
 def create_model_from_weights(path: str | Path, model: Optional[str] = None,
-                              **model_kwargs: Any) -> tuple[nn.Module, Optional[dict[str, Any]]]:
+                              **model_kwargs: Any) -> tuple[nn.Module, Optional[ModelDescription]]:
     """Build the model a weights file describes (or `model` with `model_kwargs` for files without a
-    description) and load the file into it with strict=True; WeightsMismatchError says what differs."""
-    meta = read_export_meta(path)
-    if model is None:
-        if meta is None:
-            raise ValueError(f"{path} does not say which model it holds (no metadata): pass --model NAME "
-                             "(and --num-classes / --img-size where they differ from the defaults).")
-        model, model_kwargs = meta["model"], {**meta.get("model_kwargs", {}), **model_kwargs}
-    if not timm.is_model(model):
-        raise ValueError(f"unknown model {model!r}: see antismooth.models.MODEL_NAMES or timm.list_models().")
-    net = timm.create_model(model, **model_kwargs)
-    load_weights(net, path)
-    return net, meta
+    description) and load the file into it with strict=True; WeightsMismatchError says what differs. Also the
+    file's description (None without one)."""
+    description = read_export_description(path)
+    if model is not None:
+        return ModelDescription(model, model_kwargs).build(path), description
+    if description is None:
+        raise ValueError(f"{path} does not say which model it holds (no metadata): pass --model NAME "
+                         "(and --num-classes / --img-size where they differ from the defaults).")
+    return description.build(path, **model_kwargs), description

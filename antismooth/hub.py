@@ -15,12 +15,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-import timm
 import torch
 import torch.nn as nn
 
 from .checkpoint import RunFolder
-from .export import DATA_CONFIG_KEYS, DTYPES, TIMM_META_KEY, ExportResult, consolidate_checkpoint
+from .export import DTYPES, TIMM_META_KEY, ExportResult, consolidate_checkpoint
+from .models.description import DATA_CONFIG_KEYS, ModelDescription
 
 __all__ = ["CARD_FILE", "PAPER", "HubError", "build_model", "run_summary", "model_card",
            "save_timm_folder", "export_timm", "push_to_hub"]
@@ -36,19 +36,16 @@ CITATION = """@inproceedings{wang2022antioversmoothing,
   booktitle={International Conference on Learning Representations},
   year={2022}
 }"""
-PROVENANCE_KEYS = ("tag", "step", "epoch", "zero_stage", "world_size", "dtype")
+CARD_PROVENANCE = ("tag", "step", "epoch", "zero_stage", "world_size", "dtype")   # what the card and config.json show
 
 
 class HubError(RuntimeError):
     """An upload to the Hugging Face Hub that could not be made; the message says what to do."""
 
 
-def build_model(state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> nn.Module:
+def build_model(state_dict: Mapping[str, torch.Tensor], meta: ModelDescription | Mapping[str, Any]) -> nn.Module:
     """The model the description names, weights loaded with strict=True, in the weights' dtype."""
-    model = timm.create_model(meta["model"], **meta["model_kwargs"])
-    model.load_state_dict(state_dict, strict=True)
-    dtype = next(iter(state_dict.values())).dtype
-    return model.to(dtype).eval()
+    return ModelDescription.of(meta).build(state_dict).eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,16 +96,18 @@ def _usage(name: str) -> str:
             "transform = timm.data.create_transform(**config, is_training=False)\n```\n")
 
 
-def model_card(name: str, meta: Mapping[str, Any], num_params: int, run: Mapping[str, Any]) -> dict[str, Any]:
+def model_card(name: str, meta: ModelDescription | Mapping[str, Any], num_params: int,
+               run: Mapping[str, Any]) -> dict[str, Any]:
     """The card in the form timm's generate_readme takes (description, details, usage, citation)."""
-    kwargs, data = meta.get("model_kwargs", {}), meta.get("data_config", {})
+    description = ModelDescription.of(meta)
+    kwargs, data = description.model_kwargs, description.data_config
     details: dict[str, Any] = {
         "Model Type": "Image classification / feature backbone",
-        "Architecture": f"{meta['model']} ({', '.join(f'{k}={v}' for k, v in kwargs.items())})",
+        "Architecture": f"{description.model} ({', '.join(f'{k}={v}' for k, v in kwargs.items())})",
         "Model Stats": {"Params (M)": f"{num_params / 1e6:.2f}", "Image size": "x".join(map(str, data.get(
-            "input_size", ["?"])[1:])), "Classes": len(meta.get("classes") or []) or kwargs.get("num_classes")},
+            "input_size", ["?"])[1:])), "Classes": len(description.classes or []) or kwargs.get("num_classes")},
         "Papers": [PAPER],
-        "Checkpoint": {k: meta[k] for k in PROVENANCE_KEYS if meta.get(k) is not None},
+        "Checkpoint": _provenance(description),
     }
     if run.get("derived"):
         details["Training run (derived)"] = dict(run["derived"], zero_stage=run.get("zero_stage"))
@@ -118,9 +117,9 @@ def model_card(name: str, meta: Mapping[str, Any], num_params: int, run: Mapping
         ev = run["eval"]
         details["Evaluation (last in eval.jsonl)"] = {"epoch": ev["epoch"], "top-1 (%)": ev["top1"],
                                                    "top-5 (%)": ev["top5"], "loss": ev["loss"], "images": ev["images"]}
-    description = (f"`{meta['model']}` trained with antismooth (DeepSpeed ZeRO), carrying the anti-oversmoothing "
+    summary = (f"`{description.model}` trained with antismooth (DeepSpeed ZeRO), carrying the anti-oversmoothing "
                    f"techniques (AttnScale / FeatScale) of {PAPER}.")
-    return {"description": description, "details": details, "usage": _usage(name), "citation": CITATION,
+    return {"description": summary, "details": details, "usage": _usage(name), "citation": CITATION,
             "tags": ["image-classification", "timm", "antismooth"]}
 
 
@@ -128,16 +127,22 @@ def model_card(name: str, meta: Mapping[str, Any], num_params: int, run: Mapping
 # Writing the folder, and pushing it
 
 
-def _hf_config(meta: Mapping[str, Any]) -> dict[str, Any]:
+def _provenance(description: ModelDescription) -> dict[str, Any]:
+    recorded = description.provenance()
+    return {k: recorded[k] for k in CARD_PROVENANCE if k in recorded}
+
+
+def _hf_config(meta: ModelDescription | Mapping[str, Any]) -> dict[str, Any]:
     """The parts of config.json timm's save_for_hf takes from us: class names and our provenance."""
-    config: dict[str, Any] = {TIMM_META_KEY: {k: meta[k] for k in PROVENANCE_KEYS if meta.get(k) is not None}}
-    if meta.get("classes"):
-        config["label_names"] = list(meta["classes"])
+    description = ModelDescription.of(meta)
+    config: dict[str, Any] = {TIMM_META_KEY: _provenance(description)}
+    if description.classes:
+        config["label_names"] = list(description.classes)
     return config
 
 
-def _data_config(meta: Mapping[str, Any]) -> dict[str, Any]:
-    data = meta.get("data_config") or {}
+def _data_config(meta: ModelDescription | Mapping[str, Any]) -> dict[str, Any]:
+    data = ModelDescription.of(meta).data_config
     return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in DATA_CONFIG_KEYS}
 
 
@@ -149,7 +154,7 @@ def _check_folder_output(out: Path, overwrite: bool) -> None:
                               "another --out.")
 
 
-def save_timm_folder(model: nn.Module, meta: Mapping[str, Any], out: str | Path, card: Mapping[str, Any],
+def save_timm_folder(model: nn.Module, meta: ModelDescription | Mapping[str, Any], out: str | Path, card: Mapping[str, Any],
                      overwrite: bool = False) -> Path:
     """Write config.json + model.safetensors (timm's save_for_hf) and README.md into `out`, atomically: a
     temporary folder beside it is renamed onto it, so a failure leaves nothing half-written."""
@@ -183,16 +188,17 @@ def export_timm(path: str | Path, out: str | Path, tag: Optional[str] = None, dt
     if "model" not in meta:
         raise ValueError(f"{ref.tag_dir} has no antismooth.json, so its model cannot be named in timm's config.json; "
                          "write one with antismooth.checkpoint.write_model_meta, or export a file (--format file).")
-    model = build_model(state_dict, meta)
+    description = ModelDescription.from_dict(meta)
+    model = build_model(state_dict, description)
     num_params = sum(t.numel() for t in state_dict.values())
     run = ref.run_folder
-    card = model_card(Path(out).name, meta, num_params, run_summary(run.root if run else None))
-    written = save_timm_folder(model, meta, out, card, overwrite)
+    card = model_card(Path(out).name, description, num_params, run_summary(run.root if run else None))
+    written = save_timm_folder(model, description, out, card, overwrite)
     size = sum(p.stat().st_size for p in written.iterdir())
     return ExportResult(written, ref, meta, num_params, size), model, card
 
 
-def push_to_hub(model: nn.Module, meta: Mapping[str, Any], repo_id: str, card: Mapping[str, Any],
+def push_to_hub(model: nn.Module, meta: ModelDescription | Mapping[str, Any], repo_id: str, card: Mapping[str, Any],
                 folder: str | Path = "<folder>", private: bool = False) -> str:
     """Upload the model with timm's push_to_hf_hub (config.json, model.safetensors, the card); returns its URL."""
     from timm.models._hub import has_hf_hub

@@ -22,13 +22,14 @@ import torch.nn as nn
 import antismooth  # noqa: F401  (registers the model zoo with timm)
 from antismooth import settings
 from antismooth.config import ConfigError, DeepSpeedSettings, Derived, TrainConfig, check_optimizer_build, derive
-from antismooth.checkpoint import RunFolder, choose_resume_tag, processes, resume
+from antismooth.checkpoint import Checkpointer, RunFolder, processes
 from antismooth.data.pipeline import AugmentConfig, ShardSource, build_train_stream, train_transform
 from antismooth.distributed import DistEnv, check_shared_folder, detect_launch, init_distributed, leave, log_world
 from antismooth.ema import ShardedEma
 from antismooth.engine import (TrainingStopped, TrainState, apply_activation_checkpointing, build_scheduler,
                                compile_blocks, describe_optimizer, param_groups)
 from antismooth.models import WeightsMismatchError, load_for_finetuning, load_weights, structure
+from antismooth.models.description import ModelDescription
 from antismooth.report import check_targets_installed
 from antismooth.throughput import loader_batches, log_peak_memory, measure_throughput, random_batches
 from antismooth.train import Trainer, evaluate_split
@@ -136,13 +137,15 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
                              **model_args(config, num_classes))
 
 
-def model_meta(config: TrainConfig, model: nn.Module, classes: list[str], augment: AugmentConfig) -> dict[str, Any]:
+def model_description(config: TrainConfig, model: nn.Module, classes: list[str],
+                      augment: AugmentConfig) -> ModelDescription:
     """What travels with every checkpoint and export: enough to rebuild the model and its eval transform."""
     img_size = structure.input_size(model)
     kwargs = dict(model_args(config, len(classes)), img_size=img_size[0])
-    return {"model": config.model.name, "model_kwargs": kwargs, "classes": classes,
-            "data_config": {"input_size": [3, *img_size], "mean": list(augment.mean), "std": list(augment.std),
-                            "crop_pct": augment.eval_crop_pct, "interpolation": augment.interpolation}}
+    return ModelDescription(model=config.model.name, model_kwargs=kwargs, classes=classes,
+                            data_config={"input_size": [3, *img_size], "mean": list(augment.mean),
+                                         "std": list(augment.std), "crop_pct": augment.eval_crop_pct,
+                                         "interpolation": augment.interpolation})
 
 
 def augment_config(config: TrainConfig, input_size: int) -> AugmentConfig:
@@ -210,6 +213,7 @@ class Built:
     scheduler: Any
     state: TrainState
     resume_tag: Optional[str]
+    resumed: str                    # what loading the checkpoint did (for the resume's log line)
     ema: Optional[ShardedEma]
     dtype: torch.dtype
     num_params: int
@@ -226,6 +230,7 @@ def run(config: TrainConfig, make_trainer: TrainerFactory = Trainer):
     checked = check_before_launch(config)
     env = init_distributed()
     run_folder = RunFolder(config.output.folder)
+    checkpointer = Checkpointer(run_folder, env, save_every=config.output.save_every, keep=config.output.keep)
     if not config.mode.eval_only:
         check_shared_folder(run_folder.root)
     setup_logging(run_folder, env.rank)
@@ -233,28 +238,36 @@ def run(config: TrainConfig, make_trainer: TrainerFactory = Trainer):
     torch.manual_seed(config.stream.seed)  # the same initial weights on every rank and at every world size
     model = build_model(config, len(checked.classes))
     augment = augment_config(config, structure.input_size(model)[0])
-    meta = model_meta(config, model, checked.classes, augment)
+    description = model_description(config, model, checked.classes, augment)
     if config.mode.eval_only:
         evaluate_only(config, checked, env, model, augment)
         return None
 
-    built = build_engine(config, checked, env, model, run_folder)
+    built = build_engine(config, checked, env, model, checkpointer)
     ds, derived = checked.ds, checked.derived
     if env.rank == 0:
-        log_start(config, ds, derived, meta, run_folder, built.num_params, len(structure.blocks(model)),
+        log_start(config, ds, derived, description, run_folder, built.num_params, len(structure.blocks(model)),
                   built.resume_tag)
     if config.mode.throughput == "random":
+        if built.resume_tag is not None:
+            checkpointer.log_resumed(built.resume_tag, built.state, built.resumed)
         show_throughput(env, measure_throughput(built.engine, env, ds, built.dtype, random_batches(
             ds, structure.input_size(model), len(checked.classes), env.device, built.dtype)))
         return None
     stream, decode = build_stream(config, checked, env, augment)
+    if built.resume_tag is not None:   # the stream restores its own position, then one line says what was loaded
+        resumed = built.resumed + checkpointer.load_stream(stream, built.state, config.stream.num_workers)
+        checkpointer.log_resumed(built.resume_tag, built.state, resumed)
     if config.mode.throughput == "loader":
         show_throughput(env, measure_throughput(built.engine, env, ds, built.dtype,
                                                 loader_batches(stream, env.device, built.dtype), decode))
         return None
+    checkpointer.attach(built.engine, built.state, stream, built.ema, description, derived.global_batch,
+                        derived.micro_batch)
     trainer = make_trainer(config=config, ds=ds, derived=derived, env=env, engine=built.engine,
                            scheduler=built.scheduler, stream=stream, state=built.state, run_folder=run_folder,
-                           meta=meta, dtype=built.dtype, val_source=checked.val_source, augment=augment, ema=built.ema)
+                           checkpointer=checkpointer, dtype=built.dtype, val_source=checked.val_source,
+                           augment=augment, ema=built.ema)
     if built.resume_tag is not None:
         trainer.after_resume(built.resume_tag)
     trainer.train()
@@ -309,13 +322,13 @@ def evaluate_only(config: TrainConfig, checked: Checked, env: DistEnv, model: nn
 
 
 def build_engine(config: TrainConfig, checked: Checked, env: DistEnv, model: nn.Module,
-                 run_folder: RunFolder) -> Built:
+                 checkpointer: Checkpointer) -> Built:
     """Fine-tuning weights (a fresh run), activation checkpointing, torch.compile, the DeepSpeed engine, the
     schedule, the resume from the newest complete checkpoint and the EMA."""
     ds = checked.ds
-    resume_tag = choose_resume_tag(run_folder, env)
+    resume_tag = checkpointer.resume_tag()
     if resume_tag is not None and env.rank == 0:
-        for change in config.input_changes(run_folder.read_run_json().get("flags", {})):
+        for change in config.input_changes(checkpointer.run_folder.read_run_json().get("flags", {})):
             log.warning(change)
     if config.model.finetune and resume_tag is None:
         load_for_finetuning(model, config.model.finetune)
@@ -330,14 +343,14 @@ def build_engine(config: TrainConfig, checked: Checked, env: DistEnv, model: nn.
     scheduler = build_scheduler(engine.optimizer, config, checked.derived)
     if env.rank == 0:
         log.info("optimizer: %s", describe_optimizer(engine))
-    state = TrainState()
+    state, resumed = TrainState(), ""
     if resume_tag is not None:
-        resume(engine, run_folder, resume_tag, state, env, config.stream.num_workers)
+        resumed = checkpointer.load(resume_tag, engine, state)
         # The learning rate of the next step from the step count, not from whatever the loaded optimizer groups
         # hold: DeepSpeed's ZeRO-3 universal loading does not restore them.
         scheduler.step_update(state.global_step)
-    ema = build_ema(engine, env, config, run_folder, resume_tag) if config.ema.enabled else None
-    return Built(engine, scheduler, state, resume_tag, ema, getattr(torch, ds.dtype), num_params)
+    ema = build_ema(engine, env, config, checkpointer, resume_tag) if config.ema.enabled else None
+    return Built(engine, scheduler, state, resume_tag, resumed, ema, getattr(torch, ds.dtype), num_params)
 
 
 def build_stream(config: TrainConfig, checked: Checked, env: DistEnv, augment: AugmentConfig):
@@ -361,23 +374,18 @@ def log_compiled_graphs(env: DistEnv) -> None:
         log.info("torch.compile built %d graph(s) in this process", counters["stats"]["unique_graphs"])
 
 
-def build_ema(engine, env: DistEnv, config: TrainConfig, run_folder: RunFolder, resume_tag: Optional[str]) -> ShardedEma:
+def build_ema(engine, env: DistEnv, config: TrainConfig, checkpointer: Checkpointer,
+              resume_tag: Optional[str]) -> ShardedEma:
     """DeiT's model EMA on this rank's fp32 master fragments (after any load: they are views of what was loaded),
     resumed from the checkpoint's EMA files, which any world size can read."""
     ema = ShardedEma(engine, env.rank, config.ema.decay, config.ema.warmup)
-    if resume_tag is None:
-        return ema
-    tag_dir = run_folder.tag_dir(resume_tag)
-    try:
-        ema.load(tag_dir)
-    except (KeyError, OSError, RuntimeError) as err:
-        # A checkpoint of a run without --model-ema (or with a rank's EMA file lost): the average starts again.
-        log.warning("No model EMA could be read from %s (%s): the EMA starts again from the current weights.",
-                    tag_dir, err)
+    if resume_tag is not None:
+        checkpointer.load_ema(resume_tag, ema)
     return ema
 
 
-def log_start(config: TrainConfig, ds: DeepSpeedSettings, derived: Derived, meta: dict, run_folder: RunFolder,
+def log_start(config: TrainConfig, ds: DeepSpeedSettings, derived: Derived, description: ModelDescription,
+              run_folder: RunFolder,
               num_params: int, depth: int, resume_tag: Optional[str]) -> None:
     log.info("%s: %.1fM parameters, %d blocks, %s, ZeRO-%d, activation checkpointing %s", config.model.name,
              num_params / 1e6, depth, ds.dtype, ds.zero_stage,
@@ -386,13 +394,13 @@ def log_start(config: TrainConfig, ds: DeepSpeedSettings, derived: Derived, meta
              "peak lr %.3g", derived.global_batch, derived.micro_batch, derived.grad_accum,
              processes(derived.world_size), derived.steps_per_epoch, derived.total_steps, derived.warmup_steps,
              derived.peak_lr)
-    log_planned_peak(config.model.name, meta["model_kwargs"], ds, derived.world_size)
+    log_planned_peak(config.model.name, description.model_kwargs, ds, derived.world_size)
     if derived.warmup_steps >= derived.total_steps:
         log.warning("--warmup-epochs %g is as long as the whole run (--epochs %d): the learning rate only warms up and "
                     "never reaches its peak %.3g; lower --warmup-epochs or train longer.",
                     config.schedule.warmup_epochs, config.schedule.epochs, derived.peak_lr)
     run_folder.write_run_json({"flags": config.to_dict(), "deepspeed": ds.raw, "derived": derived.to_dict(),
-                               "model": meta, "resumed_from": resume_tag})
+                               "model": description.to_dict(), "resumed_from": resume_tag})
 
 
 def log_planned_peak(model: str, model_kwargs: dict[str, Any], ds: DeepSpeedSettings, world_size: int) -> None:

@@ -1,13 +1,13 @@
 """The training loop: steps, logging, checkpoints, evaluation and the stops that keep a run safe.
 
 antismooth.startup parses the flags, builds the model, the engine and the stream, and hands them to `Trainer`;
-what a restart needs lives in `TrainState` (antismooth.engine), saved with every checkpoint. A subclass observes or
+what a restart needs lives in `TrainState` (antismooth.engine), saved with every checkpoint by the
+`Checkpointer` (antismooth.checkpoint), which decides when a save is due and performs it. A subclass observes or
 extends the run through the override points (`after_resume`, `before_train`, `on_batch`, `after_step`), each a no-op
 here; `antismooth.startup.run(config, make_trainer=...)` builds it instead of Trainer.
 """
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import math
@@ -24,11 +24,10 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from .config import DeepSpeedSettings, Derived, TrainConfig
 from .data.decode import DecodeStats
 from .data.device import DeviceBatches, pin_memory_for, to_device
-from .data.pipeline import (AugmentConfig, Deal, EpochPosition, ShardSource, build_eval_stream, reduce_eval_metrics,
-                            seed_for)
-from .distributed import DistEnv, all_reduce, all_reduce_tensor, barrier, collective_device
+from .data.pipeline import AugmentConfig, ShardSource, build_eval_stream, reduce_eval_metrics, seed_for
+from .distributed import DistEnv, all_reduce, all_reduce_tensor
 from .ema import ShardedEma
-from .checkpoint import RunFolder, checkpoint_tag
+from .checkpoint import Checkpointer, RunFolder
 from .engine import TrainingStopped, TrainState
 from .evaluate import evaluate
 from .report import Reporter
@@ -91,7 +90,7 @@ class Trainer:
     stream: Any                      # antismooth.data.pipeline.TrainStream
     state: TrainState
     run_folder: RunFolder
-    meta: dict[str, Any]             # the model's description, saved beside every checkpoint
+    checkpointer: Checkpointer       # when and how to save (it holds the model's description, saved with each)
     dtype: torch.dtype
     val_source: Optional[ShardSource]  # the validation shards (None: no val.json), resolved once at start-up
     augment: AugmentConfig
@@ -100,11 +99,9 @@ class Trainer:
     def __post_init__(self) -> None:
         self.criterion = criterion_for(self.augment, self.stream.mixup is not None)
         self.writer = self._writer() if self.env.rank == 0 else None
-        self.last_saved_step = self.state.global_step if self.state.global_step else -1
         self.pending = PendingLosses(self.engine.skipped_steps)   # the steps' losses not yet read back
         self.nonfinite_steps = 0
         self.probe = self._probe_images() if self.config.output.spectral_every else None
-        self.deal: Optional[Deal] = None   # how the current epoch's samples are dealt (train_epoch)
         self.decode_stats = DecodeStats()  # --decode gpu: where this rank's images were decoded
 
     def _probe_images(self) -> torch.Tensor:
@@ -117,7 +114,7 @@ class Trainer:
     def _writer(self) -> Reporter:
         """TensorBoard, and W&B with --report-to tensorboard,wandb, whose config is the run's resolved settings."""
         settings = {"flags": self.config.to_dict(), "deepspeed": self.ds.raw, "derived": self.derived.to_dict(),
-                    "model": self.meta}
+                    "model": self.checkpointer.description.to_dict()}
         return Reporter(self.run_folder.root, self.run_folder.tensorboard, self.config.output.report_targets, settings)
 
     # --- override points ------------------------------------------------------------------------------------------
@@ -157,7 +154,7 @@ class Trainer:
             self.save()
             if self.config.output.eval_every_epoch and self.val_source is not None:
                 self.evaluate()
-        if self.last_saved_step != state.global_step:
+        if not self.checkpointer.saved_now():
             self.save()
         if self.writer:
             self.writer.close()
@@ -168,11 +165,9 @@ class Trainer:
     def train_epoch(self) -> None:
         state, derived, engine = self.state, self.derived, self.engine
         steps_left = derived.steps_per_epoch - state.samples_in_epoch // derived.global_batch
-        # Where the epoch stands: the same deal as before on the same layout, else what is left dealt anew.
-        position = EpochPosition.from_state_dict(state.data)
-        self.deal = position.deal_for(self.env.world_size, self.config.stream.num_workers, state.samples_in_epoch)
-        loader = self.stream.loader(state.epoch, state.samples_in_epoch, self.deal, position.consumed,
-                                    pin_memory=pin_memory_for(self.env.device))
+        # The stream goes on from where it stands (its position is its own: saved and restored with checkpoints).
+        loader = self.stream.epoch_loader(state.epoch, state.samples_in_epoch,
+                                          pin_memory=pin_memory_for(self.env.device))
         batches = DeviceBatches(loader, self.env.device, self.augment.mean, self.augment.std, self.decode_stats)
         erase = self.stream.random_erasing(self.env.device)
         losses = []
@@ -214,8 +209,8 @@ class Trainer:
         return self.state.samples_in_epoch // self.derived.global_batch >= self.derived.steps_per_epoch
 
     def save_due(self) -> bool:
-        """A mid-epoch checkpoint now (the epoch's end saves anyway)."""
-        return self.state.global_step % self.config.output.save_every == 0 and not self.epoch_complete()
+        """A mid-epoch checkpoint now (the Checkpointer decides; the epoch's end saves anyway)."""
+        return self.checkpointer.due(self.epoch_complete())
 
     def finish_step(self) -> None:
         """After each optimizer step: the losses read back and checked at log steps and before any save (epoch
@@ -288,52 +283,11 @@ class Trainer:
         raise TrainingStopped(f"Step {step}: {what} is not finite, so the run stopped without saving; {how}, or let "
                               "such steps pass without an update with --skip-nonfinite N.")
 
-    def check_parameters_finite(self, tag: str) -> None:
-        """Never save non-finite weights: each rank checks what it holds (its partition under ZeRO-3)."""
-        held = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
-        device = collective_device()
-        # One flag per tensor on the device, one read-back in all (not one sync per parameter).
-        finite = torch.stack([torch.isfinite(t).all().to(device) for t in held if t.numel()]).all()
-        if not bool(all_reduce_tensor(finite.to(torch.int32), op="min")):
-            raise TrainingStopped(f"The weights at step {self.state.global_step} hold non-finite values, so "
-                                  f"checkpoint {tag} was not saved; the newest checkpoint, {self.run_folder.latest_tag()} "
-                                  f"in {self.run_folder.checkpoints}, holds finite weights: lower --lr and run the same "
-                                  "command to resume from it.")
-
     def save(self) -> None:
-        """A checkpoint on every rank (DeepSpeed needs all of them), the model meta beside it, every file flushed
-        to the disk before rank 0 names it `latest`, old ones pruned."""
-        tag = checkpoint_tag(self.state.global_step)
-        self.check_pending()   # a diverged step stops the run before anything is saved
-        self.check_parameters_finite(tag)
-        if self.state.samples_in_epoch:  # mid-epoch: which samples were trained on, gathered from every rank
-            self.state.data = EpochPosition(self.deal, self.stream.consumed()).state_dict()
-        try:
-            # The model's description (tools/export.py, tools/eval.py) and the batch it trained with (a resume at
-            # another world size holds it) travel with the checkpoint.
-            meta = dict(self.meta, step=self.state.global_step, epoch=self.state.epoch,
-                        global_batch=self.derived.global_batch, micro_batch=self.derived.micro_batch,
-                        world_size=self.env.world_size)
-            self.run_folder.write_checkpoint(self.engine, tag, self.env.rank, self.state.state_dict(), meta, self.ema)
-        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
-            self.abandon_save(tag, err)
-        barrier()  # every rank's files are on the disk
-        self.last_saved_step = self.state.global_step
-        if self.env.rank == 0:
-            self.run_folder.commit(tag)
-            removed = self.run_folder.prune(self.config.output.keep)
-            log.info("saved checkpoint %s%s", tag, f" (removed {', '.join(removed)})" if removed else "")
-
-    def abandon_save(self, tag: str, err: BaseException) -> None:
-        """A checkpoint that could not be written: its partial folder removed (it was never `latest`), the run
-        stopped with what is kept. The other ranks are ended by the launcher when this one exits."""
-        full = isinstance(err, OSError) and err.errno == errno.ENOSPC or "write failed" in str(err) \
-            or "No space left" in str(err)
-        reason = "the disk is full" if full else f"{type(err).__name__}: {err}".splitlines()[0][:200]
-        self.run_folder.discard(tag)
-        raise TrainingStopped(f"Checkpoint {tag} could not be written to {self.run_folder.checkpoints} ({reason}); "
-                              f"{self.run_folder.latest_tag()} is still the newest checkpoint, intact: free space there "
-                              "(or lower --keep) and run the same command to resume from it.") from err
+        """A checkpoint of this step (antismooth.checkpoint.Checkpointer: every rank writes, then `latest`); the
+        losses not yet read back are checked first, so a diverged step stops the run before anything is saved."""
+        self.check_pending()
+        self.checkpointer.save()
 
     def evaluate(self) -> None:
         """The model on the validation split, and its EMA beside it (DeiT's `Accuracy of the EMA`)."""

@@ -49,16 +49,17 @@ def build_shards(folder: Path, imagefolder: Path, reference: Path | None, option
 
 
 def train(name: str, shards: Path, flags: list[str], seed: int, work: Path, processes: int) -> dict:
+    """One path at one seed; a run whose figures exist is read back, an unfinished one resumes (pretrain.py's own
+    resume), so an interrupted bench goes on where it stopped."""
     run_folder = work / "runs" / f"{name}-seed{seed}"
-    shutil.rmtree(run_folder, ignore_errors=True)
     figures = run_folder / "eval.json"
     start = time.time()
+    if figures.is_file():
+        return {**json.loads(figures.read_text()), "path": name, "seed": seed, "seconds": None}
     schedule = [f"--{k.replace('_', '-')}={v}" for k, v in demo.SCHEDULE.items()]
     demo.train_export_eval(shards, run_folder, "attnscale_tiny_24", [*schedule, "--seed", str(seed), *flags],
                            processes, "ds_configs/demo.json", figures)
-    result = json.loads(figures.read_text())
-    return {"path": name, "seed": seed, "top1": result["top1"], "loss": result["loss"],
-            "seconds": round(time.time() - start, 1)}
+    return {**json.loads(figures.read_text()), "path": name, "seed": seed, "seconds": round(time.time() - start, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -247,3 +247,22 @@ def resume_reference(sample_shards: Path, tmp_path_factory: pytest.TempPathFacto
     reference = work / "uninterrupted"
     launch_plan(resume_plan(config, sample_shards.parent, reference, record=True), 2, work)
     return config, reference
+
+
+# --- the cluster in a box (tests/cluster/): one bring-up per session -------------------------------------------
+
+@slow_fixture(scope="session")
+def cluster():
+    """Two nodes n1, n2 (network namespaces on a bridge) with munge, slurmctld, slurmd and sshd: a
+    tests.cluster.Cluster (nodes, run_on(node, cmd), sbatch(script, ...), hostfile(), paths). Skipped, with one
+    line saying how to enable it, where the harness cannot run (not root, packages missing)."""
+    from cluster import harness
+
+    if (reason := harness.why_unavailable()):
+        pytest.skip(reason)
+    with harness.session_lock():
+        cluster = harness.up(2)
+        try:
+            yield cluster
+        finally:
+            harness.down()

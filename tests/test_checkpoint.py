@@ -79,3 +79,58 @@ def test_a_truncated_archive_or_unreadable_json_is_damaged(tmp_path: Path):
     assert damaged_files(folder, 1, 2, saved=2) == [shard.name]
     assert damaged_files(folder, 0, 2, saved=2) == ["antismooth.json"]
     assert damaged_files(folder, 0, 1, saved=2) == [shard.name, "antismooth.json"]   # one rank for both
+
+
+# --- antismooth.json: the model's description ----------------------------------------------------------------
+
+# antismooth.json as pretrain.py wrote it before the description was typed (a flat object, values as JSON).
+OLD_META = {"model": "attnscale_tiny_12", "model_kwargs": {"num_classes": 3, "img_size": 32, "patch_size": 8},
+            "classes": ["n01", "n02", "n03"],
+            "data_config": {"input_size": [3, 32, 32], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                            "crop_pct": 0.875, "interpolation": "bicubic"},
+            "step": 12, "epoch": 1, "global_batch": 16, "micro_batch": 8, "world_size": 2}
+
+
+def test_a_description_written_the_old_way_reads_and_writes_back_the_same(tmp_path: Path):
+    from antismooth.checkpoint import read_description, write_model_meta
+    from antismooth.config import HeldBatch
+    from antismooth.models.description import ModelDescription
+
+    folder = tmp_path / "checkpoints" / "step00000012"
+    folder.mkdir(parents=True)
+    (folder / "antismooth.json").write_text(json.dumps(OLD_META, indent=2, sort_keys=True) + "\n")
+    described = read_description(folder)
+    assert (described.model, described.classes, described.step, described.world_size) == \
+        ("attnscale_tiny_12", ["n01", "n02", "n03"], 12, 2)
+    assert described.to_dict() == OLD_META
+    write_latest(tmp_path / "checkpoints", "step00000012")
+    run = RunFolder(tmp_path)
+    assert run.saved_batch() == HeldBatch(16, 8, 2)
+    again = tmp_path / "again"
+    write_model_meta(again, described)
+    assert (again / "antismooth.json").read_text() == (folder / "antismooth.json").read_text()
+    with pytest.raises(ValueError, match="names no model"):
+        write_model_meta(again, {"model_kwargs": {}})
+    (folder / "antismooth.json").write_text(json.dumps(dict(OLD_META, classes="n01")))
+    with pytest.raises(CheckpointError, match="'classes' of .* is not a JSON list"):
+        read_description(folder)
+    assert run.description("step00000012") is None   # the lenient reader: callers fall back
+    assert ModelDescription.from_text({k: v if isinstance(v, str) else json.dumps(v) for k, v in OLD_META.items()}
+                                      ) == ModelDescription.from_dict(OLD_META)
+
+
+def test_the_description_builds_its_model_and_its_evaluation_transform(tmp_path: Path):
+    from antismooth.data.pipeline import AugmentConfig
+    from antismooth.evaluate import eval_augment
+    from antismooth.models.description import ModelDescription
+
+    described = ModelDescription.from_dict(OLD_META)
+    torch.manual_seed(0)
+    trained = described.create()
+    built = described.build({k: v.clone() for k, v in trained.state_dict().items()})
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), trained.state_dict().values(),
+                                                     strict=True))
+    assert described.parameter_shapes() == {n: p.shape for n, p in trained.named_parameters()}
+    assert eval_augment(built, described) == eval_augment(built, OLD_META) == AugmentConfig(
+        input_size=32, interpolation="bicubic", eval_crop_pct=0.875, mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225))

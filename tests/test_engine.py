@@ -61,6 +61,7 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine_to_min_lr():
 
 def test_a_run_no_longer_than_its_warmup_is_named_in_the_start_up_summary_not_by_timm(tmp_path, caplog):
     from antismooth import startup
+    from antismooth.models.description import ModelDescription
 
     model = _model("vit_tiny_12")
     optimizer = torch.optim.AdamW(param_groups(model, 0.05))
@@ -69,8 +70,8 @@ def test_a_run_no_longer_than_its_warmup_is_named_in_the_start_up_summary_not_by
     derived = derive(config, ds, world_size=1, num_samples=128)
     with caplog.at_level(logging.INFO):
         build_scheduler(optimizer, config, derived)
-        meta = {"model_kwargs": {"num_classes": 10, "img_size": 32, "patch_size": 8}}
-        startup.log_start(config, ds, derived, meta, RunFolder(tmp_path), 1, 12, None)
+        description = ModelDescription("vit_tiny_12", {"num_classes": 10, "img_size": 32, "patch_size": 8})
+        startup.log_start(config, ds, derived, description, RunFolder(tmp_path), 1, 12, None)
     assert "will have no effect" not in caplog.text
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["--warmup-epochs 5 is as long as the whole run (--epochs 1): the learning rate only warms up "

@@ -107,7 +107,7 @@ def test_bf16_training_exports_its_fp32_masters_in_any_dtype(zero_runs, tmp_path
     with torch.no_grad():
         logits = model.to(torch.bfloat16).eval()(images.bfloat16()).float()
         torch.testing.assert_close(logits, live, rtol=0, atol=2e-2)  # a few bf16 ulps: CPU kernels by thread count
-        untrained = timm.create_model(meta["model"], **meta["model_kwargs"]).to(torch.bfloat16).eval()
+        untrained = timm.create_model(meta.model, **meta.model_kwargs).to(torch.bfloat16).eval()
         assert not torch.allclose(untrained(images.bfloat16()).float(), live, rtol=0, atol=2e-2)  # not vacuous
 
 

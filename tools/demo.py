@@ -69,9 +69,12 @@ def run(cmd: list[str]) -> None:
 def launcher(processes: int) -> list[str]:
     """DeepSpeed's launcher: its `deepspeed` script beside this Python (a venv), else the same runner as a module
     (wheels installed with `pip install --target`, whose scripts land elsewhere)."""
+    from antismooth.distributed import free_port
+
     script = Path(sys.executable).parent / "deepspeed"
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    return [*command, "--num_gpus", str(processes)]
+    # A port free now rather than DeepSpeed's fixed 29500, which another job on the machine may hold.
+    return [*command, "--num_gpus", str(processes), "--master_port", str(free_port())]
 
 
 def check_gpus(gpus: int) -> None:
@@ -127,7 +130,7 @@ def train_export_eval(shards: Path, work: Path, model: str, flags: list[str], pr
     run([*launcher(processes), "pretrain.py", "--deepspeed_config", deepspeed_config, "--model", model,
          "--model-kwargs", *MODEL_KWARGS, "--data", str(shards), "--output", str(work), *RECIPE, *flags])
     weights = work / f"{model}.safetensors"
-    run([sys.executable, "tools/export.py", str(work / "checkpoints"), "--out", str(weights)])
+    run([sys.executable, "tools/export.py", str(work / "checkpoints"), "--out", str(weights), "--overwrite"])
     run([sys.executable, "tools/eval.py", "--weights", str(weights), "--data", str(shards), "--workers", "1",
          *(["--json", str(eval_json)] if eval_json else [])])
 

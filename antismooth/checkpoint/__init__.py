@@ -12,23 +12,26 @@
         step00001000_universal/   DeepSpeed's universal checkpoint of it, for a resume at another world size
         step00000500.damaged/     a checkpoint that could not be read back, set aside (never deleted)
 
-torchtitan's CheckpointManager is the model: the trainer decides when to save and what its state is; this
-package owns the layout, the atomic `latest`, the damage check, the choice of the tag to resume, the
-conversion for another world size and the load. The tag folders stay DeepSpeed's format, so DeepSpeed's
-own loader, zero_to_fp32 and ds_to_universal read them too.
+One owner per file on disk: `latest` (latest.py), the tag folders (tags.py), the rank files (rank_files.py),
+antismooth.json (meta.py), the run's own records (run_folder.py); the conversion for another world size
+(universal.py) and the export's lookup (lookup.py) beside them. The Checkpointer (checkpointer.py), as
+torchtitan's CheckpointManager, owns when and how a run saves and loads: the trainer asks whether a save is due,
+and each part (engine, trainer state, EMA, training stream) saves and restores its own state. The tag folders
+stay DeepSpeed's format, so DeepSpeed's own loader, zero_to_fp32 and ds_to_universal read them too.
 
 DeepSpeed's checkpoint files are pickles (zero_to_fp32 and load_checkpoint read them with
 weights_only=False): resume and export only checkpoints you trust, your own runs.
 """
 from __future__ import annotations
 
+from .checkpointer import Checkpointer
 from .files import (CLIENT_STATE_KEY, EMA_FILE, EVAL_FILE, LATEST_FILE, META_FILE, UNIVERSAL_SUFFIX, CheckpointError,
                     checkpoint_tag, ema_file, ema_files, fsync_folder)
 from .latest import read_latest, write_latest
 from .lookup import CheckpointRef, resolve_checkpoint
-from .meta import read_model_meta, write_model_meta
+from .meta import read_description, read_model_meta, write_model_meta
 from .rank_files import RankFiles, damaged_files, files_of_rank, require_every_rank, saved_world_size
-from .resume import Loaded, choose_resume_tag, conversion_workers, load_for_resume, processes, resume
+from .resume import Loaded, choose_resume_tag, conversion_workers, load_for_resume, processes
 from .run_folder import RunFolder
 from .tags import complete_tags, list_tags
 from .universal import Conversion, convert_to_universal, load_checkpoint, universal_folder
@@ -38,5 +41,5 @@ __all__ = ["META_FILE", "LATEST_FILE", "EVAL_FILE", "EMA_FILE", "UNIVERSAL_SUFFI
            "checkpoint_tag", "ema_file", "ema_files", "fsync_folder",
            "read_latest", "write_latest", "list_tags", "complete_tags",
            "files_of_rank", "damaged_files", "saved_world_size", "require_every_rank",
-           "write_model_meta", "read_model_meta", "resolve_checkpoint", "universal_folder", "convert_to_universal",
-           "load_checkpoint", "choose_resume_tag", "load_for_resume", "resume", "conversion_workers", "processes"]
+           "write_model_meta", "read_model_meta", "read_description", "resolve_checkpoint", "universal_folder", "convert_to_universal",
+           "load_checkpoint", "choose_resume_tag", "load_for_resume", "conversion_workers", "processes", "Checkpointer"]

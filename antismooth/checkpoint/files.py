@@ -13,7 +13,6 @@ UNIVERSAL_SUFFIX = "_universal"        # DeepSpeed's own naming for a converted 
 PARTIAL_SUFFIX = ".partial"            # a conversion still being written
 CLIENT_STATE_KEY = "antismooth"        # the trainer's state inside DeepSpeed's client_state
 UNIVERSAL_CHECKPOINT_INFO = "universal_checkpoint_info"  # deepspeed.checkpoint.constants' key, without importing it
-REQUIRED_META = ("model", "model_kwargs", "classes", "data_config")
 
 TAG_PATTERN = re.compile(r"step\d{8}")
 UNIVERSAL_PATTERN = re.compile(r"step\d{8}_universal(\.partial)?")

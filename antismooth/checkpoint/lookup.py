@@ -7,7 +7,7 @@ from typing import Optional
 
 from .files import LATEST_FILE, CheckpointError
 from .latest import read_latest
-from .meta import saved_meta
+from .meta import saved_description
 from .rank_files import holds_model_states, require_every_rank
 from .run_folder import RunFolder
 from .tags import list_tags
@@ -54,8 +54,8 @@ def _find_save_dir(path: Path, tag: Optional[str]) -> tuple[Path, Optional[str]]
 
 
 def _step_of(checkpoint_dir: Path, tag: str) -> Optional[int]:
-    step = saved_meta(checkpoint_dir / tag).get("step")
-    return step if isinstance(step, int) else None
+    description = saved_description(checkpoint_dir / tag)
+    return description.step if description is not None and isinstance(description.step, int) else None
 
 
 def resolve_checkpoint(path: str | Path, tag: Optional[str] = None) -> CheckpointRef:

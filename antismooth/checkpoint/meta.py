@@ -1,4 +1,5 @@
-"""The model description beside each checkpoint: `antismooth.json`."""
+"""`antismooth.json` beside each checkpoint: the model's description (antismooth.models.description), its one
+writer and its readers (the file as it is; typed, failing in one sentence; typed, None when unreadable)."""
 from __future__ import annotations
 
 import json
@@ -6,20 +7,18 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from .files import META_FILE, REQUIRED_META, CheckpointError
+from ..models.description import ModelDescription
+from .files import META_FILE, CheckpointError
 
 
-def write_model_meta(tag_dir: str | Path, meta: Mapping[str, Any]) -> Path:
+def write_model_meta(tag_dir: str | Path, meta: ModelDescription | Mapping[str, Any]) -> Path:
     """Write `antismooth.json` into a tag folder (created if needed) atomically; any rank may call it."""
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise ValueError(f"the model description lacks {', '.join(missing)}: an export could not rebuild the "
-                         "model without them.")
+    meta = ModelDescription.of(meta).to_dict()   # a description without its model is refused here, in one sentence
     tag_dir = Path(tag_dir)
     tag_dir.mkdir(parents=True, exist_ok=True)
     path = tag_dir / META_FILE
     tmp = tag_dir / f".{META_FILE}.{os.getpid()}.tmp"  # one name per process: ranks never share a temporary
-    tmp.write_text(json.dumps(dict(meta), indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -40,17 +39,20 @@ def read_model_meta(tag_dir: str | Path) -> Optional[dict[str, Any]]:
     return meta
 
 
-def saved_meta(tag_dir: str | Path) -> dict[str, Any]:
-    """A tag folder's antismooth.json, {} when it is missing or unreadable (for callers that fall back)."""
+def read_description(tag_dir: str | Path) -> Optional[ModelDescription]:
+    """The description in a tag folder's `antismooth.json`, None without one; CheckpointError when unusable."""
+    meta = read_model_meta(tag_dir)
+    if meta is None:
+        return None
     try:
-        return read_model_meta(tag_dir) or {}
+        return ModelDescription.from_dict(meta, Path(tag_dir) / META_FILE)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def saved_description(tag_dir: str | Path) -> Optional[ModelDescription]:
+    """The description in a tag folder, None when it is missing or unreadable (for callers that fall back)."""
+    try:
+        return read_description(tag_dir)
     except (CheckpointError, OSError):
-        return {}
-
-
-def recorded_world_size(meta: Mapping[str, Any]) -> Optional[int]:
-    """The world size an antismooth.json records, None when it records none."""
-    try:
-        return int(meta.get("world_size", 0)) or None
-    except (TypeError, ValueError):
         return None

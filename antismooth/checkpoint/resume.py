@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..config import ConfigError
-from ..data.pipeline import Deal, EpochPosition
 from ..distributed import DistEnv, all_gather_object, barrier, broadcast_object, usable_cpus
 from .files import CLIENT_STATE_KEY
 from .run_folder import RunFolder
@@ -68,26 +67,6 @@ def load_for_resume(engine, run_folder: RunFolder, tag: str, env: DistEnv) -> Lo
         raise ConfigError(f"Checkpoint {run_folder.tag_dir(tag)} could not be loaded: move it away to "
                           "start from the previous one, or start a new --output.")
     return Loaded(tag, client_state[CLIENT_STATE_KEY], how)
-
-
-def resume(engine, run_folder: RunFolder, tag: str, state, env: DistEnv, workers: int) -> None:
-    """Load checkpoint `tag` into the engine and the trainer's `state` (engine.TrainState), and re-deal the epoch's
-    data when the layout of ranks × loader workers changed. One line says what happened."""
-    loaded = load_for_resume(engine, run_folder, tag, env)
-    saved, how = loaded.state, loaded.how
-    state.load_state_dict(saved)
-    if "data" not in saved and state.samples_in_epoch:
-        # Saved before checkpoints recorded the samples trained on: only the deal's layout is known.
-        state.data = EpochPosition(Deal(saved.get("world_size", 1), saved.get("workers", 0))).state_dict()
-    position = EpochPosition.from_state_dict(state.data)
-    deal = position.deal_for(env.world_size, workers, state.samples_in_epoch)
-    if position.deal is not None and deal is not position.deal:
-        left = "the rest of its samples" if position.consumed is not None else \
-            "its samples by count (this checkpoint predates the record of which were trained on: some may repeat)"
-        how += (f"; epoch {state.epoch}'s data was dealt to {position.deal.world_size} × {position.deal.workers} "
-                f"loader workers, now {left} to {env.world_size} × {workers}")
-    _logger.info("Resumed from %s: epoch %d, step %d, %d samples into the epoch%s.", tag, state.epoch,
-                 state.global_step, state.samples_in_epoch, how)
 
 
 def processes(count: int) -> str:

@@ -10,7 +10,8 @@ from typing import Any, Mapping, Optional
 from ..config import HeldBatch
 from .files import CLIENT_STATE_KEY, EVAL_FILE, UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_PATTERN, fsync_folder
 from .latest import read_latest, write_latest
-from .meta import recorded_world_size, saved_meta, write_model_meta
+from ..models.description import ModelDescription
+from .meta import saved_description, write_model_meta
 from .rank_files import damaged_files, files_of_rank, saved_world_size
 from .tags import complete_tags
 
@@ -46,7 +47,7 @@ class RunFolder:
     # --- writing one
 
     def write_checkpoint(self, engine, tag: str, rank: int, state: Mapping[str, Any],
-                         meta: Optional[Mapping[str, Any]], ema=None) -> None:
+                         meta: Optional[ModelDescription], ema=None) -> None:
         """This rank's files of checkpoint `tag`, flushed to the disk: the model's description (`meta`, rank 0),
         the EMA's file (`ema`), DeepSpeed's files with the trainer's `state` as client state. Every rank calls
         it; then, after a barrier, rank 0 calls `commit(tag)`."""
@@ -118,11 +119,12 @@ class RunFolder:
 
     def saved_world_size(self, tag: str) -> Optional[int]:
         """How many processes wrote checkpoint `tag`; None without ZeRO shards (rank_files.saved_world_size)."""
-        return saved_world_size(self.tag_dir(tag), recorded_world_size(self.meta(tag)))
+        description = self.description(tag)
+        return saved_world_size(self.tag_dir(tag), description.world_size if description else None)
 
-    def meta(self, tag: str) -> dict[str, Any]:
-        """Checkpoint `tag`'s antismooth.json ({} when it is missing or unreadable: the caller falls back)."""
-        return saved_meta(self.tag_dir(tag))
+    def description(self, tag: str) -> Optional[ModelDescription]:
+        """Checkpoint `tag`'s model description (None when it is missing or unreadable: the caller falls back)."""
+        return saved_description(self.tag_dir(tag))
 
     def saved_batch(self) -> Optional[HeldBatch]:
         """The batch the newest checkpoint was trained with (from its antismooth.json, else from run.json for
@@ -130,10 +132,12 @@ class RunFolder:
         tag = self.latest_tag()
         if tag is None:
             return None
-        from_run_json = self.read_run_json().get("derived", {})
-        for saved in (self.meta(tag), from_run_json if isinstance(from_run_json, dict) else {}):
-            if {"global_batch", "micro_batch", "world_size"} <= saved.keys():
-                return HeldBatch(int(saved["global_batch"]), int(saved["micro_batch"]), int(saved["world_size"]))
+        description = self.description(tag)
+        if description and None not in (description.global_batch, description.micro_batch, description.world_size):
+            return HeldBatch(int(description.global_batch), int(description.micro_batch), int(description.world_size))
+        derived = self.read_run_json().get("derived", {})
+        if isinstance(derived, dict) and {"global_batch", "micro_batch", "world_size"} <= derived.keys():
+            return HeldBatch(int(derived["global_batch"]), int(derived["micro_batch"]), int(derived["world_size"]))
         return None
 
     # --- the run's own records

@@ -19,11 +19,10 @@ import argparse
 import csv
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import timm
 import torch
 import torch.nn as nn
 from timm.utils import ParseKwargs
@@ -31,8 +30,9 @@ from timm.utils import ParseKwargs
 import antismooth  # noqa: F401  (registers the model zoo with timm)
 from antismooth.data.device import to_device
 from antismooth.data.pipeline import AugmentConfig, build_eval_stream, eval_transform
-from antismooth.export import read_export_meta
-from antismooth.models import load_weights, structure
+from antismooth.evaluate import eval_augment
+from antismooth.export import read_export_description
+from antismooth.models.description import ModelDescription
 from antismooth.spectral import MEASUREMENTS, SpectralReport, curves_figure, measure
 
 MANIFESTS = ("val.json", "train.json")  # looked for, in this order, in a --data folder
@@ -40,13 +40,11 @@ MANIFESTS = ("val.json", "train.json")  # looked for, in this order, in a --data
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model to analyse: its legend label, timm name and kwargs, the weights (None: random init) and
-    the evaluation data config exported with them (input_size, crop_pct, interpolation, mean, std)."""
+    """One model to analyse: its legend label, its description (the one exported with the weights, or --model
+    and --model-kwargs) and the weights (None: random init)."""
     label: str
-    name: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    description: ModelDescription
     weights: Optional[Path] = None
-    data_config: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,51 +78,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def resolve_specs(args: argparse.Namespace) -> list[ModelSpec]:
     """One ModelSpec per weights file (model and kwargs from its metadata, else --model and --model-kwargs),
     or the random init of --model alone."""
+    given = ModelDescription(args.model, dict(args.model_kwargs)) if args.model else None
     if not args.weights:
-        return [ModelSpec(f"{args.model} (random init)", args.model, dict(args.model_kwargs))]
-    metas = {path: read_export_meta(path) or {} for path in args.weights}
-    if args.model and all(metas.values()) and (args.model_kwargs or any(m["model"] != args.model
-                                                                         for m in metas.values())):
+        return [ModelSpec(f"{args.model} (random init)", given)]
+    described = {path: read_export_description(path) for path in args.weights}
+    if args.model and all(described.values()) and (args.model_kwargs or any(d.model != args.model
+                                                                             for d in described.values())):
         # Every file names its own model: --model (or --model-kwargs) would be silently ignored.
         raise ValueError("every weights file names its model in its metadata, so --model/--model-kwargs would be "
                          "ignored; drop them (they are for files without metadata, or for a random init).")
     stems = [w.stem for w in args.weights]
     specs = []
-    for path, meta in metas.items():
-        if meta:
-            name, kwargs = meta["model"], dict(meta.get("model_kwargs") or {})
-        elif args.model:
-            name, kwargs = args.model, dict(args.model_kwargs)
-        else:
+    for path, description in described.items():
+        description = description or given
+        if description is None:
             raise ValueError(f"{path} does not say which model it holds (no 'model' metadata); pass --model NAME.")
         label = path.stem if stems.count(path.stem) == 1 else str(path)
-        specs.append(ModelSpec(label, name, kwargs, path, dict(meta.get("data_config") or {})))
+        specs.append(ModelSpec(label, description, path))
     return specs
 
 
 def build_model(spec: ModelSpec, seed: int) -> nn.Module:
     """Create the model with timm and load its weights (λ/s of plain ViT weights start at 0, logged)."""
-    if not timm.is_model(spec.name):
-        raise ValueError(f"unknown model {spec.name!r}: see antismooth.models.MODEL_NAMES or timm.list_models().")
     torch.manual_seed(seed)
-    model = timm.create_model(spec.name, **spec.kwargs)
-    if spec.weights is not None:
-        load_weights(model, spec.weights)
-    return model
+    if spec.weights is None:
+        return spec.description.create()
+    return spec.description.build(spec.weights)
 
 
 # --- which images ---------------------------------------------------------------------------------------
-
-def eval_augment(model: nn.Module, data_config: dict[str, Any]) -> AugmentConfig:
-    """The evaluation transform for this model: its image size, and the crop, interpolation, mean and std
-    exported with its weights, else those of its timm pretrained_cfg."""
-    cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **data_config}
-    defaults = AugmentConfig()
-    return AugmentConfig(input_size=int(structure.input_size(model)[0]),
-                         interpolation=cfg.get("interpolation", defaults.interpolation),
-                         eval_crop_pct=cfg.get("crop_pct", defaults.eval_crop_pct),
-                         mean=tuple(cfg.get("mean", defaults.mean)), std=tuple(cfg.get("std", defaults.std)))
-
 
 def find_manifest(data: Path) -> Optional[Path]:
     """The manifest --data names (a .json, or val.json/train.json in a folder); None for an ImageFolder."""
@@ -185,7 +167,7 @@ def write_report(reports: dict[str, SpectralReport], specs: list[ModelSpec], out
                 writer.writerows([label, name, i, f"{v:.6g}"] for i, v in enumerate(values))
     payload = {
         "data": str(data),
-        "models": {spec.label: {"model": spec.name, "model_kwargs": spec.kwargs,
+        "models": {spec.label: {"model": spec.description.model, "model_kwargs": spec.description.model_kwargs,
                                 "weights": str(spec.weights) if spec.weights else None,
                                 **reports[spec.label].as_dict()} for spec in specs},
     }
@@ -199,7 +181,7 @@ def analyze(args: argparse.Namespace) -> int:
     images_by_augment: dict[AugmentConfig, torch.Tensor] = {}
     for spec in specs:
         model = build_model(spec, args.seed).to(args.device)
-        augment = eval_augment(model, spec.data_config)
+        augment = eval_augment(model, spec.description)
         if augment not in images_by_augment:
             images_by_augment[augment] = load_images(args.data, args.num_images, augment)
         images = to_device(images_by_augment[augment], args.device, augment.mean, augment.std)

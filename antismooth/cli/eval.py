@@ -28,8 +28,8 @@ from tqdm import tqdm
 from antismooth.data.device import pin_memory_for
 from antismooth.data.pipeline import reduce_eval_metrics
 from antismooth.distributed import DistEnv, LaunchError, detect_launch, init_distributed, leave
-from antismooth.evaluate import (augment_from_data_config, build_eval_model, eval_batches, evaluate, match_classes,
-                                 model_data_config, resolve_eval_data)
+from antismooth.evaluate import (build_eval_model, eval_augment, eval_batches, evaluate, match_classes,
+                                 resolve_eval_data)
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,13 +76,14 @@ def setup_distributed(device_flag: str | None) -> tuple[DistEnv, bool]:
 def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
     """Evaluate and return the figures (the same on every rank)."""
     data = resolve_eval_data(args.data, args.split)
-    model, meta = build_eval_model(args.weights, args.model, args.num_classes, args.img_size,
-                                   default_num_classes=len(data.classes))
-    data = match_classes(model, (meta or {}).get("classes"), data)  # labels as the model's outputs, by class name
-    augment = augment_from_data_config(model_data_config(model, meta))
+    model, described = build_eval_model(args.weights, args.model, args.num_classes, args.img_size,
+                                        default_num_classes=len(data.classes))
+    # Labels as the model's outputs, by class name.
+    data = match_classes(model, described.classes if described else None, data)
+    augment = eval_augment(model, described)
     batches = eval_batches(data, augment, args.batch_size, rank, world, args.workers, pin_memory_for(device))
     model.to(device)
-    name = (meta or {}).get("model") or args.model
+    name = described.model if described else args.model
     bar = tqdm(batches, total=len(batches), desc=f"eval {name}", unit="batch", dynamic_ncols=True,
                disable=rank != 0 or not sys.stderr.isatty())
     start = time.perf_counter()
