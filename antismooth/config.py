@@ -1,23 +1,33 @@
-"""One run's settings: the pretrain.py flags as a dataclass, the DeepSpeed JSON beside it, and
-what is derived from both (global batch, steps, peak learning rate), validated once at start.
+"""One run's settings: the sections of pretrain.py's flags (TrainConfig: model, schedule, data stream,
+augmentation, output, EMA, mode), the DeepSpeed JSON beside them, and what is derived from both (global batch,
+steps, peak learning rate), each validated once, at start.
 
 Engine settings (micro batch, accumulation, ZeRO stage, precision, clipping, activation
 checkpointing, optimizer type and its betas/eps/weight decay) live only in the DeepSpeed JSON;
 model, data, augmentation, schedule and output settings only here. Where the two could
 disagree (a learning rate or scheduler in the JSON), start-up stops with one clear sentence.
+The parser and the recipe files are made from these fields (antismooth.settings).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["TrainConfig", "DeepSpeedSettings", "Derived", "HeldBatch", "ConfigError", "derive", "check_optimizer_build"]
+from timm.utils import ParseKwargs
+
+from .data.settings import AugmentConfig, StreamConfig
+from .report import parse_targets
+from .settings import BatchLayout, ConfigError, check_choices, flat_values, from_flat, section, setting
+
+__all__ = ["TrainConfig", "ModelSettings", "ScheduleSettings", "OutputSettings", "EmaSettings", "ModeSettings",
+           "DeepSpeedSettings", "Derived", "HeldBatch", "ConfigError", "derive", "check_optimizer_build"]
 
 # DeiT's learning-rate rule: the base lr is for a global batch of 512 (Touvron et al. 2021, Sec. 6).
 LR_REFERENCE_BATCH = 512
@@ -25,90 +35,135 @@ LR_REFERENCE_BATCH = 512
 # model parallelism; antismooth checkpoints whole transformer blocks with torch.utils.checkpoint
 # instead (and honours `cpu_checkpointing` itself: segment inputs kept in host memory).
 UNSUPPORTED_ACTIVATION_KEYS = ("partition_activations", "contiguous_memory_optimization")
-
-
 # Settings that change the pixels the model trains on, each with what a run that did not record it had (runs older
 # than reduced-size decode decoded in full): a resume that changes one is told so.
 INPUT_SETTINGS = {"reduced_decode": False}
 
 
-class ConfigError(ValueError):
-    """A setting a user got wrong; the message names it and the fix."""
+# --- the run's settings, by concern: each a section of TrainConfig, each field's flag, default and help once -----
+
+@dataclass
+class ModelSettings:
+    """What is trained: the architecture, its regularisation and the weights it starts from."""
+    name: str = setting("attnscale_small_24", flag="--model", dest="model",
+                        help="a registered name, e.g. attnscale_small_24, featscale_cait_S24_224")
+    kwargs: dict[str, Any] = setting({}, flag="--model-kwargs", dest="model_kwargs", nargs="*", action=ParseKwargs,
+                                     metavar="KEY=VALUE",
+                                     help="extra timm.create_model arguments, e.g. patch_size=4 embed_dim=64 num_heads=4")
+    input_size: Optional[int] = setting(None, flag="--input-size", type=int, help="image size (default: the model's)")
+    drop: float = setting(0.0, flag="--drop", help="dropout rate")
+    drop_path: float = setting(0.1, flag="--drop-path", help="stochastic depth rate")
+    finetune: Optional[str] = setting(None, flag="--finetune", type=str,
+                                      help="start from plain weights (.pth/.safetensors)")
+    compile: bool = setting(False, flag="--compile", action="store_true",
+                            help="torch.compile each transformer block (one graph for all blocks of a shape; not "
+                                 "with ZeRO-3)")
+
+
+@dataclass
+class ScheduleSettings:
+    """How long and how fast: DeiT's warmup and cosine schedule per optimizer step, and when a run stops."""
+    epochs: int = setting(300, flag="--epochs", help="epochs of the training split")
+    lr: float = setting(5e-4, flag="--lr", help="base lr for a global batch of 512, scaled linearly")
+    min_lr: float = setting(1e-5, flag="--min-lr", help="the lr the cosine ends at")
+    warmup_lr: float = setting(1e-6, flag="--warmup-lr", help="the lr the linear warmup starts from")
+    warmup_epochs: float = setting(5.0, flag="--warmup-epochs", help="epochs of linear warmup to the peak lr")
+    max_steps: Optional[int] = setting(None, flag="--max-steps", type=int,
+                                       help="stop after this many optimizer steps (the schedule still spans --epochs)")
+    skip_nonfinite: int = setting(0, flag="--skip-nonfinite",
+                                  help="steps with a non-finite loss or gradients to skip (no update) before stopping")
+
+    def __post_init__(self) -> None:
+        _check([(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}."),
+                (self.lr > 0, f"--lr must be positive, got {self.lr}."),
+                (self.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}."),
+                (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}."),
+                (self.skip_nonfinite >= 0, f"--skip-nonfinite must be 0 or more, got {self.skip_nonfinite}.")])
+
+
+@dataclass
+class OutputSettings:
+    """Where the run writes (checkpoints, logs, run.json) and how often."""
+    folder: str = setting("runs/default", flag="--output", dest="output",
+                          help="run folder: checkpoints, TensorBoard, run.json, log.txt")
+    save_every: int = setting(1000, flag="--save-every", help="checkpoint every N steps (and each epoch)")
+    keep: int = setting(3, flag="--keep", help="checkpoints to keep")
+    log_every: int = setting(10, flag="--log-every", help="log the loss, lr and images/s every N steps")
+    # bench/spectral_cost.py measures its share of training time (docs/benchmarks.md).
+    spectral_every: int = setting(500, flag="--spectral-every", help="log spectral diagnostics every N steps (0: off)")
+    eval_every_epoch: bool = setting(True, flag="--no-eval", dest="eval_every_epoch", action="store_false",
+                                     help="skip the per-epoch evaluation")
+    report_to: str = setting("tensorboard", flag="--report-to",
+                             help="where the curves go: tensorboard (in the run folder), or tensorboard,wandb: Weights "
+                                  "& Biases beside it (pip install 'antismooth[wandb]'; WANDB_MODE=offline without "
+                                  "network), rank 0 only, the resolved settings as its config")
+
+    def __post_init__(self) -> None:
+        _check([(self.save_every >= 1, f"--save-every must be at least 1 step, got {self.save_every}."),
+                (self.keep >= 1, f"--keep must keep at least 1 checkpoint, got {self.keep}."),
+                (self.log_every >= 1, f"--log-every must be at least 1 step, got {self.log_every}.")])
+        parse_targets(self.report_to)
+
+    @property
+    def report_targets(self) -> tuple[str, ...]:
+        return parse_targets(self.report_to)
+
+
+@dataclass
+class EmaSettings:
+    """DeiT's model EMA (on by default there): antismooth.ema keeps it on each rank's fp32 master fragments."""
+    enabled: bool = setting(True, flag="--model-ema", dest="model_ema", action=argparse.BooleanOptionalAction,
+                            help="keep an exponential moving average of the weights, evaluated and saved beside them")
+    decay: float = setting(0.99996, flag="--model-ema-decay", dest="model_ema_decay",
+                           help="the EMA's decay per optimizer step")
+    warmup: bool = setting(False, flag="--model-ema-warmup", dest="model_ema_warmup", action="store_true",
+                           help="timm's EMA warmup: a smaller decay early on (ModelEmaV3 use_warmup)")
+
+    def __post_init__(self) -> None:
+        _check([(0 <= self.decay < 1, f"--model-ema-decay must be in [0, 1), got {self.decay}.")])
+
+
+@dataclass
+class ModeSettings:
+    """What the command does instead of training, if anything."""
+    eval_only: bool = setting(False, flag="--eval-only", action="store_true",
+                              help="evaluate --finetune weights on val and exit")
+    throughput: Optional[str] = setting(
+        None, flag="--throughput", nargs="?", const="random", choices=("random", "loader"), type=str,
+        help="measure training images/s and exit: on random data (the model alone; the default), or 'loader': on "
+             "the real input path (--decode, augmentation, Mixup/CutMix) from --data")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 @dataclass
 class TrainConfig:
-    """pretrain.py's flags; defaults follow the DeiT recipe the paper trains with."""
-    model: str = "attnscale_small_24"
-    data: str = "shards/imagenet"
-    output: str = "runs/default"
-    deepspeed_config: str = ""
-    model_kwargs: dict[str, Any] = field(default_factory=dict)   # extra timm.create_model arguments
-    input_size: Optional[int] = None          # None: the model's own default resolution
-    drop: float = 0.0
-    drop_path: float = 0.1
-    epochs: int = 300
-    lr: float = 5e-4                          # for a global batch of 512, scaled linearly
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-6
-    warmup_epochs: float = 5.0
-    # augmentation (timm / DeiT names)
-    no_aug: bool = False
-    color_jitter: float = 0.4
-    aa: Optional[str] = "rand-m9-mstd0.5-inc1"
-    reprob: float = 0.25
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    smoothing: float = 0.1
-    repeated_aug: int = 3
-    crop_pct: float = 0.875                   # evaluation: resize to size / crop_pct, centre crop
-    # data stream
-    stream_mode: str = "exact"
-    workers: int = 8
-    decode: str = "auto"                      # cpu: workers decode and augment; gpu: on the device; auto: gpu on CUDA
-    reduced_decode: bool = False              # opt-in: training JPEGs decoded at 1/2-1/8 scale (pixels differ from eval's)
-    seed: int = 0
-    # checkpoints, evaluation, logging
-    save_every: int = 1000
-    keep: int = 3
-    eval_every_epoch: bool = True
-    log_every: int = 10
-    spectral_every: int = 500                 # see bench/spectral_cost.py: under 2 % of training time
-    finetune: Optional[str] = None
-    eval_only: bool = False
-    throughput: Optional[str] = None          # random: images/s of the model on random data; loader: of the input path too
-    max_steps: Optional[int] = None           # stop early (smoke runs, tests); the schedule still spans epochs
-    compile: bool = False                     # torch.compile each transformer block (antismooth.engine.compile_blocks)
-    skip_nonfinite: int = 0                   # optimizer steps with non-finite loss/gradients to skip before stopping
-    # DeiT's model EMA (on by default there): antismooth.ema keeps it on each rank's fp32 master fragments
-    model_ema: bool = True
-    model_ema_decay: float = 0.99996
-    model_ema_warmup: bool = False            # timm's EMA warmup (ModelEmaV3 use_warmup)
+    """A run's settings, by section; defaults follow the DeiT recipe the paper trains with. Engine settings are
+    the DeepSpeed JSON's. `from_flags` / `to_dict` read and write the flat {flag name: value} form of run.json."""
+    deepspeed_config: str = setting("", flag="--deepspeed_config", aliases=("--deepspeed-config",),
+                                    help="DeepSpeed JSON (ds_configs/): batch, ZeRO stage, precision, optimizer, "
+                                         "checkpointing")
+    model: ModelSettings = section(ModelSettings, "model")
+    schedule: ScheduleSettings = section(ScheduleSettings, "schedule")
+    stream: StreamConfig = section(StreamConfig, "data stream")
+    augment: AugmentConfig = section(AugmentConfig, "augmentation")
+    output: OutputSettings = section(OutputSettings, "output and checkpoints")
+    ema: EmaSettings = section(EmaSettings, "model EMA (DeiT's)")
+    mode: ModeSettings = section(ModeSettings, "mode")
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}."),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}."),
-            (self.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}."),
-            (self.workers >= 0, f"--workers must be 0 or more, got {self.workers}."),
-            (self.save_every >= 1, f"--save-every must be at least 1 step, got {self.save_every}."),
-            (self.keep >= 1, f"--keep must keep at least 1 checkpoint, got {self.keep}."),
-            (self.repeated_aug >= 1, f"--repeated-aug must be 1 (off) or more, got {self.repeated_aug}."),
-            (0 < self.crop_pct <= 1, f"--crop-pct must be in (0, 1], got {self.crop_pct}."),
-            (self.stream_mode in ("exact", "resampled"),
-             f"--stream-mode must be 'exact' or 'resampled', got {self.stream_mode!r}."),
-            (self.decode in ("cpu", "gpu", "auto"), f"--decode must be cpu, gpu or auto, got {self.decode!r}."),
-            (not self.eval_only or self.finetune, "--eval-only evaluates given weights: add --finetune PATH."),
-            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}."),
-            (self.skip_nonfinite >= 0, f"--skip-nonfinite must be 0 or more, got {self.skip_nonfinite}."),
-            (0 <= self.model_ema_decay < 1, f"--model-ema-decay must be in [0, 1), got {self.model_ema_decay}."),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        _check([(not self.mode.eval_only or self.model.finetune,
+                 "--eval-only evaluates given weights: add --finetune PATH.")])
+
+    @classmethod
+    def from_flags(cls, **flags: Any) -> "TrainConfig":
+        """From flag names and values (run.json's "flags", a recipe): TrainConfig.from_flags(epochs=10, lr=1e-3)."""
+        return from_flat(cls, flags)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """{flag name: value}: what run.json records under "flags" (the model card and the depth study read it)."""
+        return flat_values(self)
 
     def input_changes(self, recorded_flags: dict[str, Any]) -> list[str]:
         """One sentence per setting that changes what the model sees and differs from what the resumed run
@@ -116,14 +171,20 @@ class TrainConfig:
         def flag(name: str, on: bool) -> str:
             return "--" + ("" if on else "no-") + name.replace("_", "-")
 
-        changes = []
+        changes, now = [], self.to_dict()
         for name, unrecorded in INPUT_SETTINGS.items():
-            then, now = recorded_flags.get(name, unrecorded), getattr(self, name)
-            if then != now:
-                changes.append(f"This run trained with {flag(name, then)} and resumes with {flag(name, now)}: its "
-                               f"training images are resampled differently from here on; pass {flag(name, then)} to "
-                               "keep them as they were.")
+            then = recorded_flags.get(name, unrecorded)
+            if then != now[name]:
+                changes.append(f"This run trained with {flag(name, then)} and resumes with {flag(name, now[name])}: "
+                               f"its training images are resampled differently from here on; pass {flag(name, then)} "
+                               "to keep them as they were.")
         return changes
+
+
+def _check(checks: list[tuple[Any, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -291,37 +352,23 @@ class Derived:
     warmup_steps: int
     peak_lr: float
 
+    @property
+    def layout(self) -> BatchLayout:
+        return BatchLayout(self.micro_batch, self.grad_accum, self.world_size, self.num_samples)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def input_changes(self, recorded_flags: dict[str, Any]) -> list[str]:
-        """One sentence per setting that changes what the model sees and differs from the run being resumed
-        (`recorded_flags`: run.json's "flags"); a run that recorded none (older than the setting) is taken at the
-        default of its day."""
-        changes = []
-        for name, default_then in INPUT_SETTINGS.items():
-            then, now = recorded_flags.get(name, default_then), getattr(self, name)
-            if then != now:
-                flag = "--" + name.replace("_", "-")
-                changes.append(f"this run trained with {flag if then else '--no-' + flag[2:]} and resumes with "
-                               f"{flag if now else '--no-' + flag[2:]}: the training images are resampled differently "
-                               f"from here on; pass {flag if then else '--no-' + flag[2:]} to keep what it had.")
-        return changes
-
 
 def derive(config: TrainConfig, ds: DeepSpeedSettings, world_size: int, num_samples: int) -> Derived:
-    """Global batch, optimizer steps per epoch (the last partial batch dropped), warmup and DeiT's scaled lr."""
-    global_batch = ds.micro_batch * ds.grad_accum * world_size
-    steps_per_epoch = num_samples // global_batch
-    if steps_per_epoch < 1:
-        raise ConfigError(f"The training split has {num_samples} samples, fewer than one global batch of "
-                          f"{global_batch} ({ds.micro_batch} per process × {ds.grad_accum} accumulation × "
-                          f"{world_size} processes): lower the batch size in the DeepSpeed config.")
+    """Global batch and optimizer steps per epoch (antismooth.settings.BatchLayout), warmup and DeiT's scaled lr."""
+    layout = BatchLayout(ds.micro_batch, ds.grad_accum, world_size, num_samples)
+    schedule = config.schedule
     return Derived(world_size=world_size, micro_batch=ds.micro_batch, grad_accum=ds.grad_accum,
-                   global_batch=global_batch, num_samples=num_samples, steps_per_epoch=steps_per_epoch,
-                   total_steps=steps_per_epoch * config.epochs,
-                   warmup_steps=math.ceil(config.warmup_epochs * steps_per_epoch),
-                   peak_lr=config.lr * global_batch / LR_REFERENCE_BATCH)
+                   global_batch=layout.global_batch, num_samples=num_samples, steps_per_epoch=layout.steps_per_epoch,
+                   total_steps=layout.steps_per_epoch * schedule.epochs,
+                   warmup_steps=math.ceil(schedule.warmup_epochs * layout.steps_per_epoch),
+                   peak_lr=schedule.lr * layout.global_batch / LR_REFERENCE_BATCH)
 
 
 # --- what the optimizer needs on this machine ------------------------------------------------------------------

@@ -54,8 +54,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, deriv
     timm_logger.setLevel(logging.ERROR)
     try:
         scheduler = CosineLRScheduler(optimizer, t_initial=max(1, derived.total_steps - derived.warmup_steps),
-                                      lr_min=config.min_lr, warmup_t=derived.warmup_steps,
-                                      warmup_lr_init=config.warmup_lr, warmup_prefix=True, t_in_epochs=False)
+                                      lr_min=config.schedule.min_lr, warmup_t=derived.warmup_steps,
+                                      warmup_lr_init=config.schedule.warmup_lr, warmup_prefix=True, t_in_epochs=False)
     finally:
         timm_logger.setLevel(level)
     scheduler.step_update(0)

@@ -6,6 +6,7 @@ the resume, the EMA and the stream, and the three modes (eval-only, throughput, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import logging
 import sys
@@ -17,18 +18,19 @@ from typing import Any, Callable, Optional
 import timm
 import torch
 import torch.nn as nn
-from timm.utils import ParseKwargs
 
 import antismooth  # noqa: F401  (registers the model zoo with timm)
+from antismooth import settings
 from antismooth.config import ConfigError, DeepSpeedSettings, Derived, TrainConfig, check_optimizer_build, derive
 from antismooth.checkpoint import Checkpointer, RunFolder, processes
-from antismooth.data.pipeline import AugmentConfig, ShardSource, StreamConfig, build_train_stream, train_transform
+from antismooth.data.pipeline import AugmentConfig, ShardSource, build_train_stream, train_transform
 from antismooth.distributed import DistEnv, check_shared_folder, detect_launch, init_distributed, leave, log_world
 from antismooth.ema import ShardedEma
 from antismooth.engine import (TrainingStopped, TrainState, apply_activation_checkpointing, build_scheduler,
                                compile_blocks, describe_optimizer, param_groups)
 from antismooth.models import WeightsMismatchError, load_for_finetuning, load_weights, structure
 from antismooth.models.description import ModelDescription
+from antismooth.report import check_targets_installed
 from antismooth.throughput import loader_batches, log_peak_memory, measure_throughput, random_batches
 from antismooth.train import Trainer, evaluate_split
 
@@ -49,79 +51,22 @@ Engine settings live in the DeepSpeed JSON; everything else is a flag (DeiT's de
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
-    p = argparse.ArgumentParser(description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", required=True,
-                   help="DeepSpeed JSON (ds_configs/): batch, ZeRO stage, precision, optimizer, checkpointing")
+    """pretrain.py's flags, made from TrainConfig's fields (antismooth.settings.build_parser), and the two flags
+    DeepSpeed's launcher adds."""
+    p = settings.build_parser(TrainConfig, USAGE)
     p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # DeepSpeed's own flag, implied
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=d.model, help="a registered name, e.g. attnscale_small_24, featscale_cait_S24_224")
-    g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
-                   help="extra timm.create_model arguments, e.g. patch_size=4 embed_dim=64 num_heads=4")
-    g.add_argument("--input-size", type=int, default=None, help="image size (default: the model's)")
-    g.add_argument("--drop", type=float, default=d.drop, help="dropout rate")
-    g.add_argument("--drop-path", type=float, default=d.drop_path, help="stochastic depth rate")
-    g.add_argument("--finetune", default=None, help="start from plain weights (.pth/.safetensors)")
-    g = p.add_argument_group("schedule")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--lr", type=float, default=d.lr, help="base lr for a global batch of 512, scaled linearly")
-    g.add_argument("--min-lr", type=float, default=d.min_lr)
-    g.add_argument("--warmup-lr", type=float, default=d.warmup_lr)
-    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile each transformer block (one graph for all blocks of a shape; not with ZeRO-3)")
-    g = p.add_argument_group("data and augmentation")
-    g.add_argument("--data", default=d.data, help="folder with train.json (and val.json) from tools/build_shards.py")
-    g.add_argument("--workers", type=int, default=d.workers, help="loader workers per process")
-    g.add_argument("--decode", default=d.decode, choices=["cpu", "gpu", "auto"],
-                   help="where JPEGs are decoded and augmented: the loader workers (cpu), the device (gpu: nvJPEG and "
-                        "per-sample augmentation on the GPU, the workers only read bytes), auto: gpu on CUDA "
-                        "(default: %(default)s; docs/decode.md)")
-    g.add_argument("--reduced-decode", action=argparse.BooleanOptionalAction, default=d.reduced_decode,
-                   help="CPU workers decode JPEGs at 1/2-1/8 scale where the crop still has the output's pixels: "
-                        "faster on large photographs, but training then sees other pixels than evaluation, which "
-                        "costs accuracy (docs/decode.md; default: off)")
-    g.add_argument("--stream-mode", default=d.stream_mode, choices=["exact", "resampled"])
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--no-aug", action="store_true", help="resize and centre crop only, as timm's --no-aug")
-    g.add_argument("--color-jitter", type=float, default=d.color_jitter)
-    g.add_argument("--aa", default=d.aa, help="RandAugment policy, 'none' for off")
-    g.add_argument("--reprob", type=float, default=d.reprob)
-    g.add_argument("--mixup", type=float, default=d.mixup)
-    g.add_argument("--cutmix", type=float, default=d.cutmix)
-    g.add_argument("--smoothing", type=float, default=d.smoothing)
-    g.add_argument("--crop-pct", type=float, default=d.crop_pct, help="evaluation centre-crop fraction (timm)")
-    g.add_argument("--repeated-aug", type=int, default=d.repeated_aug, help="copies per image (1: off)")
-    g = p.add_argument_group("output")
-    g.add_argument("--output", default=d.output, help="run folder: checkpoints, TensorBoard, run.json, log.txt")
-    g.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (and each epoch)")
-    g.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep")
-    g.add_argument("--log-every", type=int, default=d.log_every)
-    g.add_argument("--spectral-every", type=int, default=d.spectral_every,
-                   help="log spectral diagnostics every N steps (0: off)")
-    g.add_argument("--no-eval", dest="eval_every_epoch", action="store_false", help="skip the per-epoch evaluation")
-    g.add_argument("--eval-only", action="store_true", help="evaluate --finetune weights on val and exit")
-    g.add_argument("--throughput", nargs="?", const="random", default=None, choices=["random", "loader"],
-                   help="measure training images/s and exit: on random data (the model alone; the default), or "
-                        "'loader': on the real input path (--decode, augmentation, Mixup/CutMix) from --data")
-    g.add_argument("--skip-nonfinite", type=int, default=d.skip_nonfinite,
-                   help="steps with a non-finite loss or gradients to skip (no update) before stopping (default 0)")
-    g = p.add_argument_group("model EMA (DeiT's)")
-    g.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=d.model_ema,
-                   help="keep an exponential moving average of the weights, evaluated and saved beside them")
-    g.add_argument("--model-ema-decay", type=float, default=d.model_ema_decay)
-    g.add_argument("--model-ema-warmup", action="store_true", help="timm's EMA warmup: a smaller decay early on")
     return p
 
 
+def flags_markdown() -> str:
+    """docs/training.md's table of the flags: python -c 'from antismooth.startup import flags_markdown as f; print(f())'"""
+    return settings.flags_markdown(TrainConfig)
+
+
 def parse_config(argv: Optional[list[str]]) -> TrainConfig:
-    args = vars(build_parser().parse_args(argv))
-    args.pop("deepspeed"), args.pop("local_rank")
-    if args["aa"] in ("none", "None", ""):
-        args["aa"] = None
-    return TrainConfig(**args)
+    """The run's settings: a recipe's (--config), then the command line's."""
+    return settings.parse(TrainConfig, build_parser(), argv)
 
 
 # --- start-up ------------------------------------------------------------------------------------------
@@ -181,14 +126,14 @@ def setup_logging(run: RunFolder, rank: int) -> None:
 
 def model_args(config: TrainConfig, num_classes: int) -> dict[str, Any]:
     """The timm.create_model arguments that define the architecture (what an export needs to rebuild it)."""
-    args = dict(config.model_kwargs, num_classes=num_classes)
-    if config.input_size:
-        args["img_size"] = config.input_size
+    args = dict(config.model.kwargs, num_classes=num_classes)
+    if config.model.input_size:
+        args["img_size"] = config.model.input_size
     return args
 
 
 def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
-    return timm.create_model(config.model, drop_rate=config.drop, drop_path_rate=config.drop_path,
+    return timm.create_model(config.model.name, drop_rate=config.model.drop, drop_path_rate=config.model.drop_path,
                              **model_args(config, num_classes))
 
 
@@ -197,17 +142,15 @@ def model_description(config: TrainConfig, model: nn.Module, classes: list[str],
     """What travels with every checkpoint and export: enough to rebuild the model and its eval transform."""
     img_size = structure.input_size(model)
     kwargs = dict(model_args(config, len(classes)), img_size=img_size[0])
-    return ModelDescription(model=config.model, model_kwargs=kwargs, classes=classes,
+    return ModelDescription(model=config.model.name, model_kwargs=kwargs, classes=classes,
                             data_config={"input_size": [3, *img_size], "mean": list(augment.mean),
                                          "std": list(augment.std), "crop_pct": augment.eval_crop_pct,
                                          "interpolation": augment.interpolation})
 
 
 def augment_config(config: TrainConfig, input_size: int) -> AugmentConfig:
-    return AugmentConfig(input_size=input_size, no_aug=config.no_aug, color_jitter=config.color_jitter,
-                         auto_augment=config.aa, reprob=config.reprob, mixup=config.mixup, cutmix=config.cutmix,
-                         smoothing=config.smoothing, repeated_aug=config.repeated_aug, eval_crop_pct=config.crop_pct,
-                         reduced_decode=config.reduced_decode)
+    """The augmentation section at the model's image size."""
+    return dataclasses.replace(config.augment, input_size=input_size)
 
 
 def decode_refusal(config: TrainConfig) -> Optional[str]:
@@ -227,7 +170,7 @@ def choose_decode(config: TrainConfig, device: torch.device) -> str:
     path applies, else cpu)."""
     from antismooth.data.decode import resolve_decode
 
-    decode = resolve_decode(config.decode, device)
+    decode = resolve_decode(config.stream.decode, device)
     refusal = decode_refusal(config) if decode == "gpu" else None
     if refusal:   # only auto gets here: an explicit gpu was refused at start-up
         log.info("decoding on the CPU workers: %s", refusal)
@@ -286,17 +229,17 @@ def run(config: TrainConfig, make_trainer: TrainerFactory = Trainer):
     observes the run through its override points (Trainer.after_resume, on_batch, after_step, ...)."""
     checked = check_before_launch(config)
     env = init_distributed()
-    run_folder = RunFolder(config.output)
-    checkpointer = Checkpointer(run_folder, env, save_every=config.save_every, keep=config.keep)
-    if not config.eval_only:
+    run_folder = RunFolder(config.output.folder)
+    checkpointer = Checkpointer(run_folder, env, save_every=config.output.save_every, keep=config.output.keep)
+    if not config.mode.eval_only:
         check_shared_folder(run_folder.root)
     setup_logging(run_folder, env.rank)
     log_world(env)
-    torch.manual_seed(config.seed)  # the same initial weights on every rank and at every world size
+    torch.manual_seed(config.stream.seed)  # the same initial weights on every rank and at every world size
     model = build_model(config, len(checked.classes))
     augment = augment_config(config, structure.input_size(model)[0])
     description = model_description(config, model, checked.classes, augment)
-    if config.eval_only:
+    if config.mode.eval_only:
         evaluate_only(config, checked, env, model, augment)
         return None
 
@@ -305,18 +248,19 @@ def run(config: TrainConfig, make_trainer: TrainerFactory = Trainer):
     if env.rank == 0:
         log_start(config, ds, derived, description, run_folder, built.num_params, len(structure.blocks(model)),
                   built.resume_tag)
-    if config.throughput == "random":
+    if config.mode.throughput == "random":
         if built.resume_tag is not None:
             checkpointer.log_resumed(built.resume_tag, built.state, built.resumed)
-        measure_throughput(built.engine, env, ds, built.dtype, random_batches(
-            ds, structure.input_size(model), len(checked.classes), env.device, built.dtype))
+        show_throughput(env, measure_throughput(built.engine, env, ds, built.dtype, random_batches(
+            ds, structure.input_size(model), len(checked.classes), env.device, built.dtype)))
         return None
     stream, decode = build_stream(config, checked, env, augment)
     if built.resume_tag is not None:   # the stream restores its own position, then one line says what was loaded
-        resumed = built.resumed + checkpointer.load_stream(stream, built.state, config.workers)
+        resumed = built.resumed + checkpointer.load_stream(stream, built.state, config.stream.num_workers)
         checkpointer.log_resumed(built.resume_tag, built.state, resumed)
-    if config.throughput == "loader":
-        measure_throughput(built.engine, env, ds, built.dtype, loader_batches(stream, env.device, built.dtype), decode)
+    if config.mode.throughput == "loader":
+        show_throughput(env, measure_throughput(built.engine, env, ds, built.dtype,
+                                                loader_batches(stream, env.device, built.dtype), decode))
         return None
     checkpointer.attach(built.engine, built.state, stream, built.ema, description, derived.global_batch,
                         derived.micro_batch)
@@ -328,44 +272,52 @@ def run(config: TrainConfig, make_trainer: TrainerFactory = Trainer):
         trainer.after_resume(built.resume_tag)
     trainer.train()
     log_peak_memory(env)
-    if config.compile:
+    if config.model.compile:
         log_compiled_graphs(env)
     return built.engine
 
 
+def show_throughput(env: DistEnv, line: Optional[str]) -> None:
+    """--throughput's result: its line printed on rank 0, then the run's peak GPU memory logged."""
+    if line:
+        print(line)
+    log_peak_memory(env)
+
+
 def check_before_launch(config: TrainConfig) -> Checked:
     """Everything a user can get wrong, checked before processes talk or models are built."""
+    check_targets_installed(config.output.report_targets)
     world_size = detect_launch().world_size
-    held = None if config.eval_only else RunFolder(config.output).saved_batch()
+    held = None if config.mode.eval_only else RunFolder(config.output.folder).saved_batch()
     ds = DeepSpeedSettings.load(config.deepspeed_config, world_size, held)
     check_optimizer_build(ds.raw, config.deepspeed_config, torch.cuda.is_available())
-    if config.decode == "gpu" and not config.eval_only and (refusal := decode_refusal(config)):
+    if config.stream.decode == "gpu" and not config.mode.eval_only and (refusal := decode_refusal(config)):
         raise ConfigError(refusal)
-    if config.compile and ds.zero_stage == 3:
+    if config.model.compile and ds.zero_stage == 3:
         raise ConfigError(f"--compile cannot run under ZeRO-3 ({config.deepspeed_config}): DeepSpeed gathers each "
                           "module's parameters in hooks that torch.compile must skip, so every compiled block would "
                           "break at each of them; train with ds_configs/zero2.json (or zero1.json), or drop --compile.")
-    check_model_name(config.model)
-    train_manifest = find_manifest(config.data, "train", required=not config.eval_only)
-    val_manifest = find_manifest(config.data, "val", required=config.eval_only)
+    check_model_name(config.model.name)
+    train_manifest = find_manifest(config.stream.data, "train", required=not config.mode.eval_only)
+    val_manifest = find_manifest(config.stream.data, "val", required=config.mode.eval_only)
     train_source = ShardSource.resolve(train_manifest) if train_manifest else None
     val_source = ShardSource.resolve(val_manifest) if val_manifest else None
     classes = list((train_source or val_source).classes)
     check_same_classes(train_manifest, val_manifest, train_source, val_source)
     derived = derive(config, ds, world_size, train_source.num_samples) if train_source else None
-    if config.finetune and not Path(config.finetune).is_file():
-        raise ConfigError(f"--finetune {config.finetune} does not exist: give the path of a .pth or .safetensors file.")
+    if config.model.finetune and not Path(config.model.finetune).is_file():
+        raise ConfigError(f"--finetune {config.model.finetune} does not exist: give the path of a .pth or .safetensors file.")
     return Checked(world_size, ds, train_source, val_source, classes, derived)
 
 
 def evaluate_only(config: TrainConfig, checked: Checked, env: DistEnv, model: nn.Module,
                   augment: AugmentConfig) -> None:
     """--eval-only: the --finetune weights on the validation split, one line on rank 0."""
-    load_weights(model, config.finetune)
+    load_weights(model, config.model.finetune)
     metrics = evaluate_split(model.to(env.device), checked.val_source, checked.ds.micro_batch, env, augment,
-                             config.workers, None)
+                             config.stream.num_workers, None)
     if env.rank == 0:
-        print(f"eval {config.finetune}: top-1 {metrics['top1']:.2f} %  top-5 {metrics['top5']:.2f} %  "
+        print(f"eval {config.model.finetune}: top-1 {metrics['top1']:.2f} %  top-5 {metrics['top5']:.2f} %  "
               f"loss {metrics['loss']:.4f}  ({metrics['count']} images)")
 
 
@@ -378,10 +330,10 @@ def build_engine(config: TrainConfig, checked: Checked, env: DistEnv, model: nn.
     if resume_tag is not None and env.rank == 0:
         for change in config.input_changes(checkpointer.run_folder.read_run_json().get("flags", {})):
             log.warning(change)
-    if config.finetune and resume_tag is None:
-        load_for_finetuning(model, config.finetune)
+    if config.model.finetune and resume_tag is None:
+        load_for_finetuning(model, config.model.finetune)
     apply_activation_checkpointing(model, ds.blocks_per_checkpoint, ds.offload_checkpoints)
-    if config.compile:
+    if config.model.compile:
         compile_blocks(structure.blocks(model))
     num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
 
@@ -397,7 +349,7 @@ def build_engine(config: TrainConfig, checked: Checked, env: DistEnv, model: nn.
         # The learning rate of the next step from the step count, not from whatever the loaded optimizer groups
         # hold: DeepSpeed's ZeRO-3 universal loading does not restore them.
         scheduler.step_update(state.global_step)
-    ema = build_ema(engine, env, config, checkpointer, resume_tag) if config.model_ema else None
+    ema = build_ema(engine, env, config, checkpointer, resume_tag) if config.ema.enabled else None
     return Built(engine, scheduler, state, resume_tag, resumed, ema, getattr(torch, ds.dtype), num_params)
 
 
@@ -408,9 +360,8 @@ def build_stream(config: TrainConfig, checked: Checked, env: DistEnv, augment: A
         log.info("input: JPEGs decoded and augmented %s", "on the device (the workers read bytes and draw each "
                  "sample's parameters)" if decode == "gpu" else "by the loader workers")
     stream = build_train_stream(checked.train_source,
-                                StreamConfig(batch_size=checked.ds.micro_batch, mode=config.stream_mode,
-                                             seed=config.seed, num_workers=config.workers, decode=decode),
-                                env.rank, env.world_size, augment, global_batch=checked.derived.global_batch)
+                                dataclasses.replace(config.stream, batch_size=checked.ds.micro_batch, decode=decode),
+                                env.rank, env.world_size, augment, layout=checked.derived.layout)
     return stream, decode
 
 
@@ -427,7 +378,7 @@ def build_ema(engine, env: DistEnv, config: TrainConfig, checkpointer: Checkpoin
               resume_tag: Optional[str]) -> ShardedEma:
     """DeiT's model EMA on this rank's fp32 master fragments (after any load: they are views of what was loaded),
     resumed from the checkpoint's EMA files, which any world size can read."""
-    ema = ShardedEma(engine, env.rank, config.model_ema_decay, config.model_ema_warmup)
+    ema = ShardedEma(engine, env.rank, config.ema.decay, config.ema.warmup)
     if resume_tag is not None:
         checkpointer.load_ema(resume_tag, ema)
     return ema
@@ -436,18 +387,18 @@ def build_ema(engine, env: DistEnv, config: TrainConfig, checkpointer: Checkpoin
 def log_start(config: TrainConfig, ds: DeepSpeedSettings, derived: Derived, description: ModelDescription,
               run_folder: RunFolder,
               num_params: int, depth: int, resume_tag: Optional[str]) -> None:
-    log.info("%s: %.1fM parameters, %d blocks, %s, ZeRO-%d, activation checkpointing %s", config.model,
+    log.info("%s: %.1fM parameters, %d blocks, %s, ZeRO-%d, activation checkpointing %s", config.model.name,
              num_params / 1e6, depth, ds.dtype, ds.zero_stage,
              f"every {ds.blocks_per_checkpoint} block(s)" if ds.blocks_per_checkpoint else "off")
     log.info("global batch %d = %d per process × %d accumulation × %s; %d steps/epoch, %d steps, warmup %d, "
              "peak lr %.3g", derived.global_batch, derived.micro_batch, derived.grad_accum,
              processes(derived.world_size), derived.steps_per_epoch, derived.total_steps, derived.warmup_steps,
              derived.peak_lr)
-    log_planned_peak(config.model, description.model_kwargs, ds, derived.world_size)
+    log_planned_peak(config.model.name, description.model_kwargs, ds, derived.world_size)
     if derived.warmup_steps >= derived.total_steps:
         log.warning("--warmup-epochs %g is as long as the whole run (--epochs %d): the learning rate only warms up and "
-                    "never reaches its peak %.3g; lower --warmup-epochs or train longer.", config.warmup_epochs,
-                    config.epochs, derived.peak_lr)
+                    "never reaches its peak %.3g; lower --warmup-epochs or train longer.",
+                    config.schedule.warmup_epochs, config.schedule.epochs, derived.peak_lr)
     run_folder.write_run_json({"flags": config.to_dict(), "deepspeed": ds.raw, "derived": derived.to_dict(),
                                "model": description.to_dict(), "resumed_from": resume_tag})
 

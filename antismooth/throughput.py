@@ -50,10 +50,11 @@ def loader_batches(stream, device: torch.device, dtype: torch.dtype) -> Iterator
 
 
 def measure_throughput(engine, env: DistEnv, ds: DeepSpeedSettings, dtype: torch.dtype,
-                       batches: Iterator[tuple[torch.Tensor, torch.Tensor]], input_path: Optional[str] = None) -> None:
+                       batches: Iterator[tuple[torch.Tensor, torch.Tensor]], input_path: Optional[str] = None) -> Optional[str]:
     """Images/s of full training steps (forward, backward, optimizer) on `batches`: random data measures the model,
     the loader's the whole input path with it (`input_path`: its --decode). The first warm-up forward is also counted
-    (antismooth.flops): model TFLOP/s, and MFU on a GPU of known peak."""
+    (antismooth.flops): model TFLOP/s, and MFU on a GPU of known peak. Returns the one line to show, on rank 0
+    (None on the others)."""
     import contextlib
 
     from antismooth.flops import TRAINING_FLOPS_PER_FORWARD, flop_counter, mfu, peak_tflops
@@ -76,7 +77,7 @@ def measure_throughput(engine, env: DistEnv, ds: DeepSpeedSettings, dtype: torch
     per_rank = THROUGHPUT_STEPS * ds.grad_accum * ds.micro_batch / elapsed
     flops_per_image = TRAINING_FLOPS_PER_FORWARD * counter.get_total_flops() / ds.micro_batch
     if env.rank != 0:
-        return
+        return None
     source = f"the real input path, --decode {input_path}" if input_path else "random data"
     line = (f"throughput: {per_rank * env.world_size:.1f} img/s ({per_rank:.1f} per process, "
             f"{elapsed / THROUGHPUT_STEPS * 1000:.0f} ms per step of {ds.micro_batch * ds.grad_accum * env.world_size}); "
@@ -86,8 +87,7 @@ def measure_throughput(engine, env: DistEnv, ds: DeepSpeedSettings, dtype: torch
     peak = peak_tflops(name) if name else None
     if peak and dtype in (torch.bfloat16, torch.float16):  # the table holds 16-bit tensor-core peaks
         line += f"; MFU {100 * mfu(per_rank, flops_per_image, peak):.1f} % of {name}'s {peak:.0f} TFLOP/s dense bf16"
-    print(line)
-    log_peak_memory(env)
+    return line
 
 
 def _sync(env: DistEnv) -> None:

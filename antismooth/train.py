@@ -30,6 +30,7 @@ from .ema import ShardedEma
 from .checkpoint import Checkpointer, RunFolder
 from .engine import TrainingStopped, TrainState
 from .evaluate import evaluate
+from .report import Reporter
 from .models.weights import ANTI_OVERSMOOTHING_PARAMS
 from .spectral import measure, paper_parameters, write_spectral
 
@@ -100,7 +101,7 @@ class Trainer:
         self.writer = self._writer() if self.env.rank == 0 else None
         self.pending = PendingLosses(self.engine.skipped_steps)   # the steps' losses not yet read back
         self.nonfinite_steps = 0
-        self.probe = self._probe_images() if self.config.spectral_every else None
+        self.probe = self._probe_images() if self.config.output.spectral_every else None
         self.decode_stats = DecodeStats()  # --decode gpu: where this rank's images were decoded
 
     def _probe_images(self) -> torch.Tensor:
@@ -110,9 +111,11 @@ class Trainer:
         images, *_ = next(iter(stream.loader()))
         return to_device(images, self.env.device, self.augment.mean, self.augment.std).to(self.dtype)
 
-    def _writer(self):
-        from torch.utils.tensorboard import SummaryWriter
-        return SummaryWriter(str(self.run_folder.tensorboard))
+    def _writer(self) -> Reporter:
+        """TensorBoard, and W&B with --report-to tensorboard,wandb, whose config is the run's resolved settings."""
+        settings = {"flags": self.config.to_dict(), "deepspeed": self.ds.raw, "derived": self.derived.to_dict(),
+                    "model": self.meta}
+        return Reporter(self.run_folder.root, self.run_folder.tensorboard, self.config.output.report_targets, settings)
 
     # --- override points ------------------------------------------------------------------------------------------
 
@@ -134,14 +137,14 @@ class Trainer:
 
     def stop_step(self) -> int:
         total = self.derived.total_steps
-        return min(total, self.config.max_steps) if self.config.max_steps else total
+        return min(total, self.config.schedule.max_steps) if self.config.schedule.max_steps else total
 
     def train(self) -> None:
         state = self.state
         self.before_train()
         self.engine.train()
         self.timer = StepTimer(self.stop_step() - state.global_step)
-        while state.epoch < self.config.epochs and state.global_step < self.stop_step():
+        while state.epoch < self.config.schedule.epochs and state.global_step < self.stop_step():
             self.train_epoch()
             if not self.epoch_complete():
                 break  # stopped mid-epoch by --max-steps
@@ -149,7 +152,7 @@ class Trainer:
             state.samples_in_epoch = 0
             state.data = {}
             self.save()
-            if self.config.eval_every_epoch and self.val_source is not None:
+            if self.config.output.eval_every_epoch and self.val_source is not None:
                 self.evaluate()
         if not self.checkpointer.saved_now():
             self.save()
@@ -172,7 +175,7 @@ class Trainer:
             self.on_batch(images, targets, positions)
             self.stream.record(positions)
             micro = i % self.ds.grad_accum
-            seed_step(self.config.seed, state.global_step, micro, self.env.rank)
+            seed_step(self.config.stream.seed, state.global_step, micro, self.env.rank)
             # Random erasing runs here, not in the workers: its noise lives in normalised space, which uint8
             # cannot hold. Drawn from the micro-step's seeded RNG like Mixup, it is sample-exact on resume.
             if erase is not None:
@@ -214,7 +217,7 @@ class Trainer:
         ends and the last step included), the log and the spectral diagnostics when due."""
         self.timer.tick()
         step = self.state.global_step
-        log_now = step % self.config.log_every == 0 or step >= self.stop_step()
+        log_now = step % self.config.output.log_every == 0 or step >= self.stop_step()
         if log_now or self.save_due() or self.epoch_complete():
             loss_value = self.check_pending()
             if log_now:
@@ -243,7 +246,7 @@ class Trainer:
     def log_spectral(self) -> None:
         """Per-block HC share, ΔLog amplitude and patch uniformity on the probe batch (issue: oversmoothing).
         Under ZeRO-3 the forward gathers parameters collectively, so every rank measures."""
-        every = self.config.spectral_every
+        every = self.config.output.spectral_every
         if not every or self.state.global_step % every or (self.ds.zero_stage < 3 and self.env.rank != 0):
             return
         report = measure(self.engine.module, self.probe)
@@ -268,9 +271,9 @@ class Trainer:
             return
         self.nonfinite_steps += 1
         what = "the loss" if loss_bad else "the gradient norm"
-        if dropped and self.nonfinite_steps <= self.config.skip_nonfinite:
+        if dropped and self.nonfinite_steps <= self.config.schedule.skip_nonfinite:
             log.warning("step %d: %s is not finite; the update was skipped (%d of --skip-nonfinite %d).",
-                        step, what, self.nonfinite_steps, self.config.skip_nonfinite)
+                        step, what, self.nonfinite_steps, self.config.schedule.skip_nonfinite)
             return
         kept = self.run_folder.latest_tag()
         how = (f"its newest checkpoint, {kept} in {self.run_folder.checkpoints}, holds finite weights: lower --lr or "
@@ -298,7 +301,7 @@ class Trainer:
 
     def _evaluate(self, prefix: str, label: str) -> None:
         metrics = evaluate_split(self.engine, self.val_source, self.derived.micro_batch, self.env, self.augment,
-                                 self.config.workers, self.dtype, self.ds.zero_stage)
+                                 self.config.stream.num_workers, self.dtype, self.ds.zero_stage)
         if self.env.rank == 0:
             log.info("eval %sepoch %d: top-1 %.2f %% | top-5 %.2f %% | loss %.4f | %d images", label, self.state.epoch,
                      metrics["top1"], metrics["top5"], metrics["loss"], metrics["count"])

@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         n = replicate_imagefolder(args.src or args.images / "train", folder, args.copies)
         build(str(folder.parent), str(Path(tmp) / "shards"), ShardOptions(max_count=250), splits=("train",))
         manifest = Path(tmp) / "shards" / "train.json"
-        stream = build_train_stream(manifest, StreamConfig(batch_size=args.batch, num_workers=1), 0, 1, augment)
+        config = StreamConfig(batch_size=args.batch, num_workers=1, decode="cpu")
+        stream = build_train_stream(manifest, config, 0, 1, augment)
         limit = (n // args.batch - 2) * args.batch
 
         rates: dict[str, list[float]] = {}
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             rates.setdefault("raw decode + augment, 1 core", []).append(raw_rate(folder, stream.transform, 300))
             for workers in args.workers:
                 config = StreamConfig(batch_size=args.batch, num_workers=workers, shuffle_buffer=1000,
-                                      shuffle_initial=100)
+                                      shuffle_initial=100, decode="cpu")
                 train = build_train_stream(manifest, config, 0, 1, augment)
                 rates.setdefault(f"antismooth stream, {workers} worker(s)", []).append(
                     time_loader(train.loader(0), limit))

@@ -300,7 +300,7 @@ def _demo_augment() -> AugmentConfig:
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     config = startup.parse_config([*demo.RECIPE, "--deepspeed_config", "ds_configs/demo.json"])
-    return startup.augment_config(config, int(config.input_size))
+    return startup.augment_config(config, int(config.model.input_size))
 
 
 def _by_label(batches) -> dict[int, torch.Tensor]:
@@ -335,7 +335,7 @@ def test_training_and_evaluation_see_the_same_pixels_with_the_demos_recipe(tiny_
 def test_reduced_decode_makes_training_pixels_differ_from_evaluation(tiny_shards):
     """The consistency test above can fail: the opt-in --reduced-decode on the demo's recipe trips it."""
     augment = dataclasses.replace(_demo_augment(), reduced_decode=True, repeated_aug=1)
-    train = build_train_stream(str(tiny_shards / "train.json"), StreamConfig(batch_size=4, num_workers=0), 0, 1,
+    train = build_train_stream(str(tiny_shards / "train.json"), StreamConfig(batch_size=4, num_workers=0, decode="cpu"), 0, 1,
                                augment)
     evaluated = build_eval_stream(str(tiny_shards / "val.json"), 4, 0, 1, num_workers=0, augment=augment)
     seen, reference = _by_label(train.loader(0)), _by_label(evaluated.loader())
@@ -351,4 +351,4 @@ def test_a_resume_that_changes_the_decode_of_its_run_says_so_in_one_sentence():
     [sentence] = now.input_changes({"reduced_decode": True})
     assert "--reduced-decode" in sentence and "pass --reduced-decode" in sentence
     assert now.input_changes({"reduced_decode": False}) == now.input_changes({}) == []
-    assert "pass --no-reduced-decode" in TrainConfig(reduced_decode=True).input_changes({})[0]
+    assert "pass --no-reduced-decode" in TrainConfig.from_flags(reduced_decode=True).input_changes({})[0]

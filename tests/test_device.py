@@ -66,7 +66,7 @@ def _erased_training_batches(shards: Path, seed: int, samples_consumed: int = 0)
     """(normalised, erased, labels) per step of epoch 0, erasing applied as pretrain.py's loop does:
     on the device batch, right after the micro-step's seeding."""
     augment = AugmentConfig(input_size=32, repeated_aug=1, reprob=1.0)
-    config = StreamConfig(batch_size=8, num_workers=2, seed=seed, shuffle_buffer=40, shuffle_initial=10)
+    config = StreamConfig(batch_size=8, num_workers=2, seed=seed, shuffle_buffer=40, shuffle_initial=10, decode="cpu")
     stream = build_train_stream(str(shards), config, 0, 1, augment)
     erase = stream.random_erasing("cpu")
     first_step = samples_consumed // config.batch_size
@@ -93,7 +93,8 @@ def test_erasing_on_the_device_is_deterministic_resumable_and_erases(sample_shar
 
 def test_erasing_is_off_at_reprob_0_and_under_no_aug(sample_shards):
     for augment in (AugmentConfig(input_size=32, reprob=0), AugmentConfig(input_size=32, no_aug=True)):
-        stream = build_train_stream(str(sample_shards), StreamConfig(batch_size=8, num_workers=0), 0, 1, augment)
+        config = StreamConfig(batch_size=8, num_workers=0, decode="cpu")
+        stream = build_train_stream(str(sample_shards), config, 0, 1, augment)
         assert stream.random_erasing("cpu") is None
 
 

@@ -41,7 +41,7 @@ def test_no_weight_decay_for_1d_parameters_and_timm_no_weight_decay_names(name):
 def test_schedule_warms_up_linearly_then_follows_a_cosine_to_min_lr():
     model = _model("vit_tiny_12")
     optimizer = torch.optim.AdamW(param_groups(model, 0.05))
-    config = TrainConfig(epochs=10, lr=5e-4, min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=2)
+    config = TrainConfig.from_flags(epochs=10, lr=5e-4, min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=2)
     ds = DeepSpeedSettings.from_dict({"train_micro_batch_size_per_gpu": 64, "optimizer": {"type": "AdamW"}}, 2)
     derived = derive(config, ds, world_size=2, num_samples=1280)
     assert (derived.global_batch, derived.steps_per_epoch, derived.total_steps, derived.warmup_steps) == (128, 10, 100, 20)
@@ -65,7 +65,7 @@ def test_a_run_no_longer_than_its_warmup_is_named_in_the_start_up_summary_not_by
 
     model = _model("vit_tiny_12")
     optimizer = torch.optim.AdamW(param_groups(model, 0.05))
-    config = TrainConfig(model="vit_tiny_12", epochs=1, warmup_epochs=5, deepspeed_config="x.json")  # DeiT's 5 warmup epochs
+    config = TrainConfig.from_flags(model="vit_tiny_12", epochs=1, warmup_epochs=5, deepspeed_config="x.json")  # DeiT's 5 warmup epochs
     ds = DeepSpeedSettings.from_dict({"train_micro_batch_size_per_gpu": 64, "optimizer": {"type": "AdamW"}}, 1)
     derived = derive(config, ds, world_size=1, num_samples=128)
     with caplog.at_level(logging.INFO):

@@ -29,7 +29,7 @@ NUM_SAMPLES = 103
 
 def _stream(shards, rank=0, world=1, batch=8, workers=2, mode="exact", augment=PLAIN, seed=0):
     config = StreamConfig(batch_size=batch, num_workers=workers, mode=mode, seed=seed,
-                          shuffle_buffer=40, shuffle_initial=10)
+                          shuffle_buffer=40, shuffle_initial=10, decode="cpu")
     return build_train_stream(shards, config, rank, world, augment)
 
 
@@ -171,8 +171,9 @@ def test_pickled_fields_are_never_unpickled(sample_shards, tmp_path):
     samples = [dict(s, pyd=pickle.dumps(_WritesAFile(str(marker))), pickle=pickle.dumps(_WritesAFile(str(marker))))
                for s in _jpegs(sample_shards, 8)]
     _write_shard(tmp_path / "evil-000000.tar", samples)
-    stream = build_train_stream(str(tmp_path / "evil-000000.tar"), StreamConfig(batch_size=4, num_workers=1),
-                                0, 1, PLAIN, num_samples=8, num_classes=NUM_SAMPLES)
+    stream = build_train_stream(str(tmp_path / "evil-000000.tar"),
+                                StreamConfig(batch_size=4, num_workers=1, decode="cpu"), 0, 1, PLAIN, num_samples=8,
+                                num_classes=NUM_SAMPLES)
     assert len(_labels(stream.loader(0))) == 8
     evaluation = build_eval_stream(str(tmp_path / "evil-000000.tar"), 4, 0, 1, num_workers=0, augment=PLAIN,
                                    num_samples=8)
@@ -189,7 +190,8 @@ def test_corrupt_samples_and_truncated_shards_are_skipped_counted_and_training_g
     data = (tmp_path / "d-000001.tar").read_bytes()
     (tmp_path / "d-000001.tar").write_bytes(data[: len(data) // 2])           # a shard cut mid-file
     stream = build_train_stream(str(tmp_path / "d-{000000..000001}.tar"),
-                                StreamConfig(batch_size=2, num_workers=2, shuffle_buffer=4, shuffle_initial=2),
+                                StreamConfig(batch_size=2, num_workers=2, shuffle_buffer=4, shuffle_initial=2,
+                                             decode="cpu"),
                                 0, 1, PLAIN, num_samples=12, num_classes=NUM_SAMPLES)
     batches = list(stream.loader(0))
     assert len(batches) == stream.steps_per_epoch == 6          # topped up from the good samples
@@ -204,7 +206,7 @@ def _train(shards, rank, world, workers, steps, position=None, samples=0, global
     global_batch), from `position` (None: the epoch's start): the labels seen and the rank's record."""
     from antismooth.data.pipeline import EpochPosition
 
-    config = StreamConfig(batch_size=8, num_workers=workers, shuffle_buffer=40, shuffle_initial=10)
+    config = StreamConfig(batch_size=8, num_workers=workers, shuffle_buffer=40, shuffle_initial=10, decode="cpu")
     stream = build_train_stream(shards, config, rank, world, AUG, global_batch=global_batch)
     position = position or EpochPosition()
     deal = position.deal_for(world, workers, samples)

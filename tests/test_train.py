@@ -4,10 +4,13 @@ with uninterrupted ones bit for bit.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import signal
+import struct
+import sys
 import time
 from pathlib import Path
 
@@ -193,7 +196,10 @@ def one_process_runs(tiny_shards, tmp_path_factory):
         # The input path measured with the model: the DeiT recipe decoded and augmented on the device (here the CPU).
         {"argv": [*common, "--output", str(work / "throughput-loader"), "--throughput", "loader", "--decode", "gpu"]},
     ]
-    log = launch_plan(plan, 1, work, torchrun=True)
+    if WANDB:   # W&B beside TensorBoard, in its offline mode (no network here): WANDB_MODE for the launch
+        plan.append({"argv": [*common, "--output", str(work / "wandb"), "--max-steps", "2", "--log-every", "1",
+                              "--no-eval", "--spectral-every", "2", "--report-to", "tensorboard,wandb"]})
+    log = launch_plan(plan, 1, work, torchrun=True, env={"WANDB_MODE": "offline"})
     return {"work": work, "source": plain.state_dict(), "log": log}
 
 
@@ -217,6 +223,62 @@ def test_eval_only_and_throughput_report_and_exit(one_process_runs):
     assert lines[0].endswith("on random data") and lines[1].endswith("on the real input path, --decode gpu")
     assert not (one_process_runs["work"] / "throughput" / "checkpoints").exists()
     assert not (one_process_runs["work"] / "throughput-loader" / "checkpoints").exists()
+
+
+# --- --report-to: Weights & Biases beside TensorBoard ---------------------------------------------------------------
+
+WANDB = importlib.util.find_spec("wandb") is not None
+LEVELDB_BLOCK = 32768   # W&B's run file: a LevelDB log (blocks of 32 KiB, 7-byte record headers) of protobuf Records
+
+
+def wandb_records(path: Path):
+    """The protobuf records of a W&B run file (run-<id>.wandb), as W&B's sync reads them."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, pieces = path.read_bytes(), 7, b""
+    assert data[:4] == b":W&B", data[:7]
+    while pos + 7 <= len(data):
+        left = LEVELDB_BLOCK - pos % LEVELDB_BLOCK
+        if left < 7:   # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pieces, pos = pieces + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):   # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            pieces = b""
+            yield record
+
+
+@pytest.mark.skipif(not WANDB, reason="wandb is not installed here: pip install 'antismooth[wandb]' to test it")
+def test_report_to_wandb_logs_the_curves_and_the_resolved_settings_in_offline_mode(one_process_runs):
+    run_dir = one_process_runs["work"] / "wandb"
+    [run_file] = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    config, history = {}, []
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind in ("run", "config"):
+            items = record.run.config.update if kind == "run" else record.config.update
+            config.update({item.key: json.loads(item.value_json) for item in items})
+        elif kind == "history":
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.history.item})
+    written = json.loads((run_dir / "run.json").read_text())
+    for key in ("flags", "deepspeed", "derived", "model"):
+        assert config[key] == written[key], key               # the resolved settings, as run.json holds them
+    assert config["flags"]["report_to"] == "tensorboard,wandb"
+    assert [h["_step"] for h in history] == [1, 2]
+    assert [h["train/loss"] for h in history] == pytest.approx(scalars(run_dir, "train/loss"))  # TensorBoard's too
+    assert "spectral/curves/path" in history[1]                  # the figure as an image
+
+
+def test_report_to_wandb_without_the_package_stops_in_one_sentence(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)   # what an environment without the package imports
+    assert startup.main(["--deepspeed_config", "x.json", "--report-to", "tensorboard,wandb"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --report-to wandb needs the wandb package, which is not "
+                                               "installed: pip install 'antismooth[wandb]', or drop wandb from "
+                                               "--report-to.")
 
 
 # --- start-up errors -----------------------------------------------------------------------------------------
@@ -244,7 +306,7 @@ GOOD_JSON = {"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"t
     ("partition_activations", "partition_activations"),
     ("val_other_classes", "numbers its labels by another class list"),
     ("compile_zero3", "--compile cannot run under ZeRO-3"),
-    ("decode_gpu_no_aug", "--decode gpu does not apply"),
+    ("decode_gpu_color_jitter", "--decode gpu does not apply ColorJitter"),
 ])
 def test_bad_startup_inputs_stop_with_one_clear_sentence(case, expected, tiny_shards, tmp_path, monkeypatch, capsys):
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
@@ -286,8 +348,8 @@ def test_bad_startup_inputs_stop_with_one_clear_sentence(case, expected, tiny_sh
         extra = ["--compile"]
     elif case == "partition_activations":
         config = _write(tmp_path / "c.json", {**GOOD_JSON, "activation_checkpointing": {"partition_activations": True}})
-    elif case == "decode_gpu_no_aug":
-        extra = ["--decode", "gpu", "--no-aug"]
+    elif case == "decode_gpu_color_jitter":   # colour jitter without RandAugment: an op the device path lacks
+        extra = ["--decode", "gpu", "--aa", "none"]
     out = tmp_path / "run"
     code = startup.main(["--deepspeed_config", config, "--data", data, "--model", model, "--output", str(out),
                          *extra])

@@ -45,6 +45,7 @@ from timm.data import Mixup, create_transform
 from timm.data.random_erasing import RandomErasing
 
 from ..distributed import all_reduce, all_reduce_counts
+from ..settings import BatchLayout
 from .decode import CpuSampleStage, GpuSampleStage, SampleDecoder
 from .settings import AugmentConfig, StreamConfig
 from .shards import load_manifest
@@ -366,20 +367,13 @@ class TrainStream:
     rank: int
     world_size: int
     num_classes: int
-    global_batch: int = 0            # samples of one optimizer step on all ranks (0: batch_size × world_size)
+    layout: BatchLayout              # micro batch × accumulation × ranks, and the steps of an epoch
     corrupt_skipped: int = 0
 
     def __post_init__(self) -> None:
-        if self.config.mode not in ("exact", "resampled"):
-            raise ValueError(f"Unknown stream mode {self.config.mode!r}: use 'exact' or 'resampled'.")
-        per_pass = self.config.batch_size * self.world_size
-        self.global_batch = self.global_batch or per_pass
-        if self.global_batch % per_pass:
-            raise ValueError(f"A global batch of {self.global_batch} is no whole number of batches of "
-                             f"{self.config.batch_size} on {self.world_size} ranks.")
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"{self.source.num_samples} samples make no step of global batch {self.global_batch}: "
-                             "lower the batch size or add data.")
+        if self.layout.micro_batch != self.config.batch_size or self.layout.world_size != self.world_size:
+            raise ValueError(f"The stream's batch of {self.config.batch_size} on {self.world_size} ranks is not the "
+                             f"layout's {self.layout.micro_batch} on {self.layout.world_size}.")
         self.transform = train_transform(self.augment)
         if self.config.decode not in ("cpu", "gpu"):
             raise ValueError(f"Unknown decode {self.config.decode!r} for the stream: resolve auto first "
@@ -392,18 +386,22 @@ class TrainStream:
         self.position = EpochPosition()   # the deal in force (epoch_loader) or loaded (load_state_dict)
 
     @property
+    def global_batch(self) -> int:
+        return self.layout.global_batch
+
+    @property
     def accumulation(self) -> int:
-        return self.global_batch // (self.config.batch_size * self.world_size)
+        return self.layout.grad_accum
 
     @property
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch, the same on every rank; the last partial global batch is dropped."""
-        return self.source.num_samples // self.global_batch
+        return self.layout.steps_per_epoch
 
     @property
     def epoch_samples(self) -> int:
         """Samples trained on per epoch, copies included: the same at any world size (the global batch is held)."""
-        return self.steps_per_epoch * self.global_batch
+        return self.layout.epoch_samples
 
     def __len__(self) -> int:
         return self.steps_per_epoch * self.accumulation
@@ -655,14 +653,22 @@ class EvalStream:
 
 def build_train_stream(shards: Shards, config: StreamConfig, rank: int, world_size: int,
                        augment: AugmentConfig = AugmentConfig(), num_samples: Optional[int] = None,
-                       num_classes: Optional[int] = None, global_batch: int = 0) -> TrainStream:
-    """The training stream of this rank, from a manifest, shard URLs or a ShardSource; `global_batch` is the samples of one
-    optimizer step on all ranks (default: one batch per rank, no accumulation)."""
+                       num_classes: Optional[int] = None, global_batch: int = 0,
+                       layout: Optional[BatchLayout] = None) -> TrainStream:
+    """The training stream of this rank, from a manifest, shard URLs or a ShardSource. Its batch layout: `layout`
+    (a run's, derived once at start-up), else one of `global_batch` samples per optimizer step on all ranks
+    (default: one batch per rank, no accumulation)."""
     source = ShardSource.resolve(shards, num_samples)
     classes = num_classes or len(source.classes)
     if not classes:
         raise ValueError("Shard URLs without a manifest need num_classes for Mixup's label smoothing.")
-    return TrainStream(source, config, augment, rank, world_size, classes, global_batch)
+    if layout is None:
+        per_pass = config.batch_size * world_size
+        if (global_batch or per_pass) % per_pass:
+            raise ValueError(f"A global batch of {global_batch} is no whole number of batches of "
+                             f"{config.batch_size} on {world_size} ranks.")
+        layout = BatchLayout(config.batch_size, (global_batch or per_pass) // per_pass, world_size, source.num_samples)
+    return TrainStream(source, config, augment, rank, world_size, classes, layout)
 
 
 def build_eval_stream(shards: Shards, batch_size: int, rank: int, world_size: int,
