@@ -27,12 +27,13 @@ from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-ENTRY_POINTS = ("antismooth-build-shards", "antismooth-export", "antismooth-eval", "antismooth-analyze", "antismooth-plan",
-                "antismooth-reshard")
+ENTRY_POINTS = ("antismooth-train", "antismooth-build-shards", "antismooth-export", "antismooth-eval",
+                "antismooth-analyze", "antismooth-plan", "antismooth-reshard")
 # Import names that differ from the distribution names pyproject.toml declares.
 IMPORT_TO_DIST = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn"}
-# Imported only where the user opts in, with their own error sentence: mpi4py (under mpirun).
-OPTIONAL_IMPORTS = {"mpi4py", "wandb"}   # imported only where used; wandb is the `wandb` extra
+# Imported only where the user opts in, with their own error sentence: mpi4py (under mpirun), wandb (--report-to
+# wandb; the `wandb` extra).
+OPTIONAL_IMPORTS = {"mpi4py", "wandb"}
 
 
 def _pins() -> dict[str, str]:
