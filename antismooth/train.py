@@ -116,7 +116,7 @@ class Trainer:
     def _writer(self) -> Reporter:
         """TensorBoard, and W&B with --report-to tensorboard,wandb, whose config is the run's resolved settings."""
         settings = {"flags": self.config.to_dict(), "deepspeed": self.ds.raw, "derived": self.derived.to_dict(),
-                    "model": self.meta}
+                    "model": self.checkpointer.description.to_dict()}
         return Reporter(self.run_folder.root, self.run_folder.tensorboard, self.config.output.report_targets, settings)
 
     # --- override points ------------------------------------------------------------------------------------------
