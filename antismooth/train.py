@@ -29,7 +29,7 @@ from .distributed import DistEnv, all_reduce, all_reduce_tensor
 from .ema import ShardedEma
 from .checkpoint import Checkpointer, RunFolder
 from .engine import TrainingStopped, TrainState
-from .interrupt import EXIT_SAVED_RESUBMIT, RunInterrupted, StopRequests
+from .interrupt import EXIT_SAVED_RESUBMIT, RESUBMIT_MARKER, RunInterrupted, StopRequests
 from .evaluate import evaluate
 from .report import Reporter
 from .models.weights import ANTI_OVERSMOOTHING_PARAMS
@@ -223,6 +223,8 @@ class Trainer:
         self.stop.settle()
         if self.writer:
             self.writer.close()
+        if self.env.rank == 0:   # for launchers that report a rank's 75 as a plain failure (torchrun: 1)
+            (self.run_folder.root / RESUBMIT_MARKER).write_text(f"{self.state.global_step}\n")
         raise RunInterrupted(
             f"Stopped at step {self.state.global_step} on {self.stop.reason(decided)}, after saving checkpoint "
             f"{self.run_folder.latest_tag()} in {self.run_folder.checkpoints}: run the same command to resume "

@@ -33,6 +33,7 @@ MAX_REQUEUES=${MAX_REQUEUES:-20}
 # Run the step in the background so that bash runs its traps while it waits, forward USR2 and TERM to it, and
 # requeue the job when the step says it saved. Usage: run_step srun … ; its exit status is the step's.
 run_step() {
+    rm -f "$RUN/resubmit"   # rank 0 writes it beside exiting with 75 (torchrun turns a worker's 75 into 1)
     "$@" &
     local step=$! status=0
     trap 'echo "cluster/common.sh: USR2 received, passed on to the step" >&2; kill -USR2 $step 2>/dev/null || true' USR2
@@ -43,7 +44,7 @@ run_step() {
         kill -0 "$step" 2>/dev/null || break   # wait returned for a trapped signal: the step still runs
     done
     trap - USR2 TERM
-    if [ "$status" = "$EXIT_SAVED_RESUBMIT" ]; then
+    if [ "$status" = "$EXIT_SAVED_RESUBMIT" ] || [ -e "$RUN/resubmit" ]; then
         local restarts=${SLURM_RESTART_COUNT:-0}
         if [ "$restarts" -lt "$MAX_REQUEUES" ]; then
             echo "cluster/common.sh: the run saved and asked to be resubmitted: requeueing job $SLURM_JOB_ID" \

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -114,6 +113,7 @@ def test_a_signal_to_one_rank_saves_on_every_rank_and_exits_with_75(interrupted_
     assert f"step{step:08d}" in stopped[0] and "run the same command to resume (exit code 75" in stopped[0]
     assert (interrupted_run["run"] / "checkpoints" / "latest").read_text() == f"step{step:08d}"
     assert "DataLoader worker" not in output   # the workers ignored the signal
+    assert (interrupted_run["run"] / "resubmit").read_text() == f"{step}\n"   # for the recipes under torchrun
     print(f"\nsignal to exit: {interrupted_run['seconds']:.1f} s, stopped at step {step}")
 
 
