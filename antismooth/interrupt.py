@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from multiprocessing import resource_tracker
 from typing import Optional
 
 import torch
@@ -68,6 +69,9 @@ class StopRequests:
             log.warning("training outside the main thread: signals keep their default action (only --exit-after "
                         "stops the run with a checkpoint).")
             return
+        for number in self.signals:   # the helper processes started now inherit "ignore" through their exec
+            signal.signal(number, signal.SIG_IGN)
+        resource_tracker.ensure_running()   # multiprocessing's: it ignores SIGTERM itself, not the --exit-signal
         for number in self.signals:
             signal.signal(number, self._on_signal)
         os.environ[IGNORED_SIGNALS_ENV] = ",".join(str(int(n)) for n in self.signals)

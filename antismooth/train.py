@@ -28,6 +28,7 @@ from .data.pipeline import AugmentConfig, ShardSource, build_eval_stream, reduce
 from .distributed import DistEnv, all_reduce, all_reduce_tensor
 from .ema import ShardedEma
 from .checkpoint import Checkpointer, RunFolder
+from .checkpoint.files import checkpoint_tag
 from .engine import TrainingStopped, TrainState
 from .interrupt import EXIT_SAVED_RESUBMIT, RESUBMIT_MARKER, RunInterrupted, StopRequests
 from .evaluate import evaluate
@@ -227,7 +228,7 @@ class Trainer:
             (self.run_folder.root / RESUBMIT_MARKER).write_text(f"{self.state.global_step}\n")
         raise RunInterrupted(
             f"Stopped at step {self.state.global_step} on {self.stop.reason(decided)}, after saving checkpoint "
-            f"{self.run_folder.latest_tag()} in {self.run_folder.checkpoints}: run the same command to resume "
+            f"{checkpoint_tag(self.state.global_step)} in {self.run_folder.checkpoints}: run the same command to resume "
             f"(exit code {EXIT_SAVED_RESUBMIT}: saved, resubmit me).")
 
     def epoch_complete(self) -> bool:

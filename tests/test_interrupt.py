@@ -88,10 +88,13 @@ def interrupted_run(sample_shards, resume_reference, tmp_path_factory):
     assert wait_or_kill(proc), "the signalled run hung"
     seconds = time.monotonic() - signalled
     stopped_log = log.read_text()
+    latest_after_stop = (run / "checkpoints" / "latest").read_text()
+    marker = (run / "resubmit").read_text()
     second_proc = launch([{"argv": argv, "status": str(second)}], work, "second")
     assert wait_or_kill(second_proc), "the resumed run hung"
     return {"run": run, "reference": reference, "work": work, "first": int(first.read_text()),
             "second": int(second.read_text()), "stopped_log": stopped_log, "seconds": seconds,
+            "latest_after_stop": latest_after_stop, "marker": marker,
             "first_output": (work / "first.log").read_text(), "second_output": (work / "second.log").read_text()}
 
 
@@ -111,9 +114,10 @@ def test_a_signal_to_one_rank_saves_on_every_rank_and_exits_with_75(interrupted_
     step = int(stopped[0].split("Stopped at step ")[1].split()[0])
     assert 3 < step < 12 and all(f"Stopped at step {step} " in line for line in stopped)
     assert f"step{step:08d}" in stopped[0] and "run the same command to resume (exit code 75" in stopped[0]
-    assert (interrupted_run["run"] / "checkpoints" / "latest").read_text() == f"step{step:08d}"
-    assert "DataLoader worker" not in output   # the workers ignored the signal
-    assert (interrupted_run["run"] / "resubmit").read_text() == f"{step}\n"   # for the recipes under torchrun
+    assert interrupted_run["latest_after_stop"] == f"step{step:08d}"
+    assert "DataLoader worker" not in output   # the workers ignored the signal, and so did
+    assert "resource_tracker: process died" not in output   # multiprocessing's resource tracker
+    assert interrupted_run["marker"] == f"{step}\n"   # for the recipes under torchrun
     print(f"\nsignal to exit: {interrupted_run['seconds']:.1f} s, stopped at step {step}")
 
 
