@@ -140,3 +140,29 @@ def test_an_unknown_exit_signal_is_refused_with_one_sentence():
 
     with pytest.raises(ConfigError, match="--exit-signal 'SIGFOO' is not a signal name: use e.g. SIGUSR2"):
         TrainConfig.from_flags(exit_signal="SIGFOO")
+
+
+def test_the_deadline_is_read_one_step_boundary_late():
+    from antismooth.interrupt import DEADLINE, NOTHING, StopRequests
+
+    stop = StopRequests(exit_after_minutes=1e-9, start=time.monotonic() - 1)
+    assert stop.at_step_boundary() == NOTHING   # launched here, read at the next boundary
+    assert stop.at_step_boundary() == DEADLINE
+    assert stop.reason(DEADLINE) == "the --exit-after deadline"
+
+
+def test_a_signal_only_sets_the_flag_and_the_helpers_started_later_ignore_it():
+    from antismooth.interrupt import IGNORED_SIGNALS_ENV, NOTHING, SIGNAL, StopRequests
+
+    before = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        stop = StopRequests(exit_signal="SIGUSR1")
+        stop.install()
+        assert os.environ[IGNORED_SIGNALS_ENV] == f"{int(signal.SIGUSR1)},{int(signal.SIGTERM)}"
+        os.kill(os.getpid(), signal.SIGUSR1)   # the process lives on: the handler only set the flag
+        assert stop.at_step_boundary() == NOTHING
+        assert stop.at_step_boundary() == SIGNAL and stop.reason(SIGNAL) == "SIGUSR1"
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+        os.environ.pop(IGNORED_SIGNALS_ENV, None)
