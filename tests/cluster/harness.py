@@ -313,7 +313,7 @@ def slurm_conf(cluster: Cluster) -> str:
         f"SlurmctldHost={first.name}({first.address})",
         # cred_expire also holds a requeued job this long before it may start again (default 120 s).
         "AuthType=auth/munge", "CredType=cred/munge",
-        f"AuthInfo=socket={root / 'munge' / 'munge.socket'},cred_expire=10",
+        f"AuthInfo=socket={root / 'munge' / 'munge.socket'},cred_expire=30",
         "SlurmUser=root", "SlurmdUser=root",
         f"StateSaveLocation={root / 'slurm' / 'state'}",
         f"SlurmdSpoolDir={root / 'slurm' / 'spool-%n'}",
