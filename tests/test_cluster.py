@@ -8,9 +8,12 @@ equal, bit for bit, the export of the same run started by `deepspeed --num_gpus 
 """
 from __future__ import annotations
 
+import math
+import re
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -98,7 +101,7 @@ def cluster_runs(cluster, tiny_shards, tmp_path_factory) -> dict:
             for name, job in ((name, submission.wait()) for name, submission in submitted.items()
                               if name not in SIGNALLED)}
     for name in SIGNALLED:   # through its requeue to its end
-        runs[name] = (*until_gone(cluster, submitted[name], signalled_at[name]), work / name)
+        runs[name] = (*until_gone(cluster, submitted[name], signalled_at[name], work / name), work / name)
     for name, procs in launched.items():
         outputs = [proc.communicate(timeout=600)[0] for proc in procs]
         runs[name] = (max(proc.returncode for proc in procs), "\n".join(outputs), work / name)
@@ -116,7 +119,7 @@ def job_id(submission) -> str:
 
 
 def signal_after_first_step(cluster, submission, run: Path, how: list[str]) -> float:
-    """`scancel HOW JOB` once rank 0 has logged the run's first step; when it was sent (time.monotonic())."""
+    """`scancel HOW JOB` once rank 0 has logged the run's first step; when it was sent (time.time())."""
     log = run / "log.txt"
     deadline = time.monotonic() + 300
     while not (log.is_file() and "step 1/" in log.read_text()):
@@ -124,21 +127,24 @@ def signal_after_first_step(cluster, submission, run: Path, how: list[str]) -> f
         time.sleep(0.05)
     submission.job_id = job_id(submission)
     cluster.run_on("n1", ["scancel", *how, submission.job_id])
-    return time.monotonic()
+    return time.time()
 
 
-def until_gone(cluster, submission, signalled: float, timeout: float = 300) -> tuple[int, str]:
+def until_gone(cluster, submission, signalled: float, run: Path, timeout: float = 300) -> tuple[int, str]:
     """Wait until the signalled job, requeued by its recipe, has left the queue: (0 if its last run printed
-    "done:", else 1; its whole output, appended across runs). Records the seconds from the signal to the end of
-    the first run (the "requeueing" line) in the output's last line."""
+    "done:", else 1; its whole output, appended across runs, and a last line with the seconds from the signal to
+    the stopping step's checkpoint, from rank 0's log)."""
     submission.proc.communicate(timeout=timeout)   # sbatch --wait may return at the requeue: the queue says
     deadline = time.monotonic() + timeout
     while cluster.run_on("n1", ["squeue", "-h", "-j", submission.job_id], check=False).stdout.strip():
         assert time.monotonic() < deadline, f"job {submission.job_id} still queued after {timeout} s"
         time.sleep(0.2)
     output = next(submission.jobs.glob(f"{submission.name}-*.out")).read_text()
-    ended = time.monotonic() - signalled
-    return (0 if "done: step 4" in output else 1), f"{output}\n[signal to the end of the requeued job: {ended:.1f} s]"
+    stopped = re.search(r"Stopped at step (\d+) ", output)
+    saved = stopped and re.search(rf"^(\S+ \S+) INFO \S+: saved checkpoint step{int(stopped[1]):08d}",
+                                  (run / "log.txt").read_text(), flags=re.M)
+    seconds = (datetime.strptime(saved[1], "%Y-%m-%d %H:%M:%S").timestamp() - signalled) if saved else math.nan
+    return (0 if "done: step 4" in output else 1), f"{output}\n[signal to the saved stop: {seconds:.0f} s]"
 
 
 def exported(run: Path, out: Path) -> dict[str, torch.Tensor]:
@@ -218,6 +224,7 @@ def test_a_signalled_job_saves_requeues_itself_and_ends_as_on_one_host(cluster_r
         assert "USR2 received, passed on to the step" in output and "on SIGUSR2" in output
     else:
         assert "on SIGTERM" in output
-    assert "Resumed from step" in (run / "log.txt").read_text()
+    step = int(re.search(r"Stopped at step (\d+) ", output)[1])
+    assert 1 < step < 4 and f"Resumed from step{step:08d}" in (run / "log.txt").read_text()   # no step redone
     assert_trained_as_on_one_host(name, returncode, output, run, reference_weights, tmp_path / "w.safetensors")
     print(f"\n{name}: {output.splitlines()[-1]}")
