@@ -19,22 +19,8 @@ from safetensors.torch import load_file
 
 from antismooth.interrupt import EXIT_SAVED_RESUBMIT, signal_number
 from conftest import resume_plan
-from launch import REPO, TRAIN_PLAN, VENV_BIN, clean_env, free_port, slow_fixture, wait_or_kill, write_plan
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, queue = [], [pid]
-    while queue:
-        found.append(queue.pop())
-        queue += children.get(found[-1], [])
-    return found
-
+from launch import (REPO, TRAIN_PLAN, VENV_BIN, clean_env, descendants, free_port, slow_fixture, wait_or_kill,
+                    write_plan)
 
 def rank_process(launcher: int, rank: int) -> int | None:
     for pid in descendants(launcher):
