@@ -183,9 +183,11 @@ def choose_decode(config: TrainConfig, device: torch.device) -> str:
     return decode
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, make_trainer: Callable[..., Trainer] = Trainer) -> int:
+    """The command: its exit status (0, 2 a setting to fix, 3 the run stopped itself, 75 saved, resubmit me) and
+    the one sentence on stderr; `make_trainer` as for run()."""
     try:
-        run(parse_config(argv))
+        run(parse_config(argv), make_trainer)
         return 0
     except (ConfigError, WeightsMismatchError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 from antismooth.interrupt import EXIT_SAVED_RESUBMIT, signal_number
 from conftest import resume_plan
-from launch import (REPO, TRAIN_PLAN, VENV_BIN, clean_env, descendants, free_port, slow_fixture, wait_or_kill,
-                    write_plan)
+from launch import (REPO, TRAIN_PLAN, VENV_BIN, clean_env, descendants, free_port, launch_plan, slow_fixture,
+                    wait_or_kill, write_plan)
 
 def rank_process(launcher: int, rank: int) -> int | None:
     for pid in descendants(launcher):
@@ -152,3 +152,38 @@ def test_a_signal_only_sets_the_flag_and_the_helpers_started_later_ignore_it():
         for number, handler in before.items():
             signal.signal(number, handler)
         os.environ.pop(IGNORED_SIGNALS_ENV, None)
+
+
+@slow_fixture(scope="module")
+def signalled_during_save_and_eval(sample_shards, resume_reference, tmp_path_factory):
+    """One launch of the same 12-step run, twice: SIGUSR2 to rank 1 while it writes checkpoint step 4's optimizer
+    shard, and as the evaluation at the end of epoch 0 (step 6) starts; each run then started again to its end."""
+    work = tmp_path_factory.mktemp("interrupt-save-eval")
+    config, reference = resume_reference
+    runs = {name: work / name for name in ("during-save", "during-eval")}
+    plan = []
+    for name, run in runs.items():
+        argv = resume_plan(config, sample_shards.parent, run)[0]["argv"]
+        plan += [{"argv": argv, "status": str(work / f"{name}.stopped"), "signal_during_eval": name == "during-eval"},
+                 {"argv": argv, "status": str(work / f"{name}.resumed")}]
+    output = launch_plan(plan, 2, work, env={"ANTISMOOTH_TEST_SIGNAL_DURING_SAVE": "during-save/checkpoints/step00000004"})
+    status = {f"{name}.{when}": int((work / f"{name}.{when}").read_text()) for name in runs for when in ("stopped", "resumed")}
+    return {"runs": runs, "reference": reference, "output": output, "status": status}
+
+
+@pytest.mark.parametrize("name, stop_step", [("during-save", 5), ("during-eval", 8)])
+def test_a_signal_during_a_save_or_an_evaluation_is_handled_at_the_next_step_boundary(
+        signalled_during_save_and_eval, name, stop_step, tmp_path):
+    """The save (of step 4) and the evaluation (after step 6) finish; the flag is combined at the next boundary and
+    read one boundary later, so every rank stops at step 5 or 8; the same command ends with the uninterrupted run's
+    weights."""
+    runs = signalled_during_save_and_eval
+    assert runs["status"][f"{name}.stopped"] == EXIT_SAVED_RESUBMIT and runs["status"][f"{name}.resumed"] == 0, \
+        runs["output"][-6000:]
+    sentence = f"Stopped at step {stop_step} on SIGUSR2, after saving checkpoint step{stop_step:08d}"
+    assert sentence in runs["output"]
+    log = (runs["runs"][name] / "log.txt").read_text()
+    assert f"Resumed from step{stop_step:08d}" in log
+    resumed = exported(runs["runs"][name], tmp_path / "resumed.safetensors")
+    reference = exported(runs["reference"], tmp_path / "reference.safetensors")
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)

@@ -15,7 +15,9 @@ labels and sample positions of every batch the training loop took, with its epoc
 the whole fp32 weights when training starts and after every optimizer step (a list). With ANTISMOOTH_TEST_KILL_DURING_SAVE=TAG,
 the last rank SIGKILLs itself while saving checkpoint TAG, after its model files and before its
 optimizer shard: a crash in the middle of writing a checkpoint. With ANTISMOOTH_TEST_ENOSPC_DURING_SAVE=TAG,
-writing checkpoint TAG's optimizer shard fails as on a full disk.
+writing checkpoint TAG's optimizer shard fails as on a full disk. With ANTISMOOTH_TEST_SIGNAL_DURING_SAVE=PATH_PART, the
+last rank sends itself SIGUSR2 while writing that checkpoint's optimizer shard; an entry's "signal_during_eval": true
+does the same as each evaluation starts.
 """
 from __future__ import annotations
 
@@ -70,6 +72,21 @@ def full_disk_during_save(tag: str) -> None:
     TorchCheckpointEngine.save = save
 
 
+def signal_during_save(path_part: str) -> None:
+    """The last rank sends itself SIGUSR2 while writing the optimizer shard of the checkpoint whose path holds
+    `path_part` (e.g. "run/checkpoints/step00000004"): a signal in the middle of a save."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    original = TorchCheckpointEngine.save
+
+    def save(self, state_dict, path):
+        if rank() == int(os.environ["WORLD_SIZE"]) - 1 and path_part in path and path.endswith("optim_states.pt"):
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return original(self, state_dict, path)
+
+    TorchCheckpointEngine.save = save
+
+
 def gathered_state(engine) -> dict[str, tuple[torch.Tensor, ...]]:
     """{name: (fp32 weights, exp_avg, exp_avg_sq)}, each whole: a collective under ZeRO-3, on every rank."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -118,6 +135,11 @@ class PlanTrainer(Trainer):
     def after_step(self) -> None:
         self.snapshot()
 
+    def evaluate(self) -> None:
+        if self.entry.get("signal_during_eval") and rank() == int(os.environ.get("WORLD_SIZE", 1)) - 1:
+            os.kill(os.getpid(), signal.SIGUSR2)   # the handler sets its flag at once; the evaluation goes on
+        super().evaluate()
+
     def snapshot(self) -> None:
         if self.entry.get("weights_each_step"):
             from deepspeed.utils import safe_get_full_fp32_param
@@ -132,6 +154,12 @@ class PlanTrainer(Trainer):
             Path(f"{stem}-rank{rank()}{suffix}").write_text(json.dumps(self.batches))
         if self.entry.get("weights_each_step") and rank() == 0:
             torch.save(self.weights, self.entry["weights_each_step"])
+
+
+def plan_trainer(entry: dict):
+    def make_trainer(**fields) -> PlanTrainer:
+        return PlanTrainer(entry=entry, **fields)
+    return make_trainer
 
 
 def run_entry(entry: dict):
@@ -152,11 +180,13 @@ def run_entry(entry: dict):
 def main(plan_path: str) -> None:
     if os.environ.get("ANTISMOOTH_TEST_KILL_DURING_SAVE"):
         kill_during_save(os.environ["ANTISMOOTH_TEST_KILL_DURING_SAVE"])
+    if os.environ.get("ANTISMOOTH_TEST_SIGNAL_DURING_SAVE"):
+        signal_during_save(os.environ["ANTISMOOTH_TEST_SIGNAL_DURING_SAVE"])
     if os.environ.get("ANTISMOOTH_TEST_ENOSPC_DURING_SAVE"):
         full_disk_during_save(os.environ["ANTISMOOTH_TEST_ENOSPC_DURING_SAVE"])
     for entry in json.loads(Path(plan_path).read_text()):
         if entry.get("status"):  # the run as a user starts it: startup.main's exit status, its message on stderr
-            Path(entry["status"]).write_text(str(startup.main(entry["argv"])))
+            Path(entry["status"]).write_text(str(startup.main(entry["argv"], plan_trainer(entry))))
             continue
         engine = run_entry(entry)
         if entry.get("state_at_end") and engine is not None:
