@@ -18,9 +18,8 @@ from multiprocessing import resource_tracker
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
-from .distributed import collective_device
+from .distributed import all_reduce_async
 
 __all__ = ["EXIT_SAVED_RESUBMIT", "RESUBMIT_MARKER", "RunInterrupted", "StopRequests", "IGNORED_SIGNALS_ENV", "signal_number"]
 
@@ -92,11 +91,9 @@ class StopRequests:
         return decided
 
     def _launch(self, value: int) -> None:
-        device = collective_device() if dist.is_available() and dist.is_initialized() else torch.device("cpu")
-        flag = torch.tensor([value], dtype=torch.int32, device=device)
-        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True) if _joined() else None
+        flag, work = all_reduce_async(torch.tensor([value], dtype=torch.int32), op="max")
         host, event = flag, None
-        if device.type == "cuda":
+        if flag.device.type == "cuda":
             if work is not None:
                 work.wait()   # orders the copy after the all-reduce on the GPU; the host does not wait
                 work = None
@@ -126,6 +123,3 @@ class StopRequests:
             return "the --exit-after deadline"
         return self.received or "a signal to another rank"
 
-
-def _joined() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
