@@ -16,8 +16,7 @@ the whole fp32 weights when training starts and after every optimizer step (a li
 the last rank SIGKILLs itself while saving checkpoint TAG, after its model files and before its
 optimizer shard: a crash in the middle of writing a checkpoint. With ANTISMOOTH_TEST_ENOSPC_DURING_SAVE=TAG,
 writing checkpoint TAG's optimizer shard fails as on a full disk. With ANTISMOOTH_TEST_SIGNAL_DURING_SAVE=PATH_PART, the
-last rank sends itself SIGUSR2 while writing that checkpoint's optimizer shard; an entry's "signal_during_eval": true
-does the same as each evaluation starts.
+last rank sends itself SIGUSR2 while writing that checkpoint's optimizer shard.
 """
 from __future__ import annotations
 
@@ -134,11 +133,6 @@ class PlanTrainer(Trainer):
 
     def after_step(self) -> None:
         self.snapshot()
-
-    def evaluate(self) -> None:
-        if self.entry.get("signal_during_eval") and rank() == int(os.environ.get("WORLD_SIZE", 1)) - 1:
-            os.kill(os.getpid(), signal.SIGUSR2)   # the handler sets its flag at once; the evaluation goes on
-        super().evaluate()
 
     def snapshot(self) -> None:
         if self.entry.get("weights_each_step"):
