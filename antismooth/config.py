@@ -26,7 +26,7 @@ from .data.settings import AugmentConfig, StreamConfig
 from .report import parse_targets
 from .settings import BatchLayout, ConfigError, check_choices, flat_values, from_flat, section, setting
 
-__all__ = ["TrainConfig", "ModelSettings", "ScheduleSettings", "OutputSettings", "EmaSettings", "ModeSettings",
+__all__ = ["TrainConfig", "ModelSettings", "ScheduleSettings", "OutputSettings", "EmaSettings", "StopSettings", "ModeSettings",
            "DeepSpeedSettings", "Derived", "HeldBatch", "ConfigError", "derive", "check_optimizer_build"]
 
 # DeiT's learning-rate rule: the base lr is for a global batch of 512 (Touvron et al. 2021, Sec. 6).
@@ -124,6 +124,28 @@ class EmaSettings:
 
 
 @dataclass
+class StopSettings:
+    """Preemption and the time limit (antismooth.interrupt): every rank saves the same step, then the process exits
+    with 75, "saved, resubmit me" (docs/reliability.md)."""
+    exit_signal: str = setting("SIGUSR2", flag="--exit-signal",
+                               help="the signal that, like SIGTERM, makes every rank save at the next step and exit "
+                                    "with 75 (SLURM: --signal=B:USR2@LEAD, see cluster/)")
+    exit_after: Optional[float] = setting(None, flag="--exit-after", type=float, metavar="MINUTES",
+                                          help="save and exit with 75 this many minutes after start, for clusters "
+                                               "that send no signal in time")
+
+    def __post_init__(self) -> None:
+        from .interrupt import signal_number
+
+        try:
+            signal_number(self.exit_signal)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        _check([(self.exit_after is None or self.exit_after > 0,
+                 f"--exit-after must be a positive number of minutes, got {self.exit_after}.")])
+
+
+@dataclass
 class ModeSettings:
     """What the command does instead of training, if anything."""
     eval_only: bool = setting(False, flag="--eval-only", action="store_true",
@@ -150,6 +172,7 @@ class TrainConfig:
     augment: AugmentConfig = section(AugmentConfig, "augmentation")
     output: OutputSettings = section(OutputSettings, "output and checkpoints")
     ema: EmaSettings = section(EmaSettings, "model EMA (DeiT's)")
+    stop: StopSettings = section(StopSettings, "preemption and time limits")
     mode: ModeSettings = section(ModeSettings, "mode")
 
     def __post_init__(self) -> None:

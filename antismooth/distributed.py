@@ -32,7 +32,7 @@ from .config import ConfigError
 from .nodes import check_agreement, describe_node, summary
 
 __all__ = ["Launch", "DistEnv", "LaunchError", "detect_launch", "launch_variables", "init_distributed", "log_world", "collective_device",
-           "all_reduce", "all_reduce_tensor", "all_reduce_counts", "all_gather_object", "broadcast_object", "barrier", "leave", "check_shared_folder", "usable_cpus",
+           "all_reduce", "all_reduce_tensor", "all_reduce_async", "all_reduce_counts", "all_gather_object", "broadcast_object", "barrier", "leave", "check_shared_folder", "usable_cpus",
            "first_host", "tasks_on_node", "check_socket_interface", "interfaces"]
 
 _logger = logging.getLogger(__name__)
@@ -443,6 +443,14 @@ def all_reduce_tensor(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     reduced = tensor.to(collective_device(), copy=True)
     dist.all_reduce(reduced, op=_OPS[op])
     return reduced
+
+
+def all_reduce_async(tensor: torch.Tensor, op: str = "sum") -> tuple[torch.Tensor, Any]:
+    """(the reduced copy of `tensor` on the backend's device, its work handle: `.wait()` before reading it; None
+    without a group, the copy then final). The host goes on at once."""
+    reduced = tensor.to(collective_device(), copy=True) if _joined() else tensor.clone()
+    work = dist.all_reduce(reduced, op=_OPS[op], async_op=True) if _joined() else None
+    return reduced, work
 
 
 def all_reduce_counts(counts: np.ndarray) -> np.ndarray:

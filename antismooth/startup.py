@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import logging
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from antismooth.models import WeightsMismatchError, load_for_finetuning, load_we
 from antismooth.models.description import ModelDescription
 from antismooth.report import check_targets_installed
 from antismooth.throughput import loader_batches, log_peak_memory, measure_throughput, random_batches
+from antismooth.interrupt import EXIT_SAVED_RESUBMIT, RunInterrupted, StopRequests
 from antismooth.train import Trainer, evaluate_split
 
 # The logger keeps pretrain.py's name: the start-up lines read "pretrain: ..." (bench/gpu_check.sh greps them).
@@ -181,9 +183,11 @@ def choose_decode(config: TrainConfig, device: torch.device) -> str:
     return decode
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, make_trainer: Callable[..., Trainer] = Trainer) -> int:
+    """The command: its exit status (0, 2 a setting to fix, 3 the run stopped itself, 75 saved, resubmit me) and
+    the one sentence on stderr; `make_trainer` as for run()."""
     try:
-        run(parse_config(argv))
+        run(parse_config(argv), make_trainer)
         return 0
     except (ConfigError, WeightsMismatchError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -191,6 +195,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except TrainingStopped as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except RunInterrupted as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_SAVED_RESUBMIT
 
 
 @dataclass(frozen=True)
@@ -227,6 +234,7 @@ def run(config: TrainConfig, make_trainer: TrainerFactory = Trainer):
 
     `make_trainer` builds the training loop from Trainer's fields (keyword arguments): a Trainer subclass that
     observes the run through its override points (Trainer.after_resume, on_batch, after_step, ...)."""
+    started = time.monotonic()   # --exit-after counts from here
     checked = check_before_launch(config)
     env = init_distributed()
     run_folder = RunFolder(config.output.folder)
@@ -254,6 +262,10 @@ def run(config: TrainConfig, make_trainer: TrainerFactory = Trainer):
         show_throughput(env, measure_throughput(built.engine, env, ds, built.dtype, random_batches(
             ds, structure.input_size(model), len(checked.classes), env.device, built.dtype)))
         return None
+    stop = None
+    if config.mode.throughput is None:   # before the first loader: its workers inherit what to ignore
+        stop = StopRequests(config.stop.exit_signal, config.stop.exit_after, started)
+        stop.install()
     stream, decode = build_stream(config, checked, env, augment)
     if built.resume_tag is not None:   # the stream restores its own position, then one line says what was loaded
         resumed = built.resumed + checkpointer.load_stream(stream, built.state, config.stream.num_workers)
@@ -267,7 +279,7 @@ def run(config: TrainConfig, make_trainer: TrainerFactory = Trainer):
     trainer = make_trainer(config=config, ds=ds, derived=derived, env=env, engine=built.engine,
                            scheduler=built.scheduler, stream=stream, state=built.state, run_folder=run_folder,
                            checkpointer=checkpointer, dtype=built.dtype, val_source=checked.val_source,
-                           augment=augment, ema=built.ema)
+                           augment=augment, ema=built.ema, stop=stop)
     if built.resume_tag is not None:
         trainer.after_resume(built.resume_tag)
     trainer.train()
@@ -421,6 +433,6 @@ def command(argv: Optional[list[str]] = None) -> int:
     """`pretrain.py` and `antismooth-train`: main(), then every rank leaves the process group together after a
     finished run (antismooth.distributed.leave)."""
     status = main(argv)
-    if status == 0:
+    if status in (0, EXIT_SAVED_RESUBMIT):   # every rank agreed to stop here
         leave()
     return status

@@ -28,7 +28,9 @@ from .data.pipeline import AugmentConfig, ShardSource, build_eval_stream, reduce
 from .distributed import DistEnv, all_reduce, all_reduce_tensor
 from .ema import ShardedEma
 from .checkpoint import Checkpointer, RunFolder
+from .checkpoint.files import checkpoint_tag
 from .engine import TrainingStopped, TrainState
+from .interrupt import EXIT_SAVED_RESUBMIT, RESUBMIT_MARKER, RunInterrupted, StopRequests
 from .evaluate import evaluate
 from .report import Reporter
 from .models.weights import ANTI_OVERSMOOTHING_PARAMS
@@ -95,6 +97,7 @@ class Trainer:
     val_source: Optional[ShardSource]  # the validation shards (None: no val.json), resolved once at start-up
     augment: AugmentConfig
     ema: Optional[ShardedEma] = None  # DeiT's model EMA (--model-ema), updated after every optimizer step
+    stop: Optional[StopRequests] = None  # SIGTERM, --exit-signal, --exit-after: save and exit at a step boundary
 
     def __post_init__(self) -> None:
         self.criterion = criterion_for(self.augment, self.stream.mixup is not None)
@@ -156,6 +159,8 @@ class Trainer:
                 self.evaluate()
         if not self.checkpointer.saved_now():
             self.save()
+        if self.stop is not None:
+            self.stop.settle()
         if self.writer:
             self.writer.close()
         if self.stream.config.decode == "gpu":
@@ -204,6 +209,27 @@ class Trainer:
                 return
             if self.save_due():
                 self.save()
+            self.stop_if_requested()
+
+    def stop_if_requested(self) -> None:
+        """At a step boundary: when any rank was signalled (or the --exit-after deadline passed) by the previous
+        boundary, every rank saves this step and the run ends with EXIT_SAVED_RESUBMIT."""
+        if self.stop is None:
+            return
+        decided = self.stop.at_step_boundary()
+        if not decided:
+            return
+        if not self.checkpointer.saved_now():
+            self.save()
+        self.stop.settle()
+        if self.writer:
+            self.writer.close()
+        if self.env.rank == 0:   # for launchers that report a rank's 75 as a plain failure (torchrun: 1)
+            (self.run_folder.root / RESUBMIT_MARKER).write_text(f"{self.state.global_step}\n")
+        raise RunInterrupted(
+            f"Stopped at step {self.state.global_step} on {self.stop.reason(decided)}, after saving checkpoint "
+            f"{checkpoint_tag(self.state.global_step)} in {self.run_folder.checkpoints}: run the same command to resume "
+            f"(exit code {EXIT_SAVED_RESUBMIT}: saved, resubmit me).")
 
     def epoch_complete(self) -> bool:
         return self.state.samples_in_epoch // self.derived.global_batch >= self.derived.steps_per_epoch

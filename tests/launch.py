@@ -103,9 +103,8 @@ def wait_processes(procs: list[subprocess.Popen], workdir: Path, name: str, chec
     return logs
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants, as losing their node would: torchrun starts its workers
-    in sessions of their own, so killing the launcher's process group leaves them running."""
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it, from /proc."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -113,11 +112,17 @@ def kill_tree(pid: int) -> None:
         except OSError:
             continue  # exited meanwhile
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    doomed, queue = [], [pid]
+    found, queue = [], [pid]
     while queue:
-        doomed.append(queue.pop())
-        queue += children.get(doomed[-1], [])
-    for victim in doomed:
+        found.append(queue.pop())
+        queue += children.get(found[-1], [])
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, as losing their node would: torchrun starts its workers
+    in sessions of their own, so killing the launcher's process group leaves them running."""
+    for victim in descendants(pid):
         try:
             os.kill(victim, signal.SIGKILL)
         except ProcessLookupError:

@@ -8,8 +8,12 @@ equal, bit for bit, the export of the same run started by `deepspeed --num_gpus 
 """
 from __future__ import annotations
 
+import math
+import re
 import subprocess
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -82,18 +86,65 @@ def cluster_runs(cluster, tiny_shards, tmp_path_factory) -> dict:
                  for recipe, options in RECIPES.items()}
     wrong = dict(recipe_env(work, tiny_shards, "wrong-interface"), GLOO_SOCKET_IFNAME=ISOLATED_INTERFACE)
     submitted["wrong-interface"] = cluster.submit("cluster/slurm_srun.sbatch", *SRUN_ON_CPU_NODES, env=wrong)
+    # Preemption and the time limit: the srun recipe signalled once its first step is logged, USR2 through the
+    # batch shell as `--signal=B:USR2@LEAD` sends it, and SIGTERM alone to the step as a preemption sends it.
+    for name in SIGNALLED:
+        submitted[name] = cluster.submit("cluster/slurm_srun.sbatch", *SRUN_ON_CPU_NODES,
+                                         env=recipe_env(work, tiny_shards, name, GLOO_SOCKET_IFNAME=DATA_INTERFACE))
+    signalled_at = {name: signal_after_first_step(cluster, submitted[name], work / name, how)
+                    for name, how in SIGNALLED.items()}
     launched = {"pdsh": [pdsh_launch(cluster, work, tiny_shards, "pdsh", PDSH_PORT)],
                 # One node's environment differs: GLOO_SOCKET_IFNAME exported on n2 only.
                 "disagreeing": per_node_launch(cluster, work, tiny_shards, "disagreeing", PDSH_PORT + 1,
                                                {"n2": {"GLOO_SOCKET_IFNAME": DATA_INTERFACE}})}
     runs = {name: (job.returncode, job.output, work / name)
-            for name, job in ((name, submission.wait()) for name, submission in submitted.items())}
+            for name, job in ((name, submission.wait()) for name, submission in submitted.items()
+                              if name not in SIGNALLED)}
+    for name in SIGNALLED:   # through its requeue to its end
+        runs[name] = (*until_gone(cluster, submitted[name], signalled_at[name], work / name), work / name)
     for name, procs in launched.items():
         outputs = [proc.communicate(timeout=600)[0] for proc in procs]
         runs[name] = (max(proc.returncode for proc in procs), "\n".join(outputs), work / name)
     wait_processes(one_host, work, "one-host")
     runs["one-host"] = (0, "", work / "one-host")
     return runs
+
+
+SIGNALLED = {"signal-usr2": ["--batch", "--signal=USR2"], "signal-term": ["--signal=TERM"]}
+
+
+def job_id(submission) -> str:
+    """The id of a started job, from its output file's name (harness: NAME-%j.out), without waiting for sbatch."""
+    return next(submission.jobs.glob(f"{submission.name}-*.out")).stem.rsplit("-", 1)[1]
+
+
+def signal_after_first_step(cluster, submission, run: Path, how: list[str]) -> float:
+    """`scancel HOW JOB` once rank 0 has logged the run's first step; when it was sent (time.time())."""
+    log = run / "log.txt"
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and "step 1/" in log.read_text()):
+        assert time.monotonic() < deadline and submission.proc.poll() is None, f"{run.name}: no step 1 logged"
+        time.sleep(0.05)
+    submission.job_id = job_id(submission)
+    cluster.run_on("n1", ["scancel", *how, submission.job_id])
+    return time.time()
+
+
+def until_gone(cluster, submission, signalled: float, run: Path, timeout: float = 300) -> tuple[int, str]:
+    """Wait until the signalled job, requeued by its recipe, has left the queue: (0 if its last run printed
+    "done:", else 1; its whole output, appended across runs, and a last line with the seconds from the signal to
+    the stopping step's checkpoint, from rank 0's log)."""
+    submission.proc.communicate(timeout=timeout)   # sbatch --wait may return at the requeue: the queue says
+    deadline = time.monotonic() + timeout
+    while cluster.run_on("n1", ["squeue", "-h", "-j", submission.job_id], check=False).stdout.strip():
+        assert time.monotonic() < deadline, f"job {submission.job_id} still queued after {timeout} s"
+        time.sleep(0.2)
+    output = next(submission.jobs.glob(f"{submission.name}-*.out")).read_text()
+    stopped = re.search(r"Stopped at step (\d+) ", output)
+    saved = stopped and re.search(rf"^(\S+ \S+) INFO \S+: saved checkpoint step{int(stopped[1]):08d}",
+                                  (run / "log.txt").read_text(), flags=re.M)
+    seconds = (datetime.strptime(saved[1], "%Y-%m-%d %H:%M:%S").timestamp() - signalled) if saved else math.nan
+    return (0 if "done: step 4" in output else 1), f"{output}\n[signal to the saved stop: {seconds:.0f} s]"
 
 
 def exported(run: Path, out: Path) -> dict[str, torch.Tensor]:
@@ -157,3 +208,23 @@ def test_an_interface_that_cannot_reach_the_master_stops_in_seconds(cluster_runs
     assert ("cannot reach MASTER_ADDR n1 through GLOO_SOCKET_IFNAME=eth1 within 5 s: set GLOO_SOCKET_IFNAME to the "
             "interface on which the nodes reach each other (this node has lo (127.0.0.1), eth0 (10.213.0.") in output
     assert "eth1 (10.214." in output and "step 1/" not in output
+
+
+@pytest.mark.parametrize("name", list(SIGNALLED))
+def test_a_signalled_job_saves_requeues_itself_and_ends_as_on_one_host(cluster_runs, reference_weights, name,
+                                                                      tmp_path):
+    """USR2 to the batch shell (the recipe's trap passes it on to the step) or SIGTERM to the step alone: every rank
+    saves the same step, exits with 75, the recipe requeues the job, and the requeued job finishes the run with the
+    weights of the uninterrupted one-host run."""
+    returncode, output, run = cluster_runs[name]
+    assert output.count("Stopped at step ") == 2, output[-6000:]   # both ranks, one on each node
+    assert "run the same command to resume (exit code 75: saved, resubmit me)" in output
+    assert "requeueing job" in output and "(restart 1 of at most MAX_REQUEUES=20)" in output
+    if name == "signal-usr2":
+        assert "USR2 received, passed on to the step" in output and "on SIGUSR2" in output
+    else:
+        assert "on SIGTERM" in output
+    step = int(re.search(r"Stopped at step (\d+) ", output)[1])
+    assert 1 < step < 4 and f"Resumed from step{step:08d}" in (run / "log.txt").read_text()   # no step redone
+    assert_trained_as_on_one_host(name, returncode, output, run, reference_weights, tmp_path / "w.safetensors")
+    print(f"\n{name}: {output.splitlines()[-1]}")

@@ -4,7 +4,10 @@
    would otherwise leave the server and its workers behind for good: torch's worker watchdog looks for a change of
    parent, and a forkserver worker's parent is the server. With the server gone, the workers are reparented, see
    it, and exit. (The signal follows the thread that started the server: the thread that made the first loader.)
-2. The server imports the main script, which CPython's own '__main__' preload never does before 3.13.8
+2. The server, and so every worker, ignores the signals that tell the training process to save and stop
+   (antismooth.interrupt): SLURM sends them to every process of the step, and a worker they ended would take the
+   loader down before the training process reaches its next step boundary.
+3. The server imports the main script, which CPython's own '__main__' preload never does before 3.13.8
    (pipeline._hand_main_to_server), so that each worker, a fork of the server, finds it imported."""
 import ctypes
 import json
@@ -15,6 +18,8 @@ from multiprocessing import process, spawn
 
 from antismooth.data.pipeline import FORKSERVER_MAIN_ENV
 
+IGNORED_SIGNALS_ENV = "ANTISMOOTH_IGNORED_SIGNALS"   # antismooth.interrupt's (not imported: it loads the trainer's)
+
 PR_SET_PDEATHSIG = 1   # linux/prctl.h
 
 if sys.platform.startswith("linux"):
@@ -22,6 +27,10 @@ if sys.platform.startswith("linux"):
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != _parent:   # the starter died before the signal was armed
         os._exit(0)
+
+
+for _number in filter(None, os.environ.get(IGNORED_SIGNALS_ENV, "").split(",")):
+    signal.signal(int(_number), signal.SIG_IGN)
 
 
 def _import_main(data: dict) -> None:

@@ -311,7 +311,9 @@ def slurm_conf(cluster: Cluster) -> str:
     lines = [
         "ClusterName=antismooth-test",
         f"SlurmctldHost={first.name}({first.address})",
-        "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={root / 'munge' / 'munge.socket'}",
+        # cred_expire also holds a requeued job this long before it may start again (default 120 s).
+        "AuthType=auth/munge", "CredType=cred/munge",
+        f"AuthInfo=socket={root / 'munge' / 'munge.socket'},cred_expire=30",
         "SlurmUser=root", "SlurmdUser=root",
         f"StateSaveLocation={root / 'slurm' / 'state'}",
         f"SlurmdSpoolDir={root / 'slurm' / 'spool-%n'}",

@@ -15,7 +15,8 @@ labels and sample positions of every batch the training loop took, with its epoc
 the whole fp32 weights when training starts and after every optimizer step (a list). With ANTISMOOTH_TEST_KILL_DURING_SAVE=TAG,
 the last rank SIGKILLs itself while saving checkpoint TAG, after its model files and before its
 optimizer shard: a crash in the middle of writing a checkpoint. With ANTISMOOTH_TEST_ENOSPC_DURING_SAVE=TAG,
-writing checkpoint TAG's optimizer shard fails as on a full disk.
+writing checkpoint TAG's optimizer shard fails as on a full disk. With ANTISMOOTH_TEST_SIGNAL_DURING_SAVE=PATH_PART, the
+last rank sends itself SIGUSR2 while writing that checkpoint's optimizer shard.
 """
 from __future__ import annotations
 
@@ -65,6 +66,21 @@ def full_disk_during_save(tag: str) -> None:
     def save(self, state_dict, path):
         if f"/{tag}/" in path and path.endswith("optim_states.pt"):
             raise OSError(errno.ENOSPC, "No space left on device", path)
+        return original(self, state_dict, path)
+
+    TorchCheckpointEngine.save = save
+
+
+def signal_during_save(path_part: str) -> None:
+    """The last rank sends itself SIGUSR2 while writing the optimizer shard of the checkpoint whose path holds
+    `path_part` (e.g. "run/checkpoints/step00000004"): a signal in the middle of a save."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    original = TorchCheckpointEngine.save
+
+    def save(self, state_dict, path):
+        if rank() == int(os.environ["WORLD_SIZE"]) - 1 and path_part in path and path.endswith("optim_states.pt"):
+            os.kill(os.getpid(), signal.SIGUSR2)
         return original(self, state_dict, path)
 
     TorchCheckpointEngine.save = save
@@ -134,6 +150,12 @@ class PlanTrainer(Trainer):
             torch.save(self.weights, self.entry["weights_each_step"])
 
 
+def plan_trainer(entry: dict):
+    def make_trainer(**fields) -> PlanTrainer:
+        return PlanTrainer(entry=entry, **fields)
+    return make_trainer
+
+
 def run_entry(entry: dict):
     """One plan entry's run with a PlanTrainer; its records written however the run ends."""
     trainers: list[PlanTrainer] = []
@@ -152,11 +174,13 @@ def run_entry(entry: dict):
 def main(plan_path: str) -> None:
     if os.environ.get("ANTISMOOTH_TEST_KILL_DURING_SAVE"):
         kill_during_save(os.environ["ANTISMOOTH_TEST_KILL_DURING_SAVE"])
+    if os.environ.get("ANTISMOOTH_TEST_SIGNAL_DURING_SAVE"):
+        signal_during_save(os.environ["ANTISMOOTH_TEST_SIGNAL_DURING_SAVE"])
     if os.environ.get("ANTISMOOTH_TEST_ENOSPC_DURING_SAVE"):
         full_disk_during_save(os.environ["ANTISMOOTH_TEST_ENOSPC_DURING_SAVE"])
     for entry in json.loads(Path(plan_path).read_text()):
         if entry.get("status"):  # the run as a user starts it: startup.main's exit status, its message on stderr
-            Path(entry["status"]).write_text(str(startup.main(entry["argv"])))
+            Path(entry["status"]).write_text(str(startup.main(entry["argv"], plan_trainer(entry))))
             continue
         engine = run_entry(entry)
         if entry.get("state_at_end") and engine is not None:

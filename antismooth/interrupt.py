@@ -1,0 +1,125 @@
+"""Stopping on a signal or at a wall-clock deadline: every rank saves the same step, then the job exits with
+EXIT_SAVED_RESUBMIT ("saved, resubmit me").
+
+A signal handler only sets a flag (saving inside the handler hangs intermittently, and a rank that decides alone
+deadlocks the others). At each step boundary the ranks combine their flags with one all-reduce (max) that is launched
+at step k and read at step k+1: under NCCL it runs on the GPU behind step k, its result is copied to pinned host
+memory, and reading it waits for step k's end only, while step k+1's work is already queued, so no step waits on the
+host for the flag. A signal that arrives during a save or an evaluation is seen at the next step boundary.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from multiprocessing import resource_tracker
+from typing import Optional
+
+import torch
+
+from .distributed import all_reduce_async
+
+__all__ = ["EXIT_SAVED_RESUBMIT", "RESUBMIT_MARKER", "RunInterrupted", "StopRequests", "IGNORED_SIGNALS_ENV", "signal_number"]
+
+log = logging.getLogger(__name__)
+
+# sysexits.h's EX_TEMPFAIL, "a temporary failure; the user is invited to retry": distinct from pretrain's 2 (a
+# setting to fix) and 3 (the run stopped itself). cluster/*.sbatch requeue the job on it.
+EXIT_SAVED_RESUBMIT = 75
+# Written by rank 0 in the run folder beside exiting with 75: torchrun reports a worker's non-zero exit as its own 1,
+# so cluster/common.sh requeues on either.
+RESUBMIT_MARKER = "resubmit"
+# The loader workers' forkserver reads which signals to ignore from here (antismooth.data._forkserver).
+IGNORED_SIGNALS_ENV = "ANTISMOOTH_IGNORED_SIGNALS"
+
+NOTHING, DEADLINE, SIGNAL = 0, 1, 2   # combined with max: a signal outranks the deadline in the message
+
+
+class RunInterrupted(Exception):
+    """Every rank saved the same step and stops, to be started again with the same command."""
+
+
+def signal_number(name: str) -> signal.Signals:
+    """'SIGUSR2', 'USR2' or '12' as a signal."""
+    text = name.strip().upper()
+    try:
+        return signal.Signals(int(text)) if text.isdigit() else signal.Signals[text if text.startswith("SIG")
+                                                                               else "SIG" + text]
+    except (KeyError, ValueError):
+        raise ValueError(f"--exit-signal {name!r} is not a signal name: use e.g. SIGUSR2 or SIGUSR1.") from None
+
+
+class StopRequests:
+    """This rank's flag (set by SIGTERM, the --exit-signal, or the --exit-after deadline) and its combination with
+    the other ranks', read one step late."""
+
+    def __init__(self, exit_signal: str = "SIGUSR2", exit_after_minutes: Optional[float] = None,
+                 start: Optional[float] = None) -> None:
+        self.signals = sorted({signal.SIGTERM, signal_number(exit_signal)})
+        self.deadline = None if exit_after_minutes is None else (start or time.monotonic()) + 60 * exit_after_minutes
+        self.received: Optional[str] = None   # the name of the first signal this rank received
+        self.pending = None                   # (work, device tensor, host copy, event) of the combine in flight
+
+    def install(self) -> None:
+        """Handlers that only set the flag; the loader workers, forked later, ignore these signals."""
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("training outside the main thread: signals keep their default action (only --exit-after "
+                        "stops the run with a checkpoint).")
+            return
+        for number in self.signals:   # the helper processes started now inherit "ignore" through their exec
+            signal.signal(number, signal.SIG_IGN)
+        resource_tracker.ensure_running()   # multiprocessing's: it ignores SIGTERM itself, not the --exit-signal
+        for number in self.signals:
+            signal.signal(number, self._on_signal)
+        os.environ[IGNORED_SIGNALS_ENV] = ",".join(str(int(n)) for n in self.signals)
+
+    def _on_signal(self, number: int, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(number).name
+
+    def local(self) -> int:
+        if self.received is not None:
+            return SIGNAL
+        return DEADLINE if self.deadline is not None and time.monotonic() >= self.deadline else NOTHING
+
+    def at_step_boundary(self) -> int:
+        """The combined request of the previous boundary (NOTHING on the first), and launch this boundary's."""
+        decided = self._read()
+        self._launch(self.local())
+        return decided
+
+    def _launch(self, value: int) -> None:
+        flag, work = all_reduce_async(torch.tensor([value], dtype=torch.int32), op="max")
+        host, event = flag, None
+        if flag.device.type == "cuda":
+            if work is not None:
+                work.wait()   # orders the copy after the all-reduce on the GPU; the host does not wait
+                work = None
+            host = torch.empty_like(flag, device="cpu").pin_memory()
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self.pending = (work, flag, host, event)
+
+    def _read(self) -> int:
+        if self.pending is None:
+            return NOTHING
+        work, _flag, host, event = self.pending
+        self.pending = None
+        if work is not None:
+            work.wait()
+        if event is not None:
+            event.synchronize()
+        return int(host.item())
+
+    def settle(self) -> None:
+        """Finish the combine in flight, so that every rank has joined the same collectives before it leaves."""
+        self._read()
+
+    def reason(self, decided: int) -> str:
+        if decided == DEADLINE:
+            return "the --exit-after deadline"
+        return self.received or "a signal to another rank"
+
