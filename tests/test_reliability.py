@@ -1,7 +1,8 @@
 """What a multi-day run must survive: a diverged loss, a damaged newest checkpoint, a full disk.
 
-One launch (plain python, one process) runs the three cases in a row through tests/jobs/train_plan.py,
-each through pretrain.main so that its exit status and its message are what a user would get.
+One launch (plain python, one process) runs the cases in a row through tests/jobs/train_plan.py, each through
+pretrain.main so that its exit status and its message are what a user would get (a full disk on one rank of two:
+test_train's resume launches).
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def reliability_runs(zero_runs, tiny_shards, tmp_path_factory):
     log = launch_plan(plan, 1, work, env=env)
     status = {name: int((work / f"{name}.status").read_text())
               for name in ("diverged", "diverged-late", "damaged", "full-disk")}
-    yield {"work": work, "log": log, "damaged": damaged, "full_disk": full_disk / "run", "status": status}
+    yield {"work": work, "log": log, "damaged": damaged, "full_disk": full_disk / "run", "status": status,
+           "mounted": mounted}
     if mounted:
         subprocess.run(["umount", str(full_disk)], capture_output=True)
 
@@ -115,10 +117,16 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_goes_on_from_the_p
     assert (run / "checkpoints" / "latest").read_text() == "step00000007"
 
 
-def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_latest_and_intact(reliability_runs, tmp_path):
+def test_a_full_disk_before_or_during_a_save_leaves_the_previous_checkpoint_latest_and_intact(reliability_runs, tmp_path):
     assert reliability_runs["status"]["full-disk"] == 3
-    line = _error_line(reliability_runs["log"], "could not be written")
+    line = _error_line(reliability_runs["log"], "step00000001 is still the newest checkpoint, intact")
     run = reliability_runs["full_disk"]
-    assert "step00000001 is still the newest checkpoint" in line
+    if reliability_runs["mounted"]:   # the free-space check stops the save before it writes
+        assert line.startswith("error: Checkpoint step00000002 was not written: ") and " MiB free, and a checkpoint " \
+            "needs " in line and "(the size of step00000001)" in line, line
+        assert not (run / "checkpoints" / "step00000002").exists()
+    else:                             # the write meets the full disk
+        assert "step00000002 could not be written" in line and "the disk is full" in line, line
     assert (run / "checkpoints" / "latest").read_text() == "step00000001"
     assert _export_is_finite(run, tmp_path) == "step00000001"
+

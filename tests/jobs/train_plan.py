@@ -14,8 +14,8 @@ and after the run (its last checkpoint saved); "record", per rank (`-rank{r}` be
 labels and sample positions of every batch the training loop took, with its epoch; "weights_each_step",
 the whole fp32 weights when training starts and after every optimizer step (a list). With ANTISMOOTH_TEST_KILL_DURING_SAVE=TAG,
 the last rank SIGKILLs itself while saving checkpoint TAG, after its model files and before its
-optimizer shard: a crash in the middle of writing a checkpoint. With ANTISMOOTH_TEST_ENOSPC_DURING_SAVE=TAG,
-writing checkpoint TAG's optimizer shard fails as on a full disk.
+optimizer shard: a crash in the middle of writing a checkpoint. With ANTISMOOTH_TEST_ENOSPC_DURING_SAVE=TAG (or
+TAG@RANK: on that rank only), writing checkpoint TAG's optimizer shard fails as on a full disk, once per process.
 """
 from __future__ import annotations
 
@@ -56,14 +56,21 @@ def kill_during_save(tag: str) -> None:
     TorchCheckpointEngine.save = save
 
 
-def full_disk_during_save(tag: str) -> None:
-    """Where no small filesystem can be mounted: the optimizer shard of checkpoint `tag` meets a full disk."""
+def full_disk_during_save(spec: str) -> None:
+    """Where no small filesystem can be mounted: the optimizer shard of checkpoint TAG meets a full disk, once per
+    process (a later plan entry is the resume after space was freed). `spec` is TAG, or TAG@RANK for one rank only
+    (a full disk on one node)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
+    tag, _, only_rank = spec.partition("@")
+    if only_rank and int(only_rank) != rank():
+        return
     original = TorchCheckpointEngine.save
+    fired = []
 
     def save(self, state_dict, path):
-        if f"/{tag}/" in path and path.endswith("optim_states.pt"):
+        if f"/{tag}/" in path and path.endswith("optim_states.pt") and not fired:
+            fired.append(path)
             raise OSError(errno.ENOSPC, "No space left on device", path)
         return original(self, state_dict, path)
 
