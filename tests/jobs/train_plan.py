@@ -156,15 +156,21 @@ def run_entry(entry: dict):
             trainer.write_records()
 
 
-def main(plan_path: str) -> None:
+def main(plan_path: str) -> int:
+    """Run the plan's entries in order; the exit status of the last one (0 after an entry run by run_entry)."""
     if os.environ.get("ANTISMOOTH_TEST_KILL_DURING_SAVE"):
         kill_during_save(os.environ["ANTISMOOTH_TEST_KILL_DURING_SAVE"])
     if os.environ.get("ANTISMOOTH_TEST_ENOSPC_DURING_SAVE"):
         full_disk_during_save(os.environ["ANTISMOOTH_TEST_ENOSPC_DURING_SAVE"])
+    status = 0
     for entry in json.loads(Path(plan_path).read_text()):
+        if entry.get("pid"):   # for a test that stops or kills one rank
+            Path(f"{entry['pid']}-rank{rank()}").write_text(str(os.getpid()))
         if entry.get("status"):  # the run as a user starts it: startup.main's exit status, its message on stderr
-            Path(entry["status"]).write_text(str(startup.main(entry["argv"])))
+            status = startup.main(entry["argv"])
+            Path(entry["status"]).write_text(str(status))
             continue
+        status = 0
         engine = run_entry(entry)
         if entry.get("state_at_end") and engine is not None:
             state = gathered_state(engine)
@@ -178,8 +184,11 @@ def main(plan_path: str) -> None:
                 logits = engine(images).float().cpu()
             if rank() == 0:
                 torch.save(logits, entry["probe"])
+    return status
 
 
 if __name__ == "__main__":
-    main(next(a for a in sys.argv[1:] if not a.startswith("--local_rank")))
-    leave()   # as pretrain.py does after a finished run
+    exit_status = main(next(a for a in sys.argv[1:] if not a.startswith("--local_rank")))
+    if exit_status == 0:
+        leave()   # as pretrain.py does after a finished run
+    sys.exit(exit_status)
