@@ -37,6 +37,7 @@ HEARTBEAT_SECONDS = 1.0
 SILENT_AFTER_BEATS = 3          # beats a counter may stand still before its rank counts as not answering
 KEY = "antismooth/{attempt}/heartbeat/{rank}"
 ABORT_KEY = "antismooth/{attempt}/abort"
+LEFT_KEY = "antismooth/{attempt}/left/{rank}"     # a rank whose run ended on its own: its silence is no fault
 PEER_LOST_EXIT = 4              # the exit status of a run that stopped because another rank stopped answering
 
 DIST_ERRORS = (RuntimeError, dist.DistError)
@@ -52,9 +53,7 @@ def is_distributed_failure(err: BaseException) -> bool:
     if isinstance(err, dist.DistError):
         return True
     text = str(err)
-    return isinstance(err, RuntimeError) and any(
-        word in text for word in ("gloo", "Gloo", "NCCL", "Connection closed by peer", "Connection reset by peer",
-                                  "Timed out", "timed out", "Broken pipe"))
+    return isinstance(err, RuntimeError) and any(word in text for word in ("gloo", "Gloo", "NCCL"))
 
 
 class Watchdog:
@@ -97,10 +96,10 @@ class Watchdog:
 
     def _key(self, rank: int) -> str:
         # torchrun keeps its store across restarts: each attempt its own keys
-        return KEY.format(attempt=os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), rank=rank)
+        return KEY.format(attempt=self._attempt(), rank=rank)
 
     def _abort_key(self) -> str:
-        return ABORT_KEY.format(attempt=os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        return ABORT_KEY.format(attempt=self._attempt())
 
     def _beat(self) -> None:
         """Bump this rank's counter, leave if another rank's watcher said so, watch the next rank."""
@@ -122,13 +121,23 @@ class Watchdog:
                 continue
             if count != last_count:
                 last_count, last_change = count, now
-            elif now - last_change > self.timeout():
+            elif now - last_change > self.timeout() and not self._left(watched):
                 sentence = self.silent_sentence([watched], f"its heartbeat stood still for {now - last_change:.0f} s")
                 try:
                     self._store.set(self._abort_key(), sentence)
                 except (RuntimeError, dist.DistError):
                     pass
                 self._leave(sentence)
+
+    def _left(self, rank: int) -> bool:
+        try:
+            return self._store.check([LEFT_KEY.format(attempt=self._attempt(), rank=rank)])
+        except (RuntimeError, dist.DistError):
+            return False
+
+    @staticmethod
+    def _attempt() -> str:
+        return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
 
     def timeout(self) -> float:
         return self.step_timeout if self.steady else self.start_timeout
@@ -165,7 +174,14 @@ class Watchdog:
         return f"the newest checkpoint, {latest} in {self.run_folder.checkpoints}, is intact"
 
     def stop(self) -> None:
+        """The run ended here (finished, or stopped with its own sentence): the beat ends, and the watcher of this
+        rank is told so, so that it does not take the silence for a hang."""
         global _active
+        if self._store is not None and not self._stop.is_set():
+            try:
+                self._store.add(LEFT_KEY.format(attempt=self._attempt(), rank=self.rank), 1)
+            except (RuntimeError, dist.DistError):
+                pass
         self._stop.set()
         if _active is self:
             _active = None
