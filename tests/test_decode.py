@@ -335,8 +335,8 @@ def test_training_and_evaluation_see_the_same_pixels_with_the_demos_recipe(tiny_
 def test_reduced_decode_makes_training_pixels_differ_from_evaluation(tiny_shards):
     """The consistency test above can fail: the opt-in --reduced-decode on the demo's recipe trips it."""
     augment = dataclasses.replace(_demo_augment(), reduced_decode=True, repeated_aug=1)
-    train = build_train_stream(str(tiny_shards / "train.json"), StreamConfig(batch_size=4, num_workers=0, decode="cpu"), 0, 1,
-                               augment)
+    train = build_train_stream(str(tiny_shards / "train.json"),
+                               StreamConfig(batch_size=4, num_workers=0, decode="cpu"), 0, 1, augment)
     evaluated = build_eval_stream(str(tiny_shards / "val.json"), 4, 0, 1, num_workers=0, augment=augment)
     seen, reference = _by_label(train.loader(0)), _by_label(evaluated.loader())
     assert max((seen[k].int() - reference[k].int()).abs().max().item() for k in reference) > 1

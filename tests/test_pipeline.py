@@ -263,7 +263,8 @@ def test_the_stream_saves_and_restores_its_own_position(sample_shards):
     """What a checkpoint holds of the data (TrainStream.state_dict) lets a new stream go on sample for sample on the
     same layout, and deal the rest anew on another, saying so."""
     def stream(workers):
-        config = StreamConfig(batch_size=8, num_workers=workers, shuffle_buffer=40, shuffle_initial=10)
+        config = StreamConfig(batch_size=8, num_workers=workers, shuffle_buffer=40, shuffle_initial=10,
+                              decode="cpu")
         return build_train_stream(sample_shards, config, 0, 1, AUG, global_batch=16)
 
     first = stream(3)
