@@ -26,7 +26,8 @@ from .data.settings import AugmentConfig, StreamConfig
 from .report import parse_targets
 from .settings import BatchLayout, ConfigError, check_choices, flat_values, from_flat, section, setting
 
-__all__ = ["TrainConfig", "ModelSettings", "ScheduleSettings", "OutputSettings", "EmaSettings", "StopSettings", "ModeSettings",
+__all__ = ["TrainConfig", "ModelSettings", "ScheduleSettings", "OutputSettings", "EmaSettings", "StopSettings",
+           "HangSettings", "ModeSettings",
            "DeepSpeedSettings", "Derived", "HeldBatch", "ConfigError", "derive", "check_optimizer_build"]
 
 # DeiT's learning-rate rule: the base lr is for a global batch of 512 (Touvron et al. 2021, Sec. 6).
@@ -146,6 +147,21 @@ class StopSettings:
 
 
 @dataclass
+class HangSettings:
+    """A frozen or dead rank ends the job in bounded time (antismooth.watchdog; docs/reliability.md)."""
+    dist_timeout: float = setting(300.0, flag="--dist-timeout", metavar="SECONDS",
+                                  help="how long a collective may wait during start-up, loading and the first step "
+                                       "(compiling, warming up) before the run stops naming the ranks that did not "
+                                       "answer")
+    step_timeout: float = setting(100.0, flag="--step-timeout", metavar="SECONDS",
+                                  help="how long a collective may wait after the first step")
+
+    def __post_init__(self) -> None:
+        _check([(self.dist_timeout > 0, f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}."),
+                (self.step_timeout > 0, f"--step-timeout must be a positive number of seconds, got {self.step_timeout}.")])
+
+
+@dataclass
 class ModeSettings:
     """What the command does instead of training, if anything."""
     eval_only: bool = setting(False, flag="--eval-only", action="store_true",
@@ -173,6 +189,7 @@ class TrainConfig:
     output: OutputSettings = section(OutputSettings, "output and checkpoints")
     ema: EmaSettings = section(EmaSettings, "model EMA (DeiT's)")
     stop: StopSettings = section(StopSettings, "preemption and time limits")
+    hangs: HangSettings = section(HangSettings, "hangs and dead ranks")
     mode: ModeSettings = section(ModeSettings, "mode")
 
     def __post_init__(self) -> None:

@@ -21,6 +21,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -352,8 +353,10 @@ def check_socket_interface(launch: Launch, environ: Mapping[str, str] = os.envir
                               "0's address on that interface's network.")
 
 
-def init_distributed(use_deepspeed: bool = True, device_type: Optional[str] = None) -> DistEnv:
-    """Join the process group the launcher describes (a world of one when none does) on this process's device.
+def init_distributed(use_deepspeed: bool = True, device_type: Optional[str] = None,
+                     timeout: Optional[float] = None) -> DistEnv:
+    """Join the process group the launcher describes (a world of one when none does) on this process's device;
+    `timeout`: seconds a collective may wait (default: torch's, DeepSpeed's), shortened later by the watchdog.
 
     DeepSpeed's init for training (it also sets up DeepSpeed's communication layer, and its engine needs a
     group even for one process); torch's own for tools, which need none for a world of one.
@@ -373,10 +376,12 @@ def init_distributed(use_deepspeed: bool = True, device_type: Optional[str] = No
         import deepspeed
         if device.type == "cpu":
             _without_cpu_shm_all_reduce()
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   **({"timeout": timedelta(seconds=timeout)} if timeout else {}))
     elif launch.world_size > 1 and not dist.is_initialized():
         os.environ.update(launch_variables(launch, device))
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                **({"timeout": timedelta(seconds=timeout)} if timeout else {}))
     return DistEnv(rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank,
                    local_world_size=launch.local_world_size, node_rank=launch.node_rank, device=device,
                    launcher=launch.launcher)

@@ -6,6 +6,7 @@ the resume, the EMA and the stream, and the three modes (eval-only, throughput, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import logging
@@ -35,6 +36,7 @@ from antismooth.report import check_targets_installed
 from antismooth.throughput import loader_batches, log_peak_memory, measure_throughput, random_batches
 from antismooth.interrupt import EXIT_SAVED_RESUBMIT, RunInterrupted, StopRequests
 from antismooth.train import Trainer, evaluate_split
+from antismooth.watchdog import DIST_ERRORS, PEER_LOST_EXIT, PeerLost, Watchdog, is_distributed_failure
 
 # The logger keeps pretrain.py's name: the start-up lines read "pretrain: ..." (bench/gpu_check.sh greps them).
 log = logging.getLogger("pretrain")
@@ -192,6 +194,9 @@ def main(argv: Optional[list[str]] = None, make_trainer: Callable[..., Trainer] 
     except (ConfigError, WeightsMismatchError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except PeerLost as err:
+        print(f"error: {err}", file=sys.stderr)
+        return PEER_LOST_EXIT
     except TrainingStopped as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
@@ -236,8 +241,33 @@ def run(config: TrainConfig, make_trainer: TrainerFactory = Trainer):
     observes the run through its override points (Trainer.after_resume, on_batch, after_step, ...)."""
     started = time.monotonic()   # --exit-after counts from here
     checked = check_before_launch(config)
-    env = init_distributed()
+    env = init_distributed(timeout=config.hangs.dist_timeout)
     run_folder = RunFolder(config.output.folder)
+    with watched(config, env, run_folder):
+        return run_joined(config, checked, env, run_folder, make_trainer, started)
+
+
+@contextlib.contextmanager
+def watched(config: TrainConfig, env: DistEnv, run_folder: RunFolder):
+    """A collective that timed out or lost its peer ends the run with the sentence naming who stopped answering
+    (antismooth.watchdog), on every rank that still runs."""
+    watch = Watchdog.start(env.rank, env.world_size, config.hangs.dist_timeout, config.hangs.step_timeout)
+    watch.keep_up_with(run_folder)
+    try:
+        yield watch
+    except (TrainingStopped, ConfigError):
+        raise
+    except DIST_ERRORS as err:
+        if not is_distributed_failure(err):
+            raise
+        raise PeerLost(watch.sentence(err)) from err
+    finally:
+        watch.stop()
+
+
+def run_joined(config: TrainConfig, checked: "Checked", env: DistEnv, run_folder: RunFolder,
+               make_trainer: TrainerFactory, started: float):
+    """`run` once this process joined the group (`started`: time.monotonic() at the run's start)."""
     checkpointer = Checkpointer(run_folder, env, save_every=config.output.save_every, keep=config.output.keep)
     if not config.mode.eval_only:
         check_shared_folder(run_folder.root)

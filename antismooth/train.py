@@ -29,6 +29,7 @@ from .distributed import DistEnv, all_reduce, all_reduce_tensor
 from .ema import ShardedEma
 from .checkpoint import Checkpointer, RunFolder
 from .checkpoint.files import checkpoint_tag
+from . import watchdog
 from .engine import TrainingStopped, TrainState
 from .interrupt import EXIT_SAVED_RESUBMIT, RESUBMIT_MARKER, RunInterrupted, StopRequests
 from .evaluate import evaluate
@@ -242,6 +243,7 @@ class Trainer:
         """After each optimizer step: the losses read back and checked at log steps and before any save (epoch
         ends and the last step included), the log and the spectral diagnostics when due."""
         self.timer.tick()
+        watchdog.after_first_step()   # the start-up's long timeout gives way to the steady-state one
         step = self.state.global_step
         log_now = step % self.config.output.log_every == 0 or step >= self.stop_step()
         if log_now or self.save_due() or self.epoch_complete():

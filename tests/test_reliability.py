@@ -1,18 +1,25 @@
-"""What a multi-day run must survive: a diverged loss, a damaged newest checkpoint, a full disk.
+"""What a multi-day run must survive: a diverged loss, a damaged newest checkpoint, a full disk, a frozen rank,
+a dead rank.
 
-One launch (plain python, one process) runs the three cases in a row through tests/jobs/train_plan.py,
-each through pretrain.main so that its exit status and its message are what a user would get.
+One launch (plain python, one process) runs the first cases in a row through tests/jobs/train_plan.py, each
+through pretrain.main so that its exit status and its message are what a user would get; a frozen and a killed
+rank take a 2-process launch each (a full disk on one rank of two: test_train's resume launches).
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import torch
 
 from conftest import FULL_BATCH, TINY_MODEL
-from launch import ds_config, launch_plan, slow_fixture
+from launch import LAUNCH_TIMEOUT, ONE_THREAD, ds_config, launch_plan, slow_fixture, wait_or_kill
 from test_train import scalars
 
 DIVERGING_LR = "1e9"       # per 512 images: the weights blow up in the first step, the loss is NaN from step 2
@@ -58,7 +65,8 @@ def reliability_runs(zero_runs, tiny_shards, tmp_path_factory):
     log = launch_plan(plan, 1, work, env=env)
     status = {name: int((work / f"{name}.status").read_text())
               for name in ("diverged", "diverged-late", "damaged", "full-disk")}
-    yield {"work": work, "log": log, "damaged": damaged, "full_disk": full_disk / "run", "status": status}
+    yield {"work": work, "log": log, "damaged": damaged, "full_disk": full_disk / "run", "status": status,
+           "mounted": mounted}
     if mounted:
         subprocess.run(["umount", str(full_disk)], capture_output=True)
 
@@ -115,10 +123,99 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_goes_on_from_the_p
     assert (run / "checkpoints" / "latest").read_text() == "step00000007"
 
 
-def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_latest_and_intact(reliability_runs, tmp_path):
+def test_a_full_disk_before_or_during_a_save_leaves_the_previous_checkpoint_latest_and_intact(reliability_runs, tmp_path):
     assert reliability_runs["status"]["full-disk"] == 3
-    line = _error_line(reliability_runs["log"], "could not be written")
+    line = _error_line(reliability_runs["log"], "step00000001 is still the newest checkpoint, intact")
     run = reliability_runs["full_disk"]
-    assert "step00000001 is still the newest checkpoint" in line
+    if reliability_runs["mounted"]:   # the free-space check stops the save before it writes
+        assert line.startswith("error: Checkpoint step00000002 was not written: ") and " MiB free, and a checkpoint " \
+            "needs " in line and "(the size of step00000001)" in line, line
+        assert not (run / "checkpoints" / "step00000002").exists()
+    else:                             # the write meets the full disk
+        assert "step00000002 could not be written" in line and "the disk is full" in line, line
     assert (run / "checkpoints" / "latest").read_text() == "step00000001"
     assert _export_is_finite(run, tmp_path) == "step00000001"
+
+
+# --- a hang and a dead rank: two 2-process launches, each ended by its fault -----------------------------------
+
+STEP_TIMEOUT = 10    # s: --step-timeout of these runs (a GPU run's default is 100)
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie awaiting its parent."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _fault_mid_run(tiny_shards, work: Path, fault: int, torchrun: bool) -> dict:
+    """A 2-process run, as a user starts it, whose rank 1 gets `fault` (SIGSTOP: frozen; SIGKILL: dead) once a
+    checkpoint exists; what the survivor said, its status, and how long the launch took to end after the fault."""
+    run = work / "run"
+    argv = ["--deepspeed_config", str(ds_config(work / "zero2.json", 2)), "--data", str(tiny_shards), *TINY_MODEL,
+            *FULL_BATCH, "--output", str(run), "--epochs", "1000", "--spectral-every", "0", "--no-eval",
+            "--dist-timeout", "60", "--step-timeout", str(STEP_TIMEOUT)]
+    plan = [{"argv": argv, "status": str(work / "status"), "pid": str(work / "pid")}]
+    proc = launch_plan(plan, 2, work, popen=True, torchrun=torchrun, env=ONE_THREAD)
+    pid_files = [work / f"pid-rank{r}" for r in (0, 1)]
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while not ((run / "checkpoints" / "latest").is_file() and all(p.is_file() for p in pid_files)):
+        assert proc.poll() is None and time.monotonic() < deadline, (work / "plan-0.log").read_text()[-4000:]
+        time.sleep(0.1)
+    pids = [int(p.read_text()) for p in pid_files]
+    kept_before = (run / "checkpoints" / "latest").read_text()
+    os.kill(pids[1], fault)
+    faulted = time.monotonic()
+    ended = wait_or_kill(proc)
+    seconds = time.monotonic() - faulted
+    left = [pid for pid in pids if _alive(pid)]
+    for pid in left:   # the test's own clean-up, after the verdict was taken
+        os.kill(pid, signal.SIGKILL)
+    status = (work / "status").read_text() if (work / "status").is_file() else None
+    return {"log": (work / "plan-0.log").read_text(), "ended": ended, "seconds": seconds, "left": left,
+            "status": status, "run": run, "kept_before": kept_before, "exit": proc.returncode}
+
+
+@slow_fixture(scope="module")
+def faulted_runs(tiny_shards, tmp_path_factory):
+    """Rank 1 frozen under the deepspeed launcher; rank 1 killed under torchrun. The seconds from the fault to the
+    launch's end are recorded in faults.json (docs/reliability.md's table)."""
+    runs = {"frozen": _fault_mid_run(tiny_shards, tmp_path_factory.mktemp("frozen"), signal.SIGSTOP, False),
+            "killed": _fault_mid_run(tiny_shards, tmp_path_factory.mktemp("killed"), signal.SIGKILL, True)}
+    record = {name: {k: run[k] for k in ("seconds", "exit", "status")} for name, run in runs.items()}
+    (tmp_path_factory.getbasetemp() / "faults.json").write_text(json.dumps(record, indent=1))
+    return runs
+
+
+def _survivor_sentence(run: dict) -> str:
+    lines = [line for line in run["log"].splitlines() if line.startswith("error: rank 1 on ")]
+    assert len(lines) == 1, run["log"][-4000:]
+    return lines[0]
+
+
+def test_a_frozen_rank_ends_the_job_with_a_sentence_naming_it(faulted_runs):
+    """Rank 0's heartbeat thread sees rank 1's counter stand still for --step-timeout and ends rank 0 with the
+    sentence and exit status 4; the deepspeed launcher then ends the frozen rank (SIGTERM, SIGKILL 30 s later)."""
+    run = faulted_runs["frozen"]
+    assert run["ended"] and run["left"] == [] and run["exit"] == 4, run["log"][-4000:]
+    line = _survivor_sentence(run)
+    assert line.startswith(f"error: rank 1 on {socket.gethostname()} stopped answering (its heartbeat stood still "
+                           "for "), line
+    kept = (run["run"] / "checkpoints" / "latest").read_text()
+    assert line.endswith(f" s; --step-timeout {STEP_TIMEOUT} s), so every rank stopped; the newest checkpoint, {kept} "
+                         f"in {run['run'] / 'checkpoints'}, is intact: check or replace that node, then run the same "
+                         "command to resume."), line
+    assert kept >= run["kept_before"]
+
+
+def test_a_killed_rank_ends_the_job_under_torchrun_with_nothing_left_running(faulted_runs):
+    """The survivor's collective raises as soon as the dead peer's socket closes (or its heartbeat watcher sees the
+    dead rank's counter stand still); torchrun, which sees the death too, stops the survivor with SIGTERM. Where the
+    survivor spoke first, its sentence names the dead rank."""
+    run = faulted_runs["killed"]
+    assert run["ended"] and run["left"] == [] and run["exit"] != 0, run["log"][-4000:]
+    lines = [line for line in run["log"].splitlines() if line.startswith("error: ")]
+    assert all(line.startswith(f"error: rank 1 on {socket.gethostname()} stopped answering (") for line in lines), \
+        run["log"][-4000:]

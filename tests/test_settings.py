@@ -22,15 +22,15 @@ FLAGS = {"--deepspeed_config", "--deepspeed-config", "--model", "--model-kwargs"
          "--data", "--workers", "--decode", "--reduced-decode", "--no-reduced-decode", "--stream-mode", "--seed",
          "--no-aug", "--color-jitter", "--aa", "--reprob", "--mixup", "--cutmix", "--smoothing", "--crop-pct",
          "--repeated-aug", "--output", "--save-every", "--keep", "--log-every", "--spectral-every", "--no-eval",
-         "--eval-only", "--throughput", "--skip-nonfinite", "--exit-signal", "--exit-after", "--model-ema", "--no-model-ema", "--model-ema-decay",
-         "--model-ema-warmup"}
+         "--eval-only", "--throughput", "--skip-nonfinite", "--exit-signal", "--exit-after", "--model-ema",
+         "--no-model-ema", "--model-ema-decay", "--model-ema-warmup", "--dist-timeout", "--step-timeout"}
 # run.json's "flags" keys: the model card (antismooth.hub) and bench/depth_study.py read them.
 RUN_JSON_KEYS = {"model", "data", "output", "deepspeed_config", "model_kwargs", "input_size", "drop", "drop_path",
                  "epochs", "lr", "min_lr", "warmup_lr", "warmup_epochs", "no_aug", "color_jitter", "aa", "reprob",
                  "mixup", "cutmix", "smoothing", "repeated_aug", "crop_pct", "stream_mode", "workers", "decode",
                  "reduced_decode", "seed", "save_every", "keep", "eval_every_epoch", "log_every", "spectral_every",
-                 "finetune", "eval_only", "throughput", "max_steps", "compile", "skip_nonfinite", "exit_signal", "exit_after", "model_ema",
-                 "model_ema_decay", "model_ema_warmup"}
+                 "finetune", "eval_only", "throughput", "max_steps", "compile", "skip_nonfinite", "exit_signal",
+                 "exit_after", "model_ema", "model_ema_decay", "model_ema_warmup", "dist_timeout", "step_timeout"}
 
 
 def _options() -> dict[str, object]:

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import struct
 import sys
 import time
@@ -136,9 +137,14 @@ def resume_runs(sample_shards, resume_reference, tmp_path_factory):
     second = launch_plan(plan(killed), 2, work, env={"ANTISMOOTH_TEST_KILL_DURING_SAVE": "step00000008"},
                          check=False)
     after_second_kill = _latest(killed)
-    third = launch_plan(plan(killed), 2, work)
+    # The third launch, in the same processes: step 8's save meets a full disk on rank 1 alone (the run stops on
+    # every rank, as a user starts it), then the same command resumes once space is free and runs to the end.
+    full_disk = [{"argv": plan(killed)[0]["argv"], "status": str(work / "full-disk.status")}]
+    third = launch_plan(full_disk + plan(killed), 2, work,
+                        env={"ANTISMOOTH_TEST_ENOSPC_DURING_SAVE": "step00000008@1"})
     return {"reference": reference, "killed": killed, "after_first_kill": after_first_kill,
-            "after_second_kill": after_second_kill, "second_log": second, "third_log": third}
+            "after_second_kill": after_second_kill, "second_log": second, "third_log": third,
+            "full_disk_status": int((work / "full-disk.status").read_text())}
 
 
 def test_a_run_killed_twice_ends_with_the_weights_of_an_uninterrupted_run(resume_runs):
@@ -172,6 +178,26 @@ def test_a_checkpoint_cut_short_is_never_resumed_from(resume_runs):
     assert "Resumed from " + resume_runs["after_second_kill"] in resume_runs["third_log"]
     assert partial.is_dir()  # rewritten in full by the third launch
     assert _latest(resume_runs["killed"]) == "step00000012"
+    assert f"Removed step00000008 from {resume_runs['killed'] / 'checkpoints'}" in resume_runs["third_log"]
+
+
+def test_a_full_disk_on_one_rank_stops_every_rank_and_the_same_command_resumes(resume_runs):
+    """Rank 1 alone meets a full disk writing step 8: both ranks stop with the sentence naming the node, the folder,
+    the room a checkpoint needs and the intact newest checkpoint; `latest` is untouched, the partial step 8 removed,
+    and the resume (the weights test above) ends as the uninterrupted run."""
+    log = resume_runs["third_log"]
+    assert resume_runs["full_disk_status"] == 3
+    lines = [line for line in log.splitlines() if line.startswith("error: Checkpoint step00000008 could not be")]
+    assert len(lines) == 2 and lines[0] == lines[1], log[-4000:]   # every rank stops, with the same sentence
+    checkpoints = resume_runs["killed"] / "checkpoints"
+    sentence = re.fullmatch(
+        rf"error: Checkpoint step00000008 could not be written to {re.escape(str(checkpoints))} on node "
+        rf"{re.escape(socket.gethostname())} \(rank 1: the disk is full\), and a checkpoint needs [0-9.]+ MiB there "
+        r"\(the size of (step0000000[46])\); (step0000000[46]) is still the newest checkpoint, intact: free space "
+        r"there \(or lower --keep\) and run the same command to resume from it\.", lines[0])
+    assert sentence and sentence[1] == sentence[2], lines[0]
+    kept = sentence[1]
+    assert f"Resumed from {kept}" in log.split(lines[0])[-1]   # the resume after it: `latest` was untouched
 
 
 # --- fine-tuning, eval-only, throughput (one process, under torchrun) ------------------------------------------

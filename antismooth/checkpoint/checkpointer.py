@@ -5,21 +5,26 @@ state: the engine (DeepSpeed's files), the trainer's state (their client state),
 files), the training stream (its position, `state_dict()`/`load_state_dict()`), the model's description
 (antismooth.json). A save runs on every rank (DeepSpeed needs all of them):
 
-    due?  ->  prepare (weights finite, the stream's position)  ->  write (this rank's files, flushed)
-          ->  finish (every rank's outcome -> commit: `latest`, prune; or abandon)
+    due?  ->  prepare (weights finite, room for it on every node, the stream's position)
+          ->  write (this rank's files, flushed)
+          ->  finish (every rank's outcome gathered -> commit: `latest`, prune; or abandon on every rank)
 
-`finish` is the one place that decides, after every rank wrote or failed, whether the checkpoint becomes `latest`.
+`finish` is the one place that decides, after every rank wrote or failed, whether the checkpoint becomes `latest`:
+a full disk or an I/O error on one node stops every rank with the same sentence (NeMo's and PyTorch DCP's
+commit-after-all-succeeded), instead of one rank exiting while the others wait in the barrier.
 """
 from __future__ import annotations
 
 import errno
 import logging
+import shutil
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
-from ..distributed import DistEnv, all_reduce_tensor, barrier, collective_device
+from ..distributed import DistEnv, all_gather_object, all_reduce_tensor, collective_device
 from ..engine import TrainingStopped, TrainState
 from ..models.description import ModelDescription
 from .files import checkpoint_tag
@@ -114,6 +119,7 @@ class Checkpointer:
         old ones pruned. The caller has checked the losses since the last check (a diverged step saves nothing)."""
         tag = checkpoint_tag(self.state.global_step)
         self.check_parameters_finite(tag)
+        self.check_free_space(tag)
         self.state.data = self.stream.state_dict() if self.state.samples_in_epoch else {}   # a collective
         self.finish(tag, self.write(tag))
 
@@ -131,15 +137,13 @@ class Checkpointer:
         return None
 
     def finish(self, tag: str, error: Optional[BaseException]) -> None:
-        """After this rank wrote checkpoint `tag` (`error`: why it could not): commit it, or abandon it.
+        """After this rank wrote checkpoint `tag` (`error`: why it could not): commit it, or abandon it on every rank.
 
-        The one place a save's outcome is decided. Today a rank that failed abandons on its own (its exit ends the
-        others through the launcher) and the rest meet at the barrier; a combine of every rank's outcome (one
-        all-reduce of `error is not None`, then abandon on all or commit) and a free-space check before `latest`
-        is written extend this method alone."""
-        if error is not None:
-            self.abandon(tag, error)
-        barrier()  # every rank's files are on the disk
+        The one place a save's outcome is decided: every rank's outcome is gathered (which also waits for every
+        rank's files to be on the disk), and only when none failed does rank 0 name `tag` in `latest`."""
+        failures = [f for f in all_gather_object(None if error is None else self.describe_failure(error)) if f]
+        if failures:
+            self.abandon(tag, failures, error)
         self.last_saved_step = self.state.global_step
         if self.env.rank == 0:
             self.commit(tag)
@@ -150,16 +154,46 @@ class Checkpointer:
         removed = self.run_folder.prune(self.keep)
         _logger.info("saved checkpoint %s%s", tag, f" (removed {', '.join(removed)})" if removed else "")
 
-    def abandon(self, tag: str, err: BaseException) -> None:
-        """A checkpoint that could not be written: its partial folder removed (it was never `latest`), the run
-        stopped with what is kept. The other ranks are ended by the launcher when this one exits."""
-        full = isinstance(err, OSError) and err.errno == errno.ENOSPC or "write failed" in str(err) \
-            or "No space left" in str(err)
+    def describe_failure(self, err: BaseException) -> dict[str, Any]:
+        """What one rank tells the others of its failed write: where, and why in a few words."""
+        full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) \
+            or "write failed" in str(err) or "No space left" in str(err) or "quota" in str(err).lower()
         reason = "the disk is full" if full else f"{type(err).__name__}: {err}".splitlines()[0][:200]
-        self.run_folder.discard(tag)
-        raise TrainingStopped(f"Checkpoint {tag} could not be written to {self.run_folder.checkpoints} ({reason}); "
-                              f"{self.run_folder.latest_tag()} is still the newest checkpoint, intact: free space there "
-                              "(or lower --keep) and run the same command to resume from it.") from err
+        return {"host": socket.gethostname(), "rank": self.env.rank, "reason": reason}
+
+    def abandon(self, tag: str, failures: list[dict[str, Any]], err: Optional[BaseException]) -> None:
+        """A checkpoint that some rank could not write: its partial folder removed (it was never `latest`), and every
+        rank stopped with the same sentence naming the node, the folder, the room a checkpoint needs and the intact
+        newest checkpoint."""
+        latest = self.run_folder.latest_tag()
+        if self.env.rank == 0:
+            self.run_folder.discard(tag)
+        first = failures[0]
+        others = f" and {len(failures) - 1} other rank{'s' * (len(failures) > 2)}" if len(failures) > 1 else ""
+        raise TrainingStopped(f"Checkpoint {tag} could not be written to {self.run_folder.checkpoints} on node "
+                              f"{first['host']} (rank {first['rank']}{others}: {first['reason']}){self.needs(latest)}; "
+                              f"{self.kept(latest)}: free space there (or lower --keep) and run the same command to "
+                              "resume from it.") from err
+
+    def check_free_space(self, tag: str) -> None:
+        """Stop before writing when some node's disk cannot hold another checkpoint as large as the last one (the
+        whole checkpoint: every rank's files land in the one shared folder)."""
+        latest = self.run_folder.latest_tag()
+        need = self.run_folder.checkpoint_bytes(latest)
+        free = shutil.disk_usage(self.run_folder.checkpoints).free if need else need
+        short = [s for s in all_gather_object(None if free >= need else (socket.gethostname(), free)) if s]
+        if short:
+            host, free = short[0]
+            raise TrainingStopped(f"Checkpoint {tag} was not written: {self.run_folder.checkpoints} on node {host} "
+                                  f"has {_size(free)} free{self.needs(latest)}; {self.kept(latest)}: free space there "
+                                  "(or lower --keep) and run the same command to resume from it.")
+
+    def needs(self, latest: Optional[str]) -> str:
+        size = self.run_folder.checkpoint_bytes(latest)
+        return f", and a checkpoint needs {_size(size)} there (the size of {latest})" if size else ""
+
+    def kept(self, latest: Optional[str]) -> str:
+        return f"{latest} is still the newest checkpoint, intact" if latest else "there is no checkpoint yet"
 
     def check_parameters_finite(self, tag: str) -> None:
         """Never save non-finite weights: each rank checks what it holds (its partition under ZeRO-3)."""
@@ -173,3 +207,7 @@ class Checkpointer:
                                   f"in {self.run_folder.checkpoints}, holds finite weights: lower --lr and run the same "
                                   "command to resume from it.")
 
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB" if count < 2**30 else f"{count / 2**30:.1f} GiB"

@@ -17,7 +17,11 @@ _logger = logging.getLogger(__name__)
 def choose_resume_tag(run_folder: RunFolder, env: DistEnv) -> Optional[str]:
     """The newest complete checkpoint that every rank can read back, one decision for all ranks (a rank that
     chose alone could load while the others start fresh, and hang them). Newer damaged ones are renamed
-    `<tag>.damaged`, never deleted, and `latest` names the one the run continues from."""
+    `<tag>.damaged`, never deleted, and `latest` names the one the run continues from. Folders newer than `latest`
+    (a save that some rank never finished) are removed first, and said in the log."""
+    if env.rank == 0 and (uncommitted := run_folder.remove_uncommitted()):
+        _logger.warning("Removed %s from %s: a save that stopped before every rank had written it (never named in "
+                        "`latest`, so never resumed from).", ", ".join(uncommitted), run_folder.checkpoints)
     tags = broadcast_object(run_folder.complete_tags() if env.rank == 0 else None)
     damaged: dict[str, list[str]] = {}
     for tag in reversed(tags):

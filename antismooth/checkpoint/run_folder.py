@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from ..config import HeldBatch
+from ..distributed import barrier
 from .files import CLIENT_STATE_KEY, EVAL_FILE, UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_PATTERN, fsync_folder
 from .latest import read_latest, write_latest
 from ..models.description import ModelDescription
 from .meta import saved_description, write_model_meta
 from .rank_files import damaged_files, files_of_rank, saved_world_size
-from .tags import complete_tags
+from .tags import complete_tags, is_step_tag, list_tags
 
 
 class RunFolder:
@@ -50,21 +51,43 @@ class RunFolder:
                          meta: Optional[ModelDescription], ema=None) -> None:
         """This rank's files of checkpoint `tag`, flushed to the disk: the model's description (`meta`, rank 0),
         the EMA's file (`ema`), DeepSpeed's files with the trainer's `state` as client state. Every rank calls
-        it; then, after a barrier, rank 0 calls `commit(tag)`."""
+        it; then, once every rank's outcome is gathered and none failed, rank 0 calls `commit(tag)`."""
+        try:
+            engine.save_checkpoint(str(self.checkpoints), tag=tag, save_latest=False,
+                                   client_state={CLIENT_STATE_KEY: dict(state),
+                                                 # lets DeepSpeed's ds_to_universal convert ZeRO-1/2 checkpoints for
+                                                 # a resume at another world size (as its own tests save)
+                                                 UNIVERSAL_CHECKPOINT_INFO: {}})
+        except (OSError, RuntimeError):
+            # DeepSpeed's save ends with a barrier, where the ranks that wrote their files now wait: meet them
+            # there, so that every rank reaches the Checkpointer's gathering of outcomes together.
+            barrier()
+            raise
+        # Ours after DeepSpeed's, which hold the only collectives: a failure here keeps the ranks in step.
         if rank == 0 and meta is not None:
             write_model_meta(self.tag_dir(tag), meta)
         if ema is not None:  # each rank's own fragments, before its files are flushed
             ema.save(self.tag_dir(tag))
-        engine.save_checkpoint(str(self.checkpoints), tag=tag, save_latest=False,
-                               client_state={CLIENT_STATE_KEY: dict(state),
-                                             # lets DeepSpeed's ds_to_universal convert ZeRO-1/2 checkpoints for a
-                                             # resume at another world size (as its own tests save)
-                                             UNIVERSAL_CHECKPOINT_INFO: {}})
         self.sync_files(tag, rank)
 
     def discard(self, tag: str) -> None:
         """Remove a checkpoint whose save failed (it was never `latest`)."""
         shutil.rmtree(self.tag_dir(tag), ignore_errors=True)
+
+    def remove_uncommitted(self) -> list[str]:
+        """Delete the step folders newer than `latest` (all of them without one): saves that some rank never
+        finished, which `latest` never named and no resume may read. Returns their tags (rank 0 calls it)."""
+        latest = self.latest_tag()
+        doomed = [tag for tag in list_tags(self.checkpoints) if is_step_tag(tag) and (latest is None or tag > latest)]
+        for tag in doomed:
+            shutil.rmtree(self.tag_dir(tag), ignore_errors=True)
+        return doomed
+
+    def checkpoint_bytes(self, tag: Optional[str]) -> int:
+        """What checkpoint `tag`'s files take on the disk (0 without a tag): what the next save needs free."""
+        if tag is None or not self.tag_dir(tag).is_dir():
+            return 0
+        return sum(p.stat().st_size for p in self.tag_dir(tag).rglob("*") if p.is_file())
 
     def commit(self, tag: str) -> None:
         """Name `tag` the newest complete checkpoint: call on rank 0 after every rank's files are on disk."""

@@ -14,9 +14,9 @@ and after the run (its last checkpoint saved); "record", per rank (`-rank{r}` be
 labels and sample positions of every batch the training loop took, with its epoch; "weights_each_step",
 the whole fp32 weights when training starts and after every optimizer step (a list). With ANTISMOOTH_TEST_KILL_DURING_SAVE=TAG,
 the last rank SIGKILLs itself while saving checkpoint TAG, after its model files and before its
-optimizer shard: a crash in the middle of writing a checkpoint. With ANTISMOOTH_TEST_ENOSPC_DURING_SAVE=TAG,
-writing checkpoint TAG's optimizer shard fails as on a full disk. With ANTISMOOTH_TEST_SIGNAL_DURING_SAVE=PATH_PART, the
-last rank sends itself SIGUSR2 while writing that checkpoint's optimizer shard.
+optimizer shard: a crash in the middle of writing a checkpoint. With ANTISMOOTH_TEST_ENOSPC_DURING_SAVE=TAG (or
+TAG@RANK: on that rank only), writing checkpoint TAG's optimizer shard fails as on a full disk, once per process. With ANTISMOOTH_TEST_SIGNAL_DURING_SAVE=PATH_PART, the last rank sends itself
+SIGUSR2 while writing that checkpoint's optimizer shard.
 """
 from __future__ import annotations
 
@@ -57,14 +57,21 @@ def kill_during_save(tag: str) -> None:
     TorchCheckpointEngine.save = save
 
 
-def full_disk_during_save(tag: str) -> None:
-    """Where no small filesystem can be mounted: the optimizer shard of checkpoint `tag` meets a full disk."""
+def full_disk_during_save(spec: str) -> None:
+    """Where no small filesystem can be mounted: the optimizer shard of checkpoint TAG meets a full disk, once per
+    process (a later plan entry is the resume after space was freed). `spec` is TAG, or TAG@RANK for one rank only
+    (a full disk on one node)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
+    tag, _, only_rank = spec.partition("@")
+    if only_rank and int(only_rank) != rank():
+        return
     original = TorchCheckpointEngine.save
+    fired = []
 
     def save(self, state_dict, path):
-        if f"/{tag}/" in path and path.endswith("optim_states.pt"):
+        if f"/{tag}/" in path and path.endswith("optim_states.pt") and not fired:
+            fired.append(path)
             raise OSError(errno.ENOSPC, "No space left on device", path)
         return original(self, state_dict, path)
 
@@ -171,17 +178,23 @@ def run_entry(entry: dict):
             trainer.write_records()
 
 
-def main(plan_path: str) -> None:
+def main(plan_path: str) -> int:
+    """Run the plan's entries in order; the exit status of the last one (0 after an entry run by run_entry)."""
     if os.environ.get("ANTISMOOTH_TEST_KILL_DURING_SAVE"):
         kill_during_save(os.environ["ANTISMOOTH_TEST_KILL_DURING_SAVE"])
     if os.environ.get("ANTISMOOTH_TEST_SIGNAL_DURING_SAVE"):
         signal_during_save(os.environ["ANTISMOOTH_TEST_SIGNAL_DURING_SAVE"])
     if os.environ.get("ANTISMOOTH_TEST_ENOSPC_DURING_SAVE"):
         full_disk_during_save(os.environ["ANTISMOOTH_TEST_ENOSPC_DURING_SAVE"])
+    status = 0
     for entry in json.loads(Path(plan_path).read_text()):
+        if entry.get("pid"):   # for a test that stops or kills one rank
+            Path(f"{entry['pid']}-rank{rank()}").write_text(str(os.getpid()))
         if entry.get("status"):  # the run as a user starts it: startup.main's exit status, its message on stderr
-            Path(entry["status"]).write_text(str(startup.main(entry["argv"], plan_trainer(entry))))
+            status = startup.main(entry["argv"], plan_trainer(entry))
+            Path(entry["status"]).write_text(str(status))
             continue
+        status = 0
         engine = run_entry(entry)
         if entry.get("state_at_end") and engine is not None:
             state = gathered_state(engine)
@@ -195,8 +208,11 @@ def main(plan_path: str) -> None:
                 logits = engine(images).float().cpu()
             if rank() == 0:
                 torch.save(logits, entry["probe"])
+    return status
 
 
 if __name__ == "__main__":
-    main(next(a for a in sys.argv[1:] if not a.startswith("--local_rank")))
-    leave()   # as pretrain.py does after a finished run
+    exit_status = main(next(a for a in sys.argv[1:] if not a.startswith("--local_rank")))
+    if exit_status == 0:
+        leave()   # as pretrain.py does after a finished run
+    sys.exit(exit_status)
