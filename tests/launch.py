@@ -147,8 +147,10 @@ def wait_or_kill(proc: subprocess.Popen) -> bool:
 
 
 def launch_plan(plan: list[dict], world: int, workdir: Path, env: dict | None = None, check: bool = True,
-                popen: bool = False, torchrun: bool = False):
-    """Run a plan with `deepspeed --num_gpus world` (world > 1), `torchrun`, or plain python (world 1)."""
+                popen: bool = False, torchrun: bool = False, expect: int = 0):
+    """Run a plan with `deepspeed --num_gpus world` (world > 1), `torchrun`, or plain python (world 1); with `check`,
+    its exit status must be `expect` (a plan exits with its last run's status: a run expected to stop ends it
+    non-zero)."""
     plan_file = write_plan(plan, workdir)
     if torchrun:
         cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(world), "--master_port", str(free_port()),
@@ -169,6 +171,6 @@ def launch_plan(plan: list[dict], world: int, workdir: Path, env: dict | None = 
     output = (workdir / f"{plan_file.stem}.log").read_text()
     if hung:
         pytest.fail(f"training plan hung: killed after {LAUNCH_TIMEOUT} s:\n{output[-6000:]}")
-    if check and proc.returncode != 0:
-        pytest.fail(f"training plan failed (exit {proc.returncode}):\n{output[-6000:]}")
+    if check and proc.returncode != expect:
+        pytest.fail(f"training plan failed (exit {proc.returncode}, expected {expect}):\n{output[-6000:]}")
     return output

@@ -62,7 +62,7 @@ def reliability_runs(zero_runs, tiny_shards, tmp_path_factory):
          "status": str(work / "full-disk.status")},
     ]
     env = {} if mounted else {"ANTISMOOTH_TEST_ENOSPC_DURING_SAVE": "step00000002"}
-    log = launch_plan(plan, 1, work, env=env)
+    log = launch_plan(plan, 1, work, env=env, expect=3)   # the plan exits with its last run's status: the full disk's
     status = {name: int((work / f"{name}.status").read_text())
               for name in ("diverged", "diverged-late", "damaged", "full-disk")}
     yield {"work": work, "log": log, "damaged": damaged, "full_disk": full_disk / "run", "status": status,
