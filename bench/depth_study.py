@@ -181,18 +181,13 @@ def deepspeed_json(recipe: dict, path: Path) -> Path:
 def launcher(processes: int) -> list[str]:
     """DeepSpeed's launcher for several processes (its script beside this Python, else the module); one process
     runs pretrain.py directly."""
+    from antismooth.distributed import free_port
+
     if processes == 1:
         return [sys.executable]
     script = Path(sys.executable).parent / "deepspeed"
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    return [*command, "--num_gpus", str(processes), "--master_port", str(_free_port())]
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return [*command, "--num_gpus", str(processes), "--master_port", str(free_port())]
 
 
 def pretrain_argv(cell: Cell, recipe: dict, shards: Path, out: Path, config: Path) -> list[str]:

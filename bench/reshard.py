@@ -19,22 +19,15 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from antismooth.distributed import usable_cpus
+from antismooth.distributed import free_port, usable_cpus
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- a worker of the 2-process launch: one step, one checkpoint ----------------------------------------------
@@ -86,7 +79,7 @@ def _size(folder: Path) -> int:
 def bench_stage(model: str, stage: int, img_size: int, workers: int, work: Path) -> list[dict]:
     checkpoints = work / f"zero{stage}"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
                 __file__, "--worker", model, str(stage), str(checkpoints), str(img_size)]
     subprocess.run(launcher, cwd=REPO, env=env, check=True, capture_output=True)
     tag = checkpoints / "step00000001"

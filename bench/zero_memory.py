@@ -37,7 +37,6 @@ import ctypes
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -219,14 +218,11 @@ def worker(args: argparse.Namespace) -> None:
 
 # --- driver: the launches and the tables -------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def launch(world: int, args: argparse.Namespace, out: Path) -> float:
     """Run the worker on `world` processes: the deepspeed launcher for 2+, plain python with the env for 1."""
+    from antismooth.distributed import free_port
+
     worker_args = [str(Path(__file__).resolve()), "--worker", "--out", str(out), "--model", args.model,
                    "--device", args.device, "--batch", str(args.batch), "--stages", *map(str, args.stages),
                    "--variants", *args.variants]
@@ -235,11 +231,11 @@ def launch(world: int, args: argparse.Namespace, out: Path) -> float:
     env.update(WORKER_ENV, PYTHONUNBUFFERED="1")
     if world == 1:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(_free_port()))
+                   MASTER_PORT=str(free_port()))
         cmd = [sys.executable, *worker_args]
     else:
         cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(world),
-               "--master_port", str(_free_port()), *worker_args]
+               "--master_port", str(free_port()), *worker_args]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not out.is_file():
