@@ -108,13 +108,25 @@ def _check_output(out: Path, overwrite: bool) -> None:
                                   "--out.")
 
 
+def honour_umask(path: Path) -> None:
+    """Give a written file (or a folder and everything in it) the mode a plain open() or mkdir() would have under
+    this process's umask: safetensors writes its files 0600, which other users of a shared machine cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in paths:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def _atomic_paths(*paths: Path) -> Iterator[list[Path]]:
-    """Temporary names beside `paths`; renamed onto them on success, deleted on any exception."""
+    """Temporary names beside `paths`; renamed onto them on success (with the umask's mode), deleted on any
+    exception."""
     tmps = [p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in paths]
     try:
         yield tmps
         for tmp, path in zip(tmps, paths, strict=True):
+            honour_umask(tmp)
             os.replace(tmp, path)
     finally:
         for tmp in tmps:

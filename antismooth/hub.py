@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import RunFolder
-from .export import DTYPES, TIMM_META_KEY, ExportResult, consolidate_checkpoint
+from .export import DTYPES, TIMM_META_KEY, ExportResult, consolidate_checkpoint, honour_umask
 from .models.description import DATA_CONFIG_KEYS, ModelDescription
 
 __all__ = ["CARD_FILE", "PAPER", "HubError", "build_model", "run_summary", "model_card",
@@ -169,6 +169,7 @@ def save_timm_folder(model: nn.Module, meta: ModelDescription | Mapping[str, Any
     try:
         save_for_hf(model, tmp, model_config=_hf_config(meta), safe_serialization=True, data_config=_data_config(meta))
         (tmp / CARD_FILE).write_text(generate_readme(dict(card), out.name), encoding="utf-8")
+        honour_umask(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -16,13 +16,14 @@ import time
 
 from tqdm import tqdm
 
+from antismooth.cli import usage
 from antismooth.data import shards
 from antismooth.distributed import usable_cpus
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line; defaults live in antismooth.data.shards."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = usage.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", help="dataset root holding the split folders (train/, val/)")
     p.add_argument("--out", default="shards/imagenet", help="output folder (default: %(default)s)")
     p.add_argument("--splits", default=",".join(shards.DEFAULT_SPLITS),
@@ -58,9 +59,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="check the shards in --out against their manifests instead of building; exit 1 on mismatch")
     args = p.parse_args(argv)
     if not args.verify and not args.src:
-        p.error("--src is required to build shards (or pass --verify to check existing ones).")
-    args.splits = [s for s in args.splits.split(",") if s]
+        usage.fail("--src is required to build shards: pass the folder that holds train/ and val/ (or --verify "
+                   "to check existing shards).")
+    given, args.splits = args.splits, [s for s in args.splits.split(",") if s]
+    if not args.splits:
+        usage.fail(f"--splits {given!r} names no split: pass split folder names, e.g. --splits train,val.")
+    check_args(args)
     return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag a user can get wrong, before anything is listed or written."""
+    usage.at_least(args.workers, "--workers", 1, "processes writing shards")
+    if args.verify:
+        usage.readable_folder(args.out, "--out", "give the folder tools/build_shards.py wrote the shards into")
+        return
+    usage.readable_folder(args.src, "--src", "give the folder that holds train/ and val/ (ImageFolder layout)")
+    usage.writable_folder(args.out, "--out")
+    if args.names:
+        usage.readable_file(args.names, "--names", "give a file of 'wnid name' lines or a JSON object")
+    usage.at_least(args.max_count, "--max-count", 1, "samples per shard")
+    if args.max_size_mb <= 0:
+        usage.fail(f"--max-size-mb must be a positive number of megabytes, got {args.max_size_mb}.")
+    usage.at_least(args.max_size, "--max-size", 1, "pixels of the shorter side")
+    usage.at_least(args.max_side, "--max-side", 1, "pixels of the longer side")
+    usage.in_range(args.quality, "--quality", 1, 100, "JPEG quality")
+    usage.in_range(args.max_side_quality, "--max-side-quality", 1, 100, "JPEG quality")
+
+
+def say_missing_splits(args: argparse.Namespace, listings: list[shards.SplitListing]) -> None:
+    """A split asked for but absent under --src is said once, with what happens without it (the default
+    --splits train,val: no val/ means no evaluation anywhere downstream)."""
+    found = {listing.split for listing in listings}
+    for split in args.splits:
+        if split in found:
+            continue
+        then = (" pretrain.py will train without evaluating, and tools/eval.py and tools/analyze.py need "
+                "--split train or another validation set." if split == "val" else "")
+        print(f"note: {args.src} has no {split}/ folder: no {split} shards are built.{then}", file=sys.stderr)
 
 
 def _bar(desc: str, total: int, unit: str, unit_scale: bool = True) -> tqdm:
@@ -79,6 +115,7 @@ def build(args: argparse.Namespace) -> int:
     if sys.stderr.isatty():
         print(f"listing the split folders under {args.src} ...", file=sys.stderr)
     listings = shards.list_splits(args.src, args.splits, args.skip_unknown_classes)
+    say_missing_splits(args, listings)
     with shards.WorkerPool(args.workers) as pool:
         for listing in listings:
             split = listing.split
@@ -117,17 +154,12 @@ def verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+@usage.entry_point(interrupted="interrupted: rerun the same command to resume from the complete shards.",
+                   user_errors=(OSError, ValueError))   # antismooth.data.shards' own sentences (a bad layout...)
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 verify found problems, 2 a usage or input error)."""
     args = parse_args(argv)
-    try:
-        return verify(args) if args.verify else build(args)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume from the complete shards.", file=sys.stderr)
-        return 130
+    return verify(args) if args.verify else build(args)
 
 
 if __name__ == "__main__":
