@@ -62,6 +62,10 @@ def resolve_checkpoint(path: str | Path, tag: Optional[str] = None) -> Checkpoin
     """Find the checkpoint to export (default: the one `latest` names) and check every rank's files are there."""
     checkpoint_dir, tag = _find_save_dir(Path(path), tag)
     latest = read_latest(checkpoint_dir)
+    if latest is None and not list_tags(checkpoint_dir) and not (tag and (checkpoint_dir / tag).is_dir()):
+        raise CheckpointError(
+            f"{checkpoint_dir} holds no checkpoint (no '{LATEST_FILE}' file, no step* tag folders): give the --output "
+            "folder of a pretrain.py run that saved one, its checkpoints/ folder, or a tag folder inside it.")
     if tag is None:
         if latest is None:
             raise CheckpointError(

@@ -19,12 +19,13 @@ import argparse
 import sys
 import time
 
+from antismooth.cli import usage
 from antismooth.export import DTYPES, export_checkpoint
 from antismooth.hub import HubError, export_timm, push_to_hub
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = usage.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="run folder (runs/<run>), its checkpoints/ folder, or one tag folder")
     p.add_argument("--tag", help="checkpoint tag, e.g. step00012000 (default: the one 'latest' names)")
     p.add_argument("--out", required=True,
@@ -41,27 +42,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     if args.push_to_hub and args.format != "timm":
-        p.error("--push-to-hub uploads timm's folder format: add --format timm.")
+        usage.fail("--push-to-hub uploads timm's folder format: add --format timm.")
+    check_paths(args)
     return args
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """The checkpoint can be read and --out written, before the slow consolidation (antismooth.export checks
+    the rest: the file's suffix, an existing output without --overwrite, the checkpoint's own files)."""
+    usage.readable_path(args.checkpoint, "checkpoint", "give a run folder (runs/<run>), its checkpoints/ folder, "
+                                                       "or one tag folder inside it")
+    if args.format == "timm":
+        usage.writable_folder(args.out, "--out")
+    else:
+        usage.writable_file(args.out, "--out", args.overwrite)
+
+
+@usage.entry_point(interrupted="interrupted: nothing was written.",
+                   user_errors=(OSError, ValueError))   # the checkpoint's and the output's own sentences
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 a problem with the checkpoint or the output path)."""
     args = parse_args(argv)
     start = time.perf_counter()
-    try:
-        if args.format == "timm":
-            result, model, card = export_timm(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype,
-                                              overwrite=args.overwrite, ema=args.ema)
-        else:
-            result = export_checkpoint(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype,
-                                       overwrite=args.overwrite, ema=args.ema)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written.", file=sys.stderr)
-        return 130
+    if args.format == "timm":
+        result, model, card = export_timm(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype,
+                                          overwrite=args.overwrite, ema=args.ema)
+    else:
+        result = export_checkpoint(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype,
+                                   overwrite=args.overwrite, ema=args.ema)
     seconds = time.perf_counter() - start
     if args.format == "file":
         ref = result.ref
@@ -79,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             url = push_to_hub(model, result.meta, args.push_to_hub, card, result.path)
         except HubError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            raise usage.ConfigError(str(e)) from e
         print(f"uploaded to {url}")
     return 0
 
