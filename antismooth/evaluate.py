@@ -107,6 +107,12 @@ def resolve_eval_data(data: str | Path, split: str = "val") -> EvalData:
     if manifest.is_file() or data.suffix == ".json":
         source = ShardSource.resolve(manifest)
         return EvalData("shards", manifest, source.classes, source=source)
+    others = [s for s in ("train", "val", "test") if s != split and ((data / s).is_dir() or (data / f"{s}.json").is_file())]
+    if not (data / split).is_dir() and others:   # a shard folder or ImageFolder root without this split
+        raise FileNotFoundError(
+            f"--data {data} has no {split} split (no {split}.json, no {split}/ folder; it holds {' and '.join(others)}): "
+            f"build the {split} shards from an ImageFolder with a {split}/ folder (tools/build_shards.py), or pass "
+            f"--split {others[0]} to measure those images instead.")
     root = data / split if (data / split).is_dir() else data
     if not root.is_dir():
         raise FileNotFoundError(f"no evaluation data at {data}: give a shard folder holding {split}.json, a "

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from antismooth.cli import usage
 from antismooth.data.device import pin_memory_for
 from antismooth.data.pipeline import reduce_eval_metrics
 from antismooth.distributed import DistEnv, LaunchError, detect_launch, init_distributed, leave
@@ -35,7 +36,7 @@ AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = usage.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True,
                    help="weights file (.safetensors or .pth, read with weights_only=True), or a timm folder "
                         "(tools/export.py --format timm)")
@@ -51,8 +52,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="autocast dtype of the forward pass (default: %(default)s)")
     p.add_argument("--device", help="cpu or cuda (each process takes its local rank's GPU; cuda:N in a single "
                                     "process); default: cuda when there is one, else cpu")
-    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    return p.parse_args(argv)
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file (replaced if it exists)")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag a user can get wrong, before a process group is joined or a model built."""
+    usage.readable_path(args.weights, "--weights", "give a .safetensors or .pth file (tools/export.py writes one) "
+                                                   "or a timm folder")
+    usage.readable_path(args.data, "--data", "give a shard folder holding <split>.json, a manifest, or an "
+                                             "ImageFolder root")
+    usage.at_least(args.batch_size, "--batch-size", 1, "images per batch and process")
+    usage.at_least(args.workers, "--workers", 0, "loader processes; 0 loads in this process")
+    usage.at_least(args.num_classes, "--num-classes", 1, "model outputs")
+    usage.at_least(args.img_size, "--img-size", 1, "pixels")
+    if args.json is not None:
+        usage.writable_file(args.json, "--json", overwrite=True)
 
 
 def setup_distributed(device_flag: str | None) -> tuple[DistEnv, bool]:
@@ -95,23 +112,26 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
             "weights": str(args.weights), "data": str(data.path), "split": args.split, "world_size": world}
 
 
+def speaks() -> bool:
+    """Rank 0 says a mistake (every rank finds it, before any process group); one that cannot tell its rank too."""
+    try:
+        return detect_launch().rank == 0
+    except LaunchError:
+        return True
+
+
+@usage.entry_point(interrupted="interrupted.", user_errors=(LaunchError,), speaks=speaks)
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 a problem with the weights, the data or the flags)."""
     args = parse_args(argv)
-    try:
-        env, started = setup_distributed(args.device)
-    except LaunchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    env, started = setup_distributed(args.device)
     rank, world = env.rank, env.world_size
     try:
         figures = run(args, rank, world, env.device)
-    except (OSError, ValueError) as e:  # WeightsMismatchError is a ValueError
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:  # the library's sentences (WeightsMismatchError is a ValueError)
         if started:   # no barrier here: a rank that failed alone must not wait for the others
             dist.destroy_process_group()
-        return 2
+        raise usage.ConfigError(str(e)) from e
     if started:
         leave()   # every rank finished: leave the process group together, as pretrain.py does
     if rank == 0:

@@ -41,10 +41,12 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{message}: see `{self.prog} --help`.")
 
 
-def entry_point(interrupted: str = "interrupted.", user_errors: tuple[type[BaseException], ...] = ()):
+def entry_point(interrupted: str = "interrupted.", user_errors: tuple[type[BaseException], ...] = (),
+                speaks: Callable[[], bool] = lambda: True):
     """Decorator of a command's `main(argv) -> int`: a ConfigError (or one of `user_errors`, the library's own
     exceptions that name the user's mistake) becomes `error: <sentence>` on stderr and exit status 2, Ctrl-C the
-    line `interrupted` and 130. Anything else is a defect and keeps its traceback."""
+    line `interrupted` and 130. Anything else is a defect and keeps its traceback. `speaks`: whether this process
+    prints the line (a command launched as many processes says it once, from rank 0; each exits 2 or 130)."""
     caught = (ConfigError, *user_errors)
 
     def wrap(main: Callable[[Optional[list[str]]], int]) -> Callable[[Optional[list[str]]], int]:
@@ -53,10 +55,12 @@ def entry_point(interrupted: str = "interrupted.", user_errors: tuple[type[BaseE
             try:
                 return main(argv)
             except caught as err:
-                print(f"error: {one_line(err)}", file=sys.stderr)
+                if speaks():
+                    print(f"error: {one_line(err)}", file=sys.stderr)
                 return USAGE_EXIT
             except KeyboardInterrupt:
-                print(interrupted, file=sys.stderr)
+                if speaks():
+                    print(interrupted, file=sys.stderr)
                 return INTERRUPTED_EXIT
         return command
     return wrap
