@@ -354,7 +354,7 @@ def plot(results: Sequence[dict], recipe: dict, path: Path) -> None:
 def curves(shards: Path, weights: Sequence[Path], out: Path, log: Path) -> None:
     """The oversmoothing curves (tools/analyze.py) of the given exports, side by side."""
     _run([sys.executable, "tools/analyze.py", "--weights", *map(str, weights), "--data", str(shards / "val.json"),
-          "--out", str(out), "--num-images", "256"], log)
+          "--out", str(out), "--num-images", "256", "--overwrite"], log)
 
 
 # --- the command ----------------------------------------------------------------------------------------------------

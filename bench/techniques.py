@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             run([sys.executable, "tools/demo.py", "--model", model, "--work", str(work.relative_to(REPO)),
                  "--shards", str(shards.relative_to(REPO)), "--eval-json", str(work / "eval.json")])
     run([sys.executable, "tools/analyze.py", "--weights", *map(str, weights.values()), "--data", str(shards),
-         "--num-images", "128", "--out", str(out / "report")])
+         "--num-images", "128", "--out", str(out / "report"), "--overwrite"])
 
     report = json.loads((out / "report" / "report.json").read_text())
     print("\n| model | val top-1 % | " + " | ".join(f"{m}, last block" for m in LAST_BLOCK_MEASUREMENTS) + " |")

@@ -28,6 +28,7 @@ import torch.nn as nn
 from timm.utils import ParseKwargs
 
 import antismooth  # noqa: F401  (registers the model zoo with timm)
+from antismooth.cli import usage
 from antismooth.data.device import to_device
 from antismooth.data.pipeline import AugmentConfig, build_eval_stream, eval_transform
 from antismooth.evaluate import eval_augment
@@ -36,6 +37,8 @@ from antismooth.models.description import ModelDescription
 from antismooth.spectral import MEASUREMENTS, SpectralReport, curves_figure, measure
 
 MANIFESTS = ("val.json", "train.json")  # looked for, in this order, in a --data folder
+SPLITS = ("val", "train")               # an ImageFolder root's split folders, in the same order
+REPORT_FILES = ("report.json", "report.csv")
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class ModelSpec:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = usage.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, nargs="*", default=[],
                    help="weights files (.safetensors or .pth) or timm folders (tools/export.py --format timm), "
                         "one curve each")
@@ -65,12 +68,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init with --model alone")
     p.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace the report an earlier run left in --out")
     args = p.parse_args(argv)
     if not args.weights and not args.model:
-        p.error("give --weights files, or --model NAME to analyse a random init.")
-    if args.num_images < 1:
-        p.error("--num-images must be at least 1.")
+        usage.fail("give --weights files, or --model NAME to analyse a random init.")
+    check_args(args)
     return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag a user can get wrong, before a model is built or an image read."""
+    for path in args.weights:
+        usage.readable_path(path, "--weights", "give .safetensors or .pth files (tools/export.py writes them) or "
+                                               "timm folders")
+    usage.readable_path(args.data, "--data", "give a shard manifest (val.json), a folder holding one, or an "
+                                             "ImageFolder directory")
+    usage.at_least(args.num_images, "--num-images", 1, "images to measure on")
+    usage.at_least(args.batch_size, "--batch-size", 1, "images per forward pass")
+    check_device(args.device)
+    usage.output_folder(args.out, "--out", args.overwrite, holds=REPORT_FILES)
+
+
+def check_device(device: str) -> None:
+    """A device torch knows, and a GPU that is there."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        usage.fail(f"--device {device} is not a device: pass cpu or cuda.")
+    if kind == "cuda" and not torch.cuda.is_available():
+        usage.fail(f"--device {device} but no GPU is visible: pass --device cpu.")
 
 
 # --- which models ---------------------------------------------------------------------------------------
@@ -108,17 +134,26 @@ def build_model(spec: ModelSpec, seed: int) -> nn.Module:
 
 # --- which images ---------------------------------------------------------------------------------------
 
-def find_manifest(data: Path) -> Optional[Path]:
-    """The manifest --data names (a .json, or val.json/train.json in a folder); None for an ImageFolder."""
-    if data.suffix == ".json":
+def resolve_data(data: Path) -> Path:
+    """The images --data names: a manifest, a folder's val.json (else train.json), an ImageFolder root's val/
+    (else train/), or an ImageFolder itself. Measuring the training split is said once: the curves then describe
+    images the model was trained on."""
+    if data.suffix == ".json" or not data.is_dir():
         return data
-    return next((data / m for m in MANIFESTS if (data / m).is_file()), None)
+    found = next((data / m for m in MANIFESTS if (data / m).is_file()), None)
+    if found is None and not any((data / s).is_dir() for s in SPLITS):
+        return data   # an ImageFolder itself (<class>/<image>)
+    found = found or next(data / s for s in SPLITS if (data / s).is_dir())
+    if found.name.startswith("train"):
+        print(f"note: {data} has no validation split (val.json or val/): measuring the training images of "
+              f"{found}; pass a validation set to --data to measure unseen images.", file=sys.stderr)
+    return found
 
 
 def load_images(data: Path, num_images: int, augment: AugmentConfig) -> torch.Tensor:
     """num_images uint8 images [B, 3, S, S] through the deterministic evaluation transform (normalised later,
     on the device, by antismooth.data.device as in training and evaluation)."""
-    manifest = find_manifest(data)
+    manifest = data if data.suffix == ".json" else None
     if manifest is not None:
         stream = build_eval_stream(manifest, batch_size=min(num_images, 64), rank=0, world_size=1,
                                    num_workers=0, augment=augment)
@@ -177,32 +212,30 @@ def write_report(reports: dict[str, SpectralReport], specs: list[ModelSpec], out
 
 def analyze(args: argparse.Namespace) -> int:
     specs = resolve_specs(args)
+    data = resolve_data(args.data)
     reports: dict[str, SpectralReport] = {}
     images_by_augment: dict[AugmentConfig, torch.Tensor] = {}
     for spec in specs:
         model = build_model(spec, args.seed).to(args.device)
         augment = eval_augment(model, spec.description)
         if augment not in images_by_augment:
-            images_by_augment[augment] = load_images(args.data, args.num_images, augment)
+            images_by_augment[augment] = load_images(data, args.num_images, augment)
         images = to_device(images_by_augment[augment], args.device, augment.mean, augment.std)
         reports[spec.label] = report = measure(model, images, attention=args.attention, batch_size=args.batch_size)
         print(f"{spec.label}: {len(report.hc_share)} blocks on {report.num_images} images, "
               f"hc_share {report.hc_share[0]:.3f} -> {report.hc_share[-1]:.3f}, "
               f"patch_uniformity {report.patch_uniformity[0]:.3f} -> {report.patch_uniformity[-1]:.3f}")
         del model
-    for path in write_report(reports, specs, args.out, args.data):
+    for path in write_report(reports, specs, args.out, data):
         print(f"wrote {path}")
     return 0
 
 
+@usage.entry_point(interrupted="interrupted: no report was written.",
+                   user_errors=(OSError, ValueError))   # the weights' and the data's own sentences
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 a usage or input error)."""
-    args = parse_args(argv)
-    try:
-        return analyze(args)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return analyze(parse_args(argv))
 
 
 if __name__ == "__main__":
