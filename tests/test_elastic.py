@@ -228,7 +228,7 @@ def test_a_conversion_killed_midway_leaves_the_checkpoint_usable_and_runs_again(
     assert reshard_tool.main([str(run)]) == 0
     assert f"{tag} (saved by 2 processes) was already converted" in capsys.readouterr().out
     assert reshard_tool.main([str(tmp_path / "no-run")]) == 2
-    assert "has no complete checkpoint: give the --output folder of a pretrain.py run" in capsys.readouterr().err
+    assert "does not exist: give the --output folder of a pretrain.py run" in capsys.readouterr().err
 
 
 def test_a_world_size_that_cannot_hold_the_global_batch_stops_with_the_sizes_that_can(zero_runs, tiny_shards,

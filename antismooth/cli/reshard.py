@@ -10,15 +10,15 @@ a newer checkpoint is saved. DeepSpeed's converter shows a progress bar per phas
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Optional
 
+from antismooth.checkpoint import CheckpointError, RunFolder, convert_to_universal, list_tags, resolve_checkpoint
+from antismooth.cli import usage
 from antismooth.distributed import usable_cpus
-from antismooth.checkpoint import RunFolder, convert_to_universal
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = usage.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a pretrain.py --output folder")
     p.add_argument("--tag", help="checkpoint to convert (default: the newest complete one, as `latest` names it)")
     p.add_argument("--workers", type=int, default=max(1, min(8, usable_cpus())),
@@ -26,15 +26,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    run = RunFolder(args.run)
+def check_run(args: argparse.Namespace) -> tuple[RunFolder, str]:
+    """The run folder and the tag to convert, every rank's files there, and room to write the conversion."""
+    usage.at_least(args.workers, "--workers", 1, "processes")
+    root = usage.readable_folder(args.run, "run", "give the --output folder of a pretrain.py run")
+    if root.name == "checkpoints" and (root / "latest").is_file():
+        usage.fail(f"{root} is a run's checkpoints/ folder: give the run folder above it, {root.parent}.")
+    run = RunFolder(root)
     tag = args.tag or run.latest_tag()
     if tag is None or not run.tag_dir(tag).is_dir():
         what = f"no checkpoint {tag}" if tag else "no complete checkpoint"
-        print(f"error: {run.checkpoints} has {what}: give the --output folder of a pretrain.py run "
-              "(and --tag one of its step* folders).", file=sys.stderr)
-        return 2
+        tags = list_tags(run.checkpoints)
+        usage.fail(f"{run.checkpoints} has {what}: give the --output folder of a pretrain.py run (and --tag one of "
+                   f"its step* folders{': ' + ', '.join(tags) if tags else ''}).")
+    if run.saved_world_size(tag) is not None:   # ZeRO shards to convert
+        resolve_checkpoint(run.checkpoints, tag)   # every rank's files are there
+        usage.writable_folder(run.checkpoints, "run")
+    return run, tag
+
+
+@usage.entry_point(interrupted="interrupted: the checkpoint is untouched; rerun to convert it.",
+                   user_errors=(CheckpointError,))
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    run, tag = check_run(args)
     saved = run.saved_world_size(tag)
     if saved is None:
         print(f"{tag} holds no ZeRO shards (ZeRO-0): it loads on any number of processes as it is; nothing to do.")
