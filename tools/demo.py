@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from antismooth.cli import usage
+
 REPO = Path(__file__).resolve().parents[1]
 
 DIGIT_SIZE = 32            # stored JPEG size: the 8×8 scans upsampled, so JPEG blocks do not smear strokes
@@ -61,9 +63,25 @@ def write_digits_imagefolder(root: Path, seed: int = 0) -> dict[str, int]:
     return counts
 
 
+DEMO_MARK = ".antismooth-demo"   # in the folders the demo made: it replaces only those
+DEFAULT_WORK, DEFAULT_SHARDS = "runs/demo", "shards/demo"
+
+
+class StepFailed(Exception):
+    """A step of the demo (a command it ran) failed; it printed why, its exit status is kept."""
+
+    def __init__(self, cmd: list[str], status: int) -> None:
+        step = next((arg for arg in cmd if arg.endswith(".py")), cmd[0])
+        super().__init__(f"{step} stopped with exit status {status} (its message above); fix that and run the "
+                         "demo again.")
+        self.status = status
+
+
 def run(cmd: list[str]) -> None:
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=REPO, check=True)
+    status = subprocess.run(cmd, cwd=REPO).returncode
+    if status != 0:
+        raise StepFailed(cmd, status)
 
 
 def launcher(processes: int) -> list[str]:
@@ -81,14 +99,50 @@ def check_gpus(gpus: int) -> None:
     """--gpus N asks for N GPUs: stop before training rather than fall back to N CPU processes."""
     import torch
 
+    if gpus < 1:
+        usage.fail(f"--gpus {gpus} asks for no GPU: drop --gpus to train on the CPU (--processes sets how many).")
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if visible < gpus:
-        raise SystemExit(f"error: --gpus {gpus} but {visible} GPU(s) are visible: drop --gpus to train on the CPU, "
-                         "or check CUDA_VISIBLE_DEVICES.")
+        usage.fail(f"--gpus {gpus} but {visible} GPU(s) are visible: drop --gpus to train on the CPU, or check "
+                   "CUDA_VISIBLE_DEVICES.")
 
 
+def replaceable(flag: str, given: str, default: str) -> Path:
+    """A folder the demo replaces: absent, empty, its default, or one the demo made (marked): never a folder of
+    the user's that a mistyped --work or --shards names."""
+    folder = REPO / given
+    if folder.exists() and not folder.is_dir():
+        usage.fail(f"{flag} {given} is a file: give a folder path for the demo to write.")
+    if folder.is_dir() and given != default and any(folder.iterdir()) and not (folder / DEMO_MARK).exists():
+        usage.fail(f"{flag} {given} is not a folder the demo made and the demo replaces it: choose a new or empty "
+                   "folder, or remove it yourself.")
+    usage.writable_folder(folder, flag)
+    return folder
+
+
+def check_args(args: argparse.Namespace) -> tuple[Path, Path]:
+    """Every flag a user can get wrong, before a folder is replaced or a process started; the two folders."""
+    usage.at_least(args.epochs, "--epochs", 1, "passes over the digits")
+    if args.lr <= 0:
+        usage.fail(f"--lr must be a positive learning rate, got {args.lr}.")
+    if args.warmup_epochs < 0:
+        usage.fail(f"--warmup-epochs must be 0 or more, got {args.warmup_epochs}.")
+    usage.at_least(args.processes, "--processes", 1, "training processes on the CPU")
+    if args.gpus is not None:
+        check_gpus(args.gpus)
+    usage.readable_file(REPO / args.deepspeed_config, "--deepspeed-config", "give one of ds_configs/*.json")
+    if args.eval_json:
+        usage.writable_file(args.eval_json, "--eval-json", overwrite=True)
+    work = replaceable("--work", args.work, DEFAULT_WORK)
+    shards = replaceable("--shards", args.shards, DEFAULT_SHARDS)
+    if work == shards:
+        usage.fail(f"--work and --shards name the same folder ({args.work}): give two folders.")
+    return work, shards
+
+
+@usage.entry_point(interrupted="interrupted: rerun the demo to start it again.")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = usage.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="attnscale_tiny_24", help="e.g. vit_tiny_24 for the plain baseline")
     parser.add_argument("--epochs", type=int, default=SCHEDULE["epochs"])
     parser.add_argument("--lr", type=float, default=SCHEDULE["lr"],
@@ -98,27 +152,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, help="train on this many GPUs instead, one process each (NCCL)")
     parser.add_argument("--deepspeed-config", default="ds_configs/demo.json",
                         help="the engine's JSON; ds_configs/demo_bf16.json for GPUs")
-    parser.add_argument("--work", default="runs/demo", help="run folder (replaced)")
-    parser.add_argument("--shards", default="shards/demo", help="shard folder (rebuilt)")
+    parser.add_argument("--work", default=DEFAULT_WORK, help="run folder (replaced, if the demo made it)")
+    parser.add_argument("--shards", default=DEFAULT_SHARDS, help="shard folder (rebuilt, if the demo made it)")
     parser.add_argument("--eval-json", help="also write the final evaluation's figures to this JSON file")
     args = parser.parse_args(argv)
-    if args.gpus is not None:
-        check_gpus(args.gpus)
+    work, shards = check_args(args)
     from antismooth.data.shards import ShardOptions, build
 
     start = time.time()
-    work, shards = REPO / args.work, REPO / args.shards
     for folder in (work, shards):
         shutil.rmtree(folder, ignore_errors=True)  # the demo's own folders: a rerun starts clean
+        folder.mkdir(parents=True)
+        (folder / DEMO_MARK).touch()
     counts = write_digits_imagefolder(shards / "imagefolder")
     build(str(shards / "imagefolder"), str(shards), ShardOptions(max_count=500))
     print(f"digits: {counts['train']} train / {counts['val']} val images -> shards in {shards}", flush=True)
     print("model EMA off (--no-model-ema): DeiT's decay of 0.99996 averages over ~25,000 steps, the demo runs "
           "~440.", flush=True)
 
-    train_export_eval(shards, work, args.model, ["--epochs", str(args.epochs), "--lr", str(args.lr),
-                                                 "--warmup-epochs", str(args.warmup_epochs)],
-                      args.gpus or args.processes, args.deepspeed_config, args.eval_json)
+    try:
+        train_export_eval(shards, work, args.model, ["--epochs", str(args.epochs), "--lr", str(args.lr),
+                                                     "--warmup-epochs", str(args.warmup_epochs)],
+                          args.gpus or args.processes, args.deepspeed_config, args.eval_json)
+    except StepFailed as failed:
+        print(f"error: {failed}", file=sys.stderr)
+        return failed.status
     print(f"demo finished in {time.time() - start:.0f} s", flush=True)
     return 0
 
