@@ -360,10 +360,10 @@ def test_load_manifest_errors_are_one_clear_sentence(tmp_path: Path):
 def test_user_errors_exit_2_with_one_line(tmp_path: Path, capsys):
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "a.JPEG").write_bytes(b"x")
-    for argv, words in ((["--src", str(tmp_path / "missing")], "is not a folder"),
+    for argv, words in ((["--src", str(tmp_path / "missing")], "does not exist"),
                         (["--src", str(tmp_path / "flat")], "holds none of the split folders"),
                         (["--out", str(tmp_path), "--verify"], "holds no manifest"),
-                        (["--src", str(tmp_path), "--max-count", "0"], "max_count must be at least 1")):
+                        (["--src", str(tmp_path), "--max-count", "0"], "--max-count must be at least 1")):
         assert tool.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and words in err and err.count("\n") == 1
