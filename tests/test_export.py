@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +148,18 @@ def test_timm_format_export_loads_with_timm_local_dir(zero_runs, wnids, tmp_path
     assert read_export_meta(out)["zero_stage"] == 3
     status, err = _export(capsys, run.output, "--out", out, "--format", "timm")  # the folder exists now
     assert status == 2 and "already exists and is not empty: pass --overwrite" in err
+
+
+def test_run_folder_files_are_readable_as_the_umask_allows(zero_runs):
+    """Training's files (checkpoints, log.txt, run.json, tensorboard) get the read bits the umask of the launch
+    (this process's) leaves, like any file the user writes: others on a shared machine can read them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root = zero_runs[2, 2].output
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert any(p.name.endswith("_optim_states.pt") for p in files) and (root / "run.json") in files
+    assert {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) & 0o444 for p in files} == \
+        {str(p.relative_to(root)): 0o444 & ~umask for p in files}
 
 
 # --- failures: one sentence, exit 2, nothing left behind --------------------------------------------------
