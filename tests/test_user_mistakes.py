@@ -97,6 +97,7 @@ CASES = [
     ("build_shards", ["--src", "{images}", "--out", "{new}", "--splits", ","], "names no split"),
     ("build_shards", ["--src", "{images}", "--out", "{new}", "--max-count", "many"], "invalid int value"),
     ("build_shards", ["--verify", "--out", "{missing}"], "does not exist"),
+    ("build_shards", ["--src", "{empty}", "--out", "{empty}/shards"], "is inside --src"),
     # export
     ("export", ["--out", X], "required: checkpoint"),
     ("export", ["{missing}", "--out", X], "does not exist"),
@@ -120,6 +121,7 @@ CASES = [
     ("eval", [*W, "--data", "{shards}", "--split", "train", "--device", "tpu"], "pass cpu or cuda"),
     ("eval", [*W, "--data", "{shards}"], "has no val split"),
     ("eval", ["--weights", "{junk}", "--data", "{shards}", "--split", "train"], "not a readable .safetensors"),
+    ("eval", ["--weights", "{shards}/train.json", "--data", "{shards}"], "is a shard manifest, not weights"),
     ("eval", [*W, "--data", "{shards}", "--split", "train", "--model", "vit_tiny_patch16_224"], "drop --model"),
     # analyze
     ("analyze", ["--data", "{shards}"], "give --weights"),
@@ -130,6 +132,7 @@ CASES = [
     ("analyze", [*W, "--data", "{shards}", "--out", "{new}", "--device", "tpu"], "is not a device"),
     ("analyze", [*W, "--data", "{shards}", "--out", "{report}"], "already holds report.json"),
     ("analyze", ["--weights", "{bare}", "--data", "{shards}", "--out", "{new}"], "pass --model NAME"),
+    ("analyze", ["--weights", "{shards}/train-000000.tar", "--data", "{shards}", "--out", "{new}"], "is a shard, not"),
     # reshard
     ("reshard", ["{missing}"], "does not exist"),
     ("reshard", ["{afile}"], "is a file, not a folder"),

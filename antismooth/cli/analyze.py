@@ -29,6 +29,7 @@ from timm.utils import ParseKwargs
 
 import antismooth  # noqa: F401  (registers the model zoo with timm)
 from antismooth.cli import usage
+from antismooth.cli.eval import check_weights
 from antismooth.data.device import to_device
 from antismooth.data.pipeline import AugmentConfig, build_eval_stream, eval_transform
 from antismooth.evaluate import eval_augment
@@ -79,8 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     """Every flag a user can get wrong, before a model is built or an image read."""
     for path in args.weights:
-        usage.readable_path(path, "--weights", "give .safetensors or .pth files (tools/export.py writes them) or "
-                                               "timm folders")
+        check_weights(path)
     usage.readable_path(args.data, "--data", "give a shard manifest (val.json), a folder holding one, or an "
                                              "ImageFolder directory")
     usage.at_least(args.num_images, "--num-images", 1, "images to measure on")

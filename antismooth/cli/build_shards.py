@@ -76,6 +76,10 @@ def check_args(args: argparse.Namespace) -> None:
         return
     usage.readable_folder(args.src, "--src", "give the folder that holds train/ and val/ (ImageFolder layout)")
     usage.writable_folder(args.out, "--out")
+    src, out = os.path.realpath(args.src), os.path.realpath(args.out)
+    if out == src or out.startswith(src + os.sep):
+        usage.fail(f"--out {args.out} is inside --src {args.src}: the shards would mix with the images; give an "
+                   "output folder outside it.")
     if args.names:
         usage.readable_file(args.names, "--names", "give a file of 'wnid name' lines or a JSON object")
     usage.at_least(args.max_count, "--max-count", 1, "samples per shard")

@@ -58,10 +58,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+DATA_SUFFIXES = {".json": "a shard manifest", ".tar": "a shard"}
+
+
+def check_weights(path: str | Path, flag: str = "--weights") -> None:
+    """A weights file or a timm folder that can be read, and not the data given in its place."""
+    usage.readable_path(path, flag, "give a .safetensors or .pth file (tools/export.py writes one) or a timm folder")
+    what = DATA_SUFFIXES.get(Path(path).suffix) if Path(path).is_file() else None
+    if what:
+        usage.fail(f"{flag} {path} is {what}, not weights: give a .safetensors or .pth file, and the data to --data.")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Every flag a user can get wrong, before a process group is joined or a model built."""
-    usage.readable_path(args.weights, "--weights", "give a .safetensors or .pth file (tools/export.py writes one) "
-                                                   "or a timm folder")
+    check_weights(args.weights)
     usage.readable_path(args.data, "--data", "give a shard folder holding <split>.json, a manifest, or an "
                                              "ImageFolder root")
     usage.at_least(args.batch_size, "--batch-size", 1, "images per batch and process")
