@@ -227,7 +227,8 @@ def test_damaged_partition(broken, tmp_path, capsys):
 
 
 def test_no_such_folder(tmp_path, capsys):
-    _assert_fails_cleanly(capsys, [tmp_path / "runs" / "nope"], tmp_path / "x.safetensors", "no checkpoint folder")
+    _assert_fails_cleanly(capsys, [tmp_path / "runs" / "nope"], tmp_path / "x.safetensors",
+                          "does not exist: give a run folder")
 
 
 def test_existing_output_needs_overwrite(zero_runs, tmp_path, capsys):
