@@ -108,11 +108,21 @@ def _check_output(out: Path, overwrite: bool) -> None:
                                   "--out.")
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it where Linux says it (/proc), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return umask
+
+
 def honour_umask(path: Path) -> None:
     """Give a written file (or a folder and everything in it) the mode a plain open() or mkdir() would have under
     this process's umask: safetensors writes its files 0600, which other users of a shared machine cannot read."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     paths = [path, *path.rglob("*")] if path.is_dir() else [path]
     for p in paths:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
