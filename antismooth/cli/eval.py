@@ -130,7 +130,7 @@ def speaks() -> bool:
         return True
 
 
-@usage.entry_point(interrupted="interrupted.", user_errors=(LaunchError,), speaks=speaks)
+@usage.entry_point(interrupted="interrupted: no figures were written.", user_errors=(LaunchError,), speaks=speaks)
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 a problem with the weights, the data or the flags)."""
     args = parse_args(argv)
