@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -243,3 +244,30 @@ def test_exports_honour_the_umask(umask, tmp_path):
     assert {p.name: _mode(p) for p in files} == {p.name: 0o666 & ~umask for p in files}
     assert _mode(tmp_path / "timm") == 0o777 & ~umask
     assert json.loads((tmp_path / "timm" / "config.json").read_text())["architecture"] == "attnscale_tiny_24"
+
+
+# --- a missing validation split is said once, with what happens instead ------------------------------------------
+
+def test_a_missing_val_split_is_said_once_by_build_and_analyze(world, tmp_path, capsys):
+    src = tmp_path / "imagefolder"
+    for class_dir in sorted((SAMPLE_IMAGES / "train").iterdir())[:3]:
+        shutil.copytree(class_dir, src / "train" / class_dir.name)
+    assert build_shards.main(["--src", str(src), "--out", str(tmp_path / "shards"), "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "has no val/ folder" in err and "without evaluating" in err, err
+    assert not (tmp_path / "shards" / "val.json").exists() and (tmp_path / "shards" / "train.json").is_file()
+
+    out = tmp_path / "report"
+    assert analyze.main(["--weights", world["weights"], "--data", str(tmp_path / "shards"), "--num-images", "2",
+                         "--out", str(out), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "measuring the training images" in err, err
+    assert json.loads((out / "report.json").read_text())["data"] == str(tmp_path / "shards" / "train.json")
+
+
+def test_the_test_images_carry_a_val_split_of_training_classes():
+    """The README's first try (build_shards --src tests/data/images) finds a validation split."""
+    val = sorted(p.name for p in (SAMPLE_IMAGES / "val").iterdir())
+    train = {p.name for p in (SAMPLE_IMAGES / "train").iterdir()}
+    assert len(val) == 11 and set(val) <= train
+    assert all(len(list((SAMPLE_IMAGES / "val" / c).iterdir())) == 1 for c in val)
