@@ -167,9 +167,9 @@ class RunLock:
 
     def _refusal(self, found: Optional[LockHolder]) -> str:
         who = found.describe() if found else "a process whose record cannot be read"
-        return (f"--output {self.folder} is in use by another training ({who}; {self.path}): wait for it to finish or "
-                f"stop it, or train into another --output. If that training is gone, delete {self.path}; a lock "
-                f"that is not refreshed for {LEASE_EXPIRY:.0f} s is taken over by itself.")
+        return (f"--output {self.folder} is in use by another training ({who}): wait for it to finish or stop it, "
+                f"or train into another --output; if that training is gone, delete {self.path} (a lock its holder "
+                f"no longer refreshes is taken over after {LEASE_EXPIRY:.0f} s).")
 
     # --- holding it
 
