@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import os
 import sys
 import time
 import warnings
@@ -537,4 +538,10 @@ def command(argv: Optional[list[str]] = None) -> int:
     status = main(argv)
     if status in (0, EXIT_SAVED_RESUBMIT):   # every rank agreed to stop here
         leave()
+    if status == INTERRUPTED_EXIT and _rank() != 0:
+        # Ctrl-C reached every rank; rank 0, which hosts the rendezvous store, said the one line and is gone: an
+        # interpreter teardown here would only print the store's connection errors.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     return status
