@@ -60,6 +60,10 @@ class ModelSettings:
                             help="torch.compile each transformer block (one graph for all blocks of a shape; not "
                                  "with ZeRO-3)")
 
+    def __post_init__(self) -> None:
+        _check([(0 <= self.drop < 1, f"--drop must be in [0, 1), got {self.drop}."),
+                (0 <= self.drop_path < 1, f"--drop-path must be in [0, 1), got {self.drop_path}.")])
+
 
 @dataclass
 class ScheduleSettings:
@@ -77,6 +81,8 @@ class ScheduleSettings:
     def __post_init__(self) -> None:
         _check([(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}."),
                 (self.lr > 0, f"--lr must be positive, got {self.lr}."),
+                (self.min_lr >= 0, f"--min-lr must be 0 or more, got {self.min_lr}."),
+                (self.warmup_lr >= 0, f"--warmup-lr must be 0 or more, got {self.warmup_lr}."),
                 (self.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}."),
                 (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}."),
                 (self.skip_nonfinite >= 0, f"--skip-nonfinite must be 0 or more, got {self.skip_nonfinite}.")])
@@ -102,7 +108,8 @@ class OutputSettings:
     def __post_init__(self) -> None:
         _check([(self.save_every >= 1, f"--save-every must be at least 1 step, got {self.save_every}."),
                 (self.keep >= 1, f"--keep must keep at least 1 checkpoint, got {self.keep}."),
-                (self.log_every >= 1, f"--log-every must be at least 1 step, got {self.log_every}.")])
+                (self.log_every >= 1, f"--log-every must be at least 1 step, got {self.log_every}."),
+                (self.spectral_every >= 0, f"--spectral-every must be 0 (off) or more steps, got {self.spectral_every}.")])
         parse_targets(self.report_to)
 
     @property
