@@ -184,3 +184,27 @@ def test_the_deepspeed_launcher_with_its_port_taken_ends_in_the_sentence(taken_p
     assert lines and f"The rendezvous port {taken_port} (MASTER_PORT)" in lines[0]
     assert "Traceback" not in done.stderr + done.stdout
     assert not out.exists()
+
+
+def test_a_finished_run_releases_its_lock_and_says_once_what_it_does_without_val_and_with_too_many_workers(
+        tiny_shards, tmp_path):
+    """A real start that trains one step: the lock is gone after it; a data folder without val.json and --workers
+    above the CPUs are each one log line, and torch's oversubscription warning never shows."""
+    from antismooth.distributed import usable_cpus
+
+    data = tmp_path / "no-val"
+    data.mkdir()
+    for path in tiny_shards.glob("train*"):
+        (data / path.name).symlink_to(path)
+    workers = usable_cpus() + 2
+    out = tmp_path / "run"
+    argv = _argv(ds_config(tmp_path / "zero1.json", 1), data, out, "--workers", str(workers), "--max-steps", "1",
+                 "--spectral-every", "0")
+    done = subprocess.run([sys.executable, "pretrain.py", *argv], cwd=REPO, env=clean_env(), capture_output=True,
+                          text=True, timeout=START_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert output.count(f"no validation split: {data} has no val.json") == 1, output[-3000:]
+    assert output.count(f"--workers {workers} is more than the {usable_cpus()} CPU(s)") == 1
+    assert "worker processes in total" not in output   # torch's DataLoader warning
+    assert not (out / LOCK_FILE).exists() and (out / "checkpoints").is_dir()
