@@ -11,6 +11,7 @@ refuses the start with one sentence naming its holder. Released on every exit bu
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -107,28 +108,43 @@ class RunLock:
     def _link(self) -> bool:
         """Create run.lock holding this process's record, atomically; False when it exists."""
         own = self.folder / f".{LOCK_FILE}.{self.holder.token}"
-        own.write_text(json.dumps(asdict(self.holder)) + "\n")
+        record = json.dumps(asdict(self.holder)) + "\n"
+        own.write_text(record)
         try:
             os.link(own, self.path)
             return True
         except FileExistsError:
             return False
-        except OSError:
+        except OSError as err:
+            if err.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):   # a filesystem without hard links
+                return self._create_exclusive(record)
             # NFS may report a link that did happen as failed (a lost reply to a retried request): the count says.
             return own.stat().st_nlink == 2
         finally:
             own.unlink(missing_ok=True)
 
+    def _create_exclusive(self, record: str) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(record)
+        return True
+
     def _read(self) -> tuple[Optional[LockHolder], float]:
-        """The holder run.lock names (None when unreadable) and seconds since it was last refreshed."""
+        """The holder run.lock names (None when unreadable) and seconds since it was last refreshed (inf: no lock)."""
         try:
             age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None, float("inf")
+        try:
             raw = json.loads(self.path.read_text())
             return LockHolder(**{k: raw[k] for k in ("host", "pid", "started", "job", "restart", "token")}), age
         except FileNotFoundError:
             return None, float("inf")
         except (OSError, ValueError, KeyError, TypeError):
-            return None, age if "age" in locals() else 0.0
+            return None, age
 
     def _stale_reason(self, found: Optional[LockHolder], age: float) -> Optional[str]:
         """Why the lock's holder no longer runs, or None when it may."""
@@ -179,6 +195,12 @@ class RunLock:
 
     def _refresh(self) -> None:
         while not self._stop.wait(LEASE_REFRESH):
+            found, _ = self._read()
+            if found is None or found.token != self.holder.token:
+                # Taken over (this process stalled past the lease, or someone deleted the lock): say so, loudly.
+                log.error("%s is no longer this training's: %s; another training may now write into %s.", self.path,
+                          f"taken over by {found.describe()}" if found else "it was removed", self.folder)
+                return
             try:
                 os.utime(self.path)
             except OSError as err:   # the folder is gone or unreachable: the run's own writes will say so
