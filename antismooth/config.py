@@ -145,10 +145,15 @@ class StopSettings:
     def __post_init__(self) -> None:
         from .interrupt import signal_number
 
+        import signal
+
         try:
-            signal_number(self.exit_signal)
+            number = signal_number(self.exit_signal)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if number in (signal.SIGKILL, signal.SIGSTOP, signal.SIGINT):
+            raise ConfigError(f"--exit-signal {self.exit_signal}: {number.name} cannot ask a run to save (a process "
+                              "cannot catch SIGKILL or SIGSTOP, and SIGINT is Ctrl-C's): use SIGUSR2 or SIGUSR1.")
         _check([(self.exit_after is None or self.exit_after > 0,
                  f"--exit-after must be a positive number of minutes, got {self.exit_after}.")])
 
@@ -261,6 +266,8 @@ class DeepSpeedSettings:
         if not str(path):
             raise ConfigError("No DeepSpeed config: pass --deepspeed_config ds_configs/zero2.json (or another "
                               "file of ds_configs/).")
+        if path.is_dir():
+            raise ConfigError(f"DeepSpeed config {path} is a folder: pass one of its .json files (ds_configs/*.json).")
         if not path.is_file():
             raise ConfigError(f"DeepSpeed config {path} does not exist: pass one of ds_configs/*.json.")
         try:

@@ -26,7 +26,7 @@ from antismooth import settings
 from antismooth.config import ConfigError, DeepSpeedSettings, Derived, TrainConfig, check_optimizer_build, derive
 from antismooth.checkpoint import Checkpointer, RunFolder, processes
 from antismooth.checkpoint.lock import RunLock
-from antismooth.cli.usage import INTERRUPTED_EXIT, writable_folder
+from antismooth.cli.usage import INTERRUPTED_EXIT, readable_file, writable_folder
 from antismooth.data.pipeline import AugmentConfig, ShardSource, build_train_stream, train_transform
 from antismooth.distributed import (DistEnv, broadcast_object, check_port_free, check_shared_folder, detect_launch,
                                    init_distributed, leave, log_world, usable_cpus)
@@ -92,6 +92,8 @@ def check_same_classes(train_manifest: Optional[Path], val_manifest: Optional[Pa
 
 
 def find_manifest(data: str, split: str, required: bool) -> Optional[Path]:
+    if Path(data).is_file():
+        raise ConfigError(f"--data {data} is a file: point --data at the --out folder of tools/build_shards.py.")
     path = Path(data) / f"{split}.json"
     if path.is_file():
         return path
@@ -164,6 +166,16 @@ def decode_refusal(config: TrainConfig) -> Optional[str]:
     except ValueError as err:
         return str(err)
     return None
+
+
+def check_augmentation(config: TrainConfig) -> None:
+    """The training transform builds: timm asserts on an --aa policy it does not know (in the loader workers, after
+    the process group, were it not built here first)."""
+    try:
+        train_transform(augment_config(config, 224))
+    except (AssertionError, ValueError, KeyError) as err:
+        raise ConfigError(f"--aa {config.augment.auto_augment}: {str(err).strip() or type(err).__name__}; give a timm "
+                          "policy such as rand-m9-mstd0.5-inc1 (RandAugment) or original (AutoAugment), or none.") from None
 
 
 def choose_decode(config: TrainConfig, device: torch.device) -> str:
@@ -419,8 +431,10 @@ def check_before_launch(config: TrainConfig) -> Checked:
     check_model(config.model.name, config.model.kwargs, config.model.input_size, num_classes=len(classes),
                 drop_rate=config.model.drop, drop_path_rate=config.model.drop_path)
     derived = derive(config, ds, world_size, train_source.num_samples) if train_source else None
-    if config.model.finetune and not Path(config.model.finetune).is_file():
-        raise ConfigError(f"--finetune {config.model.finetune} does not exist: give the path of a .pth or .safetensors file.")
+    if config.model.finetune:
+        readable_file(config.model.finetune, "--finetune", "give the path of a .pth or .safetensors file")
+    if not config.mode.eval_only:
+        check_augmentation(config)
     check_port_free(launch)   # last: the closest to the moment rank 0 listens on it
     return Checked(world_size, ds, train_source, val_source, classes, derived)
 
@@ -446,7 +460,12 @@ def build_engine(config: TrainConfig, checked: Checked, env: DistEnv, model: nn.
         for change in config.input_changes(checkpointer.run_folder.read_run_json().get("flags", {})):
             log.warning(change)
     if config.model.finetune and resume_tag is None:
-        load_for_finetuning(model, config.model.finetune)
+        try:
+            load_for_finetuning(model, config.model.finetune)
+        except WeightsMismatchError:
+            raise
+        except ValueError as err:   # not a weights file, or a damaged one: every rank finds the same
+            raise ConfigError(f"--finetune {config.model.finetune}: {err}") from None
     apply_activation_checkpointing(model, ds.blocks_per_checkpoint, ds.offload_checkpoints)
     if config.model.compile:
         compile_blocks(structure.blocks(model))

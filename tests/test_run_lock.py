@@ -21,7 +21,7 @@ from antismooth import startup
 from antismooth.checkpoint import lock as run_lock
 from antismooth.checkpoint.lock import LOCK_FILE, LockHolder, RunLock
 from antismooth.config import ConfigError
-from antismooth.distributed import PortInUse, init_distributed
+from antismooth.distributed import PortInUse, init_distributed, usable_cpus
 
 START_TIMEOUT = 300   # s for a training process to reach its lock on this shared 2-core machine
 
@@ -48,11 +48,24 @@ def _wait_for(path: Path, proc: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
+def _wait_for_text(path: Path, text: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while not (path.is_file() and text in path.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, f"no {text!r} in {path}"
+        time.sleep(0.2)
+
+
 def test_a_second_training_into_a_live_run_is_refused_and_a_killed_runs_lock_is_taken_over(tiny_shards, tmp_path,
                                                                                           caplog):
+    """Also: the live run said once that its data have no val.json and that its --workers were capped."""
     config = ds_config(tmp_path / "zero1.json", 1)
     out = tmp_path / "run"
-    first = _pretrain(_argv(config, tiny_shards, out, "--epochs", "100000"))
+    data = tmp_path / "no-val"   # the first run also shows what it says once of data without val.json and of
+    data.mkdir()                 # more --workers than CPUs
+    for path in tiny_shards.glob("train*"):
+        (data / path.name).symlink_to(path)
+    workers = usable_cpus() + 2
+    first = _pretrain(_argv(config, data, out, "--epochs", "100000", "--workers", str(workers)))
     try:
         _wait_for(out / LOCK_FILE, first)
         holder = json.loads((out / LOCK_FILE).read_text())
@@ -66,10 +79,15 @@ def test_a_second_training_into_a_live_run_is_refused_and_a_killed_runs_lock_is_
                               f"{socket.gethostname()}, since {holder['started']}"), err
         assert "\n" not in err and "Traceback" not in second.stderr
         assert first.poll() is None   # the first run goes on
+        _wait_for_text(out / "log.txt", "step 1/", first)
     finally:
         kill_tree(first.pid)          # SIGKILL: the one exit that leaves the lock behind
-        first.communicate()
+        first_out, first_err = first.communicate()
     assert (out / LOCK_FILE).exists()
+    logged = (out / "log.txt").read_text()
+    assert logged.count(f"no validation split: {data} has no val.json") == 1, logged[-3000:]
+    assert logged.count(f"--workers {workers} is more than the {usable_cpus()} CPU(s)") == 1
+    assert "worker processes in total" not in first_out + first_err   # torch's DataLoader warning
 
     caplog.set_level(logging.INFO)
     lock, refusal = startup.take_run_lock(startup.parse_config(_argv(config, tiny_shards, out)), rank=0)
@@ -185,26 +203,3 @@ def test_the_deepspeed_launcher_with_its_port_taken_ends_in_the_sentence(taken_p
     assert "Traceback" not in done.stderr + done.stdout
     assert not out.exists()
 
-
-def test_a_finished_run_releases_its_lock_and_says_once_what_it_does_without_val_and_with_too_many_workers(
-        tiny_shards, tmp_path):
-    """A real start that trains one step: the lock is gone after it; a data folder without val.json and --workers
-    above the CPUs are each one log line, and torch's oversubscription warning never shows."""
-    from antismooth.distributed import usable_cpus
-
-    data = tmp_path / "no-val"
-    data.mkdir()
-    for path in tiny_shards.glob("train*"):
-        (data / path.name).symlink_to(path)
-    workers = usable_cpus() + 2
-    out = tmp_path / "run"
-    argv = _argv(ds_config(tmp_path / "zero1.json", 1), data, out, "--workers", str(workers), "--max-steps", "1",
-                 "--spectral-every", "0")
-    done = subprocess.run([sys.executable, "pretrain.py", *argv], cwd=REPO, env=clean_env(), capture_output=True,
-                          text=True, timeout=START_TIMEOUT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    output = done.stdout + done.stderr
-    assert output.count(f"no validation split: {data} has no val.json") == 1, output[-3000:]
-    assert output.count(f"--workers {workers} is more than the {usable_cpus()} CPU(s)") == 1
-    assert "worker processes in total" not in output   # torch's DataLoader warning
-    assert not (out / LOCK_FILE).exists() and (out / "checkpoints").is_dir()
