@@ -143,6 +143,21 @@ def test_a_requeued_slurm_job_takes_over_the_lock_of_its_earlier_start(tmp_path,
         RunLock.take(tmp_path)
 
 
+def test_workers_restarted_by_torchrun_take_over_the_lock_of_their_earlier_generation(tmp_path, monkeypatch, caplog):
+    """An elastic restart may put rank 0 on another node: the old rank 0's lock must not wait for its lease."""
+    earlier = LockHolder(host="node-elsewhere", pid=4242, started="2026-12-06T18:00:00+00:00", token="earlier",
+                         elastic="as24", elastic_restart=0)
+    _write_lock(tmp_path, earlier, age=1)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "as24")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    with pytest.raises(ConfigError, match="in use by another training"):
+        RunLock.take(tmp_path)   # the same generation on another node: live
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    caplog.set_level(logging.INFO)
+    RunLock.take(tmp_path).release()
+    assert "torchrun restarted the workers of run as24" in caplog.text
+
+
 def test_the_holder_refreshes_its_lease_and_a_refused_start_leaves_no_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(run_lock, "LEASE_REFRESH", 0.05)
     lock = RunLock.take(tmp_path / "new")

@@ -6,7 +6,8 @@ O_EXCL was not always). The record says who holds it (host, pid, SLURM job id an
 thread refreshes its mtime every LEASE_REFRESH seconds, so a lock whose holder died on another host is known stale
 once it was not refreshed for LEASE_EXPIRY seconds. Stale at once: a dead pid on this host, or an earlier start of
 this very SLURM job (a requeued job keeps its id and counts SLURM_RESTART_COUNT up; SLURM killed the old
-allocation's processes before it starts the job again). A stale lock is taken over with a log line; a live one
+allocation's processes before it starts the job again), or of this torchrun run (its agents stop every worker
+before they restart them, TORCHELASTIC_RESTART_COUNT + 1). A stale lock is taken over with a log line; a live one
 refuses the start with one sentence naming its holder. Released on every exit but a killed process.
 """
 from __future__ import annotations
@@ -46,21 +47,29 @@ class LockHolder:
     job: Optional[str] = None         # SLURM_JOB_ID
     restart: int = 0                  # SLURM_RESTART_COUNT
     token: str = ""                   # unique per start: which taker wrote this lock
+    elastic: Optional[str] = None     # TORCHELASTIC_RUN_ID (torchrun's --rdzv-id), when set to one
+    elastic_restart: int = 0          # TORCHELASTIC_RESTART_COUNT
 
     @classmethod
     def of_this_process(cls, environ: Mapping[str, str] = os.environ) -> "LockHolder":
         job = environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID") or None
-        try:
-            restart = int(environ.get("SLURM_RESTART_COUNT") or 0)
-        except ValueError:
-            restart = 0
+        elastic = environ.get("TORCHELASTIC_RUN_ID")
         return cls(host=socket.gethostname(), pid=os.getpid(),
-                   started=datetime.now(timezone.utc).isoformat(timespec="seconds"), job=job, restart=restart,
-                   token=uuid.uuid4().hex)
+                   started=datetime.now(timezone.utc).isoformat(timespec="seconds"), job=job,
+                   restart=_count(environ, "SLURM_RESTART_COUNT"), token=uuid.uuid4().hex,
+                   elastic=elastic if elastic not in (None, "", "none") else None,   # "none": torchrun's default id
+                   elastic_restart=_count(environ, "TORCHELASTIC_RESTART_COUNT"))
 
     def describe(self) -> str:
         job = f", SLURM job {self.job}" + (f" (restart {self.restart})" if self.restart else "") if self.job else ""
         return f"pid {self.pid} on {self.host}{job}, since {self.started}"
+
+
+def _count(environ: Mapping[str, str], name: str) -> int:
+    try:
+        return int(environ.get(name) or 0)
+    except ValueError:
+        return 0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -140,7 +149,8 @@ class RunLock:
             return None, float("inf")
         try:
             raw = json.loads(self.path.read_text())
-            return LockHolder(**{k: raw[k] for k in ("host", "pid", "started", "job", "restart", "token")}), age
+            return LockHolder(**{k: raw[k] for k in ("host", "pid", "started", "job", "restart", "token")},
+                              **{k: raw[k] for k in ("elastic", "elastic_restart") if k in raw}), age
         except FileNotFoundError:
             return None, float("inf")
         except (OSError, ValueError, KeyError, TypeError):
@@ -155,6 +165,10 @@ class RunLock:
             return f"its holder, pid {found.pid} on this host, is dead"
         if found is not None and found.job and found.job == me.job and found.restart < me.restart:
             return f"SLURM job {me.job} was requeued: restart {me.restart} replaces restart {found.restart}"
+        if found is not None and found.elastic and found.elastic == me.elastic and \
+                found.elastic_restart < me.elastic_restart:
+            return (f"torchrun restarted the workers of run {me.elastic}: restart {me.elastic_restart} replaces "
+                    f"restart {found.elastic_restart}")
         if age > LEASE_EXPIRY:
             return f"not refreshed for {age:.0f} s"
         return None
