@@ -28,6 +28,7 @@ from antismooth.checkpoint import Checkpointer, RunFolder, processes
 from antismooth.checkpoint.lock import RunLock
 from antismooth.cli.usage import INTERRUPTED_EXIT, readable_file, writable_folder
 from antismooth.data.pipeline import AugmentConfig, ShardSource, build_train_stream, train_transform
+from antismooth.data.settings import StreamConfig
 from antismooth.distributed import (DistEnv, broadcast_object, check_port_free, check_shared_folder, detect_launch,
                                    init_distributed, leave, log_world, usable_cpus)
 from antismooth.ema import ShardedEma
@@ -388,14 +389,14 @@ def run_joined(config: TrainConfig, checked: "Checked", env: DistEnv, run_folder
 
 
 def with_workers_capped(config: TrainConfig, env: DistEnv) -> TrainConfig:
-    """--workers at most the CPUs this process may use (more only fight over them, and torch warns of it for each
-    loader), with one line saying so."""
-    cpus = usable_cpus()
-    if config.stream.num_workers <= cpus:
+    """The default --workers (8) at most the CPUs this process may use (more only fight over them, and torch warns
+    of it for each loader), with one line saying so; a number the user gave is kept as given."""
+    cpus, default = usable_cpus(), StreamConfig().num_workers
+    if config.stream.num_workers != default or default <= cpus:
         return config
     if env.rank == 0:
-        log.info("--workers %d is more than the %d CPU(s) this process may use: %d loader workers per process.",
-                 config.stream.num_workers, cpus, cpus)
+        log.info("--workers %d (the default) is more than the %d CPU(s) this process may use: %d loader workers per "
+                 "process (pass --workers to choose).", default, cpus, cpus)
     return dataclasses.replace(config, stream=dataclasses.replace(config.stream, num_workers=cpus))
 
 
