@@ -289,7 +289,7 @@ def run(config: TrainConfig, make_trainer: TrainerFactory = Trainer):
             raise ConfigError(refusal)   # rank 0's refusal, on every rank: all exit 2 with the same sentence
         run_folder = RunFolder(config.output.folder)
         with watched(config, env, run_folder):
-            return run_joined(config, checked, env, run_folder, make_trainer, started)
+            return run_joined(config, checked, env, run_folder, make_trainer, started, lock)
     except ConfigError:
         if lock is not None:
             lock.remove_folder_if_unused()
@@ -330,13 +330,16 @@ def watched(config: TrainConfig, env: DistEnv, run_folder: RunFolder):
 
 
 def run_joined(config: TrainConfig, checked: "Checked", env: DistEnv, run_folder: RunFolder,
-               make_trainer: TrainerFactory, started: float):
-    """`run` once this process joined the group (`started`: time.monotonic() at the run's start)."""
+               make_trainer: TrainerFactory, started: float, lock: Optional[RunLock] = None):
+    """`run` once this process joined the group (`started`: time.monotonic() at the run's start; `lock`: rank 0's
+    on the run folder)."""
     checkpointer = Checkpointer(run_folder, env, save_every=config.output.save_every, keep=config.output.keep)
     if not config.mode.eval_only:
         check_shared_folder(run_folder.root)
     setup_logging(run_folder, env.rank)
     log_world(env)
+    if lock is not None and lock.taken_over:
+        log.warning("%s", lock.taken_over)
     config = with_workers_capped(config, env)
     if env.rank == 0 and checked.val_source is None and not config.mode.throughput:
         log.info("no validation split: %s has no val.json, so the run evaluates nothing at epoch ends and the "

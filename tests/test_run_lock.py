@@ -5,7 +5,6 @@ an earlier start of the same requeued SLURM job is taken over with a log line.""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import subprocess
@@ -55,8 +54,7 @@ def _wait_for_text(path: Path, text: str, proc: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
-def test_a_second_training_into_a_live_run_is_refused_and_a_killed_runs_lock_is_taken_over(tiny_shards, tmp_path,
-                                                                                          caplog):
+def test_a_second_training_into_a_live_run_is_refused_and_a_killed_runs_lock_is_taken_over(tiny_shards, tmp_path):
     """Also: the live run said once that its data have no val.json and that its --workers were capped."""
     config = ds_config(tmp_path / "zero1.json", 1)
     out = tmp_path / "run"
@@ -89,10 +87,9 @@ def test_a_second_training_into_a_live_run_is_refused_and_a_killed_runs_lock_is_
     assert logged.count(capped) == (usable_cpus() < 8)
     assert "worker processes in total" not in first_out + first_err   # torch's DataLoader warning
 
-    caplog.set_level(logging.INFO)
     lock, refusal = startup.take_run_lock(startup.parse_config(_argv(config, tiny_shards, out)), rank=0)
     assert refusal is None and lock.holds()
-    assert f"its holder, pid {first.pid} on this host, is dead" in caplog.text
+    assert lock.taken_over.endswith(f"its holder, pid {first.pid} on this host, is dead."), lock.taken_over
     lock.release()
     assert not (out / LOCK_FILE).exists()
 
@@ -108,21 +105,21 @@ ELSEWHERE = LockHolder(host="node-elsewhere", pid=4242, started="2026-12-06T18:0
                        token="theirs")
 
 
-def test_a_lock_from_another_host_is_live_while_refreshed_and_taken_over_once_its_lease_expired(tmp_path, caplog):
+def test_a_lock_from_another_host_is_live_while_refreshed_and_taken_over_once_its_lease_expired(tmp_path):
     _write_lock(tmp_path, ELSEWHERE, age=5)
     with pytest.raises(ConfigError, match="is in use by another training \\(pid 4242 on node-elsewhere, since "
                                           "2026-12-06T18:00:00\\+00:00\\)"):
         RunLock.take(tmp_path)
     _write_lock(tmp_path, ELSEWHERE, age=run_lock.LEASE_EXPIRY + 5)
-    caplog.set_level(logging.INFO)
     lock = RunLock.take(tmp_path)
     try:
-        assert lock.holds() and "stale (not refreshed for" in caplog.text
+        assert lock.holds() and "held by pid 4242 on node-elsewhere, since" in lock.taken_over
+        assert ": not refreshed for 12" in lock.taken_over
     finally:
         lock.release()
 
 
-def test_a_requeued_slurm_job_takes_over_the_lock_of_its_earlier_start(tmp_path, monkeypatch, caplog):
+def test_a_requeued_slurm_job_takes_over_the_lock_of_its_earlier_start(tmp_path, monkeypatch):
     """SLURM requeues a job under its id (SLURM_RESTART_COUNT + 1) once the old allocation's processes are
     killed: the new start must not wait for the old lock's lease, whichever node it ran on."""
     earlier = LockHolder(host="node-elsewhere", pid=4242, started="2026-12-06T18:00:00+00:00", job="777", restart=0,
@@ -130,10 +127,9 @@ def test_a_requeued_slurm_job_takes_over_the_lock_of_its_earlier_start(tmp_path,
     _write_lock(tmp_path, earlier, age=1)
     monkeypatch.setenv("SLURM_JOB_ID", "777")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    caplog.set_level(logging.INFO)
     lock = RunLock.take(tmp_path)
     try:
-        assert "SLURM job 777 was requeued" in caplog.text
+        assert "SLURM job 777 was requeued" in lock.taken_over
         assert json.loads((tmp_path / LOCK_FILE).read_text())["restart"] == 1
     finally:
         lock.release()
@@ -143,7 +139,7 @@ def test_a_requeued_slurm_job_takes_over_the_lock_of_its_earlier_start(tmp_path,
         RunLock.take(tmp_path)
 
 
-def test_workers_restarted_by_torchrun_take_over_the_lock_of_their_earlier_generation(tmp_path, monkeypatch, caplog):
+def test_workers_restarted_by_torchrun_take_over_the_lock_of_their_earlier_generation(tmp_path, monkeypatch):
     """An elastic restart may put rank 0 on another node: the old rank 0's lock must not wait for its lease."""
     earlier = LockHolder(host="node-elsewhere", pid=4242, started="2026-12-06T18:00:00+00:00", token="earlier",
                          elastic="as24", elastic_restart=0)
@@ -153,9 +149,9 @@ def test_workers_restarted_by_torchrun_take_over_the_lock_of_their_earlier_gener
     with pytest.raises(ConfigError, match="in use by another training"):
         RunLock.take(tmp_path)   # the same generation on another node: live
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    caplog.set_level(logging.INFO)
-    RunLock.take(tmp_path).release()
-    assert "torchrun restarted the workers of run as24" in caplog.text
+    lock = RunLock.take(tmp_path)
+    lock.release()
+    assert "torchrun restarted the workers of run as24" in lock.taken_over
 
 
 def test_the_holder_refreshes_its_lease_and_a_refused_start_leaves_no_folder(tmp_path, monkeypatch):

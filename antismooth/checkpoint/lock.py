@@ -92,6 +92,7 @@ class RunLock:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.created = False      # the folder did not exist before this start
+        self.taken_over: Optional[str] = None   # the log line when a stale lock was taken over (start-up logs it)
 
     # --- taking it
 
@@ -110,7 +111,8 @@ class RunLock:
             if reason is None:
                 raise ConfigError(lock._refusal(found))
             if lock._remove_stale(found):
-                log.warning("run.lock of %s was stale (%s): taking it over.", lock.folder, reason)
+                lock.taken_over = (f"took over the stale lock of {lock.folder}, held by "
+                                   f"{found.describe() if found else 'an unreadable record'}: {reason}.")
         found, _ = lock._read()
         raise ConfigError(lock._refusal(found))
 
