@@ -381,8 +381,9 @@ def port_sentence(launch: Launch, host: Optional[str] = None) -> str:
 
 def check_port_free(launch: Launch, environ: Mapping[str, str] = os.environ) -> None:
     """Before the process group: rank 0 stops with one sentence when the port it is to listen on is taken (binding
-    as torch's store does, with SO_REUSEADDR, so a port left in TIME_WAIT counts as free)."""
-    if not hosts_store(launch, environ):
+    as torch's store does, with SO_REUSEADDR, so a port left in TIME_WAIT counts as free). A process that joined its
+    group already (several runs in one process) listens there itself and joins no other."""
+    if not hosts_store(launch, environ) or dist.is_initialized():
         return
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
