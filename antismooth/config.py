@@ -60,6 +60,10 @@ class ModelSettings:
                             help="torch.compile each transformer block (one graph for all blocks of a shape; not "
                                  "with ZeRO-3)")
 
+    def __post_init__(self) -> None:
+        _check([(0 <= self.drop < 1, f"--drop must be in [0, 1), got {self.drop}."),
+                (0 <= self.drop_path < 1, f"--drop-path must be in [0, 1), got {self.drop_path}.")])
+
 
 @dataclass
 class ScheduleSettings:
@@ -77,6 +81,8 @@ class ScheduleSettings:
     def __post_init__(self) -> None:
         _check([(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}."),
                 (self.lr > 0, f"--lr must be positive, got {self.lr}."),
+                (self.min_lr >= 0, f"--min-lr must be 0 or more, got {self.min_lr}."),
+                (self.warmup_lr >= 0, f"--warmup-lr must be 0 or more, got {self.warmup_lr}."),
                 (self.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}."),
                 (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}."),
                 (self.skip_nonfinite >= 0, f"--skip-nonfinite must be 0 or more, got {self.skip_nonfinite}.")])
@@ -102,7 +108,8 @@ class OutputSettings:
     def __post_init__(self) -> None:
         _check([(self.save_every >= 1, f"--save-every must be at least 1 step, got {self.save_every}."),
                 (self.keep >= 1, f"--keep must keep at least 1 checkpoint, got {self.keep}."),
-                (self.log_every >= 1, f"--log-every must be at least 1 step, got {self.log_every}.")])
+                (self.log_every >= 1, f"--log-every must be at least 1 step, got {self.log_every}."),
+                (self.spectral_every >= 0, f"--spectral-every must be 0 (off) or more steps, got {self.spectral_every}.")])
         parse_targets(self.report_to)
 
     @property
@@ -138,10 +145,15 @@ class StopSettings:
     def __post_init__(self) -> None:
         from .interrupt import signal_number
 
+        import signal
+
         try:
-            signal_number(self.exit_signal)
+            number = signal_number(self.exit_signal)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if number in (signal.SIGKILL, signal.SIGSTOP, signal.SIGINT):
+            raise ConfigError(f"--exit-signal {self.exit_signal}: {number.name} cannot ask a run to save (a process "
+                              "cannot catch SIGKILL or SIGSTOP, and SIGINT is Ctrl-C's): use SIGUSR2 or SIGUSR1.")
         _check([(self.exit_after is None or self.exit_after > 0,
                  f"--exit-after must be a positive number of minutes, got {self.exit_after}.")])
 
@@ -254,6 +266,8 @@ class DeepSpeedSettings:
         if not str(path):
             raise ConfigError("No DeepSpeed config: pass --deepspeed_config ds_configs/zero2.json (or another "
                               "file of ds_configs/).")
+        if path.is_dir():
+            raise ConfigError(f"DeepSpeed config {path} is a folder: pass one of its .json files (ds_configs/*.json).")
         if not path.is_file():
             raise ConfigError(f"DeepSpeed config {path} does not exist: pass one of ds_configs/*.json.")
         try:

@@ -14,6 +14,7 @@ and `all_reduce_tensor` copies the tensor it is given there (a caller's CPU tens
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import re
@@ -34,7 +35,8 @@ from .nodes import check_agreement, describe_node, summary
 
 __all__ = ["Launch", "DistEnv", "LaunchError", "detect_launch", "launch_variables", "init_distributed", "log_world", "collective_device",
            "all_reduce", "all_reduce_tensor", "all_reduce_async", "all_reduce_counts", "all_gather_object", "broadcast_object", "barrier", "leave", "check_shared_folder", "usable_cpus",
-           "first_host", "tasks_on_node", "check_socket_interface", "interfaces"]
+           "first_host", "tasks_on_node", "check_socket_interface", "interfaces", "check_port_free", "port_in_use",
+           "PortInUse"]
 
 _logger = logging.getLogger(__name__)
 
@@ -353,6 +355,51 @@ def check_socket_interface(launch: Launch, environ: Mapping[str, str] = os.envir
                               "0's address on that interface's network.")
 
 
+# --- the rendezvous port ------------------------------------------------------------------------------------------
+
+class PortInUse(LaunchError):
+    """Rank 0 cannot host the rendezvous: another program (often another training on the node) holds its port."""
+
+
+def hosts_store(launch: Launch, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process will listen on MASTER_PORT: rank 0 does, unless torchrun's agent already hosts the
+    store there (TORCHELASTIC_USE_AGENT_STORE) and its workers only connect."""
+    return launch.rank == 0 and launch.master_port is not None and \
+        environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
+
+
+def port_sentence(launch: Launch, host: Optional[str] = None) -> str:
+    """The one sentence for a rendezvous port in use, with the launcher's own way to choose another."""
+    port, other = launch.master_port, free_port()
+    how = {"deepspeed": f"deepspeed --master_port {other} pretrain.py ...",
+           "torchrun": f"torchrun --master-port {other} ...",
+           "slurm": f"export MASTER_PORT={other} before srun (cluster/common.sh derives it from the job id)"}
+    fix = how.get(launch.launcher, f"MASTER_PORT={other} python pretrain.py ...")
+    return (f"The rendezvous port {port} (MASTER_PORT) on {host or socket.gethostname()} is in use by another program, "
+            f"perhaps another training on this node: choose a free port, e.g. {fix}.")
+
+
+def check_port_free(launch: Launch, environ: Mapping[str, str] = os.environ) -> None:
+    """Before the process group: rank 0 stops with one sentence when the port it is to listen on is taken (binding
+    as torch's store does, with SO_REUSEADDR, so a port left in TIME_WAIT counts as free). A process that joined its
+    group already (several runs in one process) listens there itself and joins no other."""
+    if not hosts_store(launch, environ) or dist.is_initialized():
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", launch.master_port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise PortInUse(port_sentence(launch)) from None
+            raise
+
+
+def port_in_use(err: BaseException) -> bool:
+    """Whether torch's rendezvous failed because its port was taken (DistNetworkError ... EADDRINUSE)."""
+    return isinstance(err, RuntimeError) and ("EADDRINUSE" in str(err) or "address already in use" in str(err).lower())
+
+
 def init_distributed(use_deepspeed: bool = True, device_type: Optional[str] = None,
                      timeout: Optional[float] = None) -> DistEnv:
     """Join the process group the launcher describes (a world of one when none does) on this process's device;
@@ -371,6 +418,18 @@ def init_distributed(use_deepspeed: bool = True, device_type: Optional[str] = No
     elif "OMP_NUM_THREADS" not in os.environ:  # ranks on one machine share its cores instead of fighting over them
         torch.set_num_threads(max(1, usable_cpus() // max(launch.local_world_size, 1)))
     backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        _join(launch, device, backend, use_deepspeed, timeout)
+    except RuntimeError as err:
+        if port_in_use(err):
+            raise PortInUse(port_sentence(launch)) from None
+        raise
+    return DistEnv(rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank,
+                   local_world_size=launch.local_world_size, node_rank=launch.node_rank, device=device,
+                   launcher=launch.launcher)
+
+
+def _join(launch: Launch, device: torch.device, backend: str, use_deepspeed: bool, timeout: Optional[float]) -> None:
     if use_deepspeed and not dist.is_initialized():  # DeepSpeed's engine wants its group even for one process
         os.environ.update(launch_variables(launch, device))
         import deepspeed
@@ -382,9 +441,6 @@ def init_distributed(use_deepspeed: bool = True, device_type: Optional[str] = No
         os.environ.update(launch_variables(launch, device))
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
                                 **({"timeout": timedelta(seconds=timeout)} if timeout else {}))
-    return DistEnv(rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank,
-                   local_world_size=launch.local_world_size, node_rank=launch.node_rank, device=device,
-                   launcher=launch.launcher)
 
 
 def log_world(env: DistEnv) -> None:

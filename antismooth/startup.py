@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import difflib
 import logging
+import os
 import sys
 import time
 import warnings
@@ -25,12 +25,17 @@ import antismooth  # noqa: F401  (registers the model zoo with timm)
 from antismooth import settings
 from antismooth.config import ConfigError, DeepSpeedSettings, Derived, TrainConfig, check_optimizer_build, derive
 from antismooth.checkpoint import Checkpointer, RunFolder, processes
+from antismooth.checkpoint.lock import RunLock
+from antismooth.cli.usage import INTERRUPTED_EXIT, readable_file, writable_folder
 from antismooth.data.pipeline import AugmentConfig, ShardSource, build_train_stream, train_transform
-from antismooth.distributed import DistEnv, check_shared_folder, detect_launch, init_distributed, leave, log_world
+from antismooth.data.settings import StreamConfig
+from antismooth.distributed import (DistEnv, broadcast_object, check_port_free, check_shared_folder, detect_launch,
+                                   init_distributed, leave, log_world, usable_cpus)
 from antismooth.ema import ShardedEma
 from antismooth.engine import (TrainingStopped, TrainState, apply_activation_checkpointing, build_scheduler,
                                compile_blocks, describe_optimizer, param_groups)
 from antismooth.models import WeightsMismatchError, load_for_finetuning, load_weights, structure
+from antismooth.models.checks import check_model, check_model_name  # noqa: F401  (check_model_name: startup's before)
 from antismooth.models.description import ModelDescription
 from antismooth.report import check_targets_installed
 from antismooth.throughput import loader_batches, log_peak_memory, measure_throughput, random_batches
@@ -75,13 +80,6 @@ def parse_config(argv: Optional[list[str]]) -> TrainConfig:
 
 # --- start-up ------------------------------------------------------------------------------------------
 
-def check_model_name(name: str) -> None:
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else " See the model zoo in the README."
-        raise ConfigError(f"Unknown model {name!r}.{hint}")
-
-
 def check_same_classes(train_manifest: Optional[Path], val_manifest: Optional[Path], train: Optional[ShardSource],
                        val: Optional[ShardSource]) -> None:
     """Validation labels must index the training split's class list (shards built before the builder numbered
@@ -95,6 +93,8 @@ def check_same_classes(train_manifest: Optional[Path], val_manifest: Optional[Pa
 
 
 def find_manifest(data: str, split: str, required: bool) -> Optional[Path]:
+    if Path(data).is_file():
+        raise ConfigError(f"--data {data} is a file: point --data at the --out folder of tools/build_shards.py.")
     path = Path(data) / f"{split}.json"
     if path.is_file():
         return path
@@ -169,6 +169,16 @@ def decode_refusal(config: TrainConfig) -> Optional[str]:
     return None
 
 
+def check_augmentation(config: TrainConfig) -> None:
+    """The training transform builds: timm asserts on an --aa policy it does not know (in the loader workers, after
+    the process group, were it not built here first)."""
+    try:
+        train_transform(augment_config(config, 224))
+    except (AssertionError, ValueError, KeyError) as err:
+        raise ConfigError(f"--aa {config.augment.auto_augment}: {str(err).strip() or type(err).__name__}; give a timm "
+                          "policy such as rand-m9-mstd0.5-inc1 (RandAugment) or original (AutoAugment), or none.") from None
+
+
 def choose_decode(config: TrainConfig, device: torch.device) -> str:
     """Where this run decodes and augments: --decode, auto resolved (gpu on CUDA where the recipe is one the device
     path applies, else cpu)."""
@@ -187,9 +197,11 @@ def choose_decode(config: TrainConfig, device: torch.device) -> str:
 
 def main(argv: Optional[list[str]] = None, make_trainer: Callable[..., Trainer] = Trainer) -> int:
     """The command: its exit status (0, 2 a setting to fix, 3 the run stopped itself, 75 saved, resubmit me) and
-    the one sentence on stderr; `make_trainer` as for run()."""
+    the one sentence on stderr, 130 on Ctrl-C; `make_trainer` as for run()."""
+    config = None
     try:
-        run(parse_config(argv), make_trainer)
+        config = parse_config(argv)
+        run(config, make_trainer)
         return 0
     except (ConfigError, WeightsMismatchError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -203,6 +215,32 @@ def main(argv: Optional[list[str]] = None, make_trainer: Callable[..., Trainer] 
     except RunInterrupted as err:
         print(str(err), file=sys.stderr)
         return EXIT_SAVED_RESUBMIT
+    except KeyboardInterrupt:
+        if _rank() == 0:   # under a launcher every rank gets the Ctrl-C: one line for the run
+            print(interrupted_line(config), file=sys.stderr)
+        return INTERRUPTED_EXIT
+
+
+def _rank() -> int:
+    try:
+        return detect_launch().rank
+    except ConfigError:
+        return 0
+
+
+def interrupted_line(config: Optional[TrainConfig]) -> str:
+    """What Ctrl-C left: the checkpoints are whole (`latest` names only a checkpoint every rank finished)."""
+    if config is None or config.mode.eval_only:
+        return "interrupted."
+    folder = RunFolder(config.output.folder)
+    try:
+        tag = folder.latest_tag()
+    except OSError:
+        tag = None
+    if tag is None:
+        return f"interrupted: no checkpoint was saved in {folder.root} yet; the same command starts the run afresh."
+    return (f"interrupted: the checkpoints in {folder.checkpoints} are intact; the same command resumes from the "
+            f"newest, {tag}.")
 
 
 @dataclass(frozen=True)
@@ -241,10 +279,36 @@ def run(config: TrainConfig, make_trainer: TrainerFactory = Trainer):
     observes the run through its override points (Trainer.after_resume, on_batch, after_step, ...)."""
     started = time.monotonic()   # --exit-after counts from here
     checked = check_before_launch(config)
-    env = init_distributed(timeout=config.hangs.dist_timeout)
-    run_folder = RunFolder(config.output.folder)
-    with watched(config, env, run_folder):
-        return run_joined(config, checked, env, run_folder, make_trainer, started)
+    launch = detect_launch()
+    lock, refusal = take_run_lock(config, launch.rank)
+    try:
+        if refusal and launch.world_size == 1:
+            raise ConfigError(refusal)
+        env = init_distributed(timeout=config.hangs.dist_timeout)
+        if launch.world_size > 1 and (refusal := broadcast_object(refusal)):
+            raise ConfigError(refusal)   # rank 0's refusal, on every rank: all exit 2 with the same sentence
+        run_folder = RunFolder(config.output.folder)
+        with watched(config, env, run_folder):
+            return run_joined(config, checked, env, run_folder, make_trainer, started, lock)
+    except ConfigError:
+        if lock is not None:
+            lock.remove_folder_if_unused()
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def take_run_lock(config: TrainConfig, rank: int) -> tuple[Optional[RunLock], Optional[str]]:
+    """Rank 0's lock on --output (antismooth.checkpoint.lock), before any process group: (the lock, None), or
+    (None, the sentence naming the training that holds it). Other ranks and --eval-only (which writes no
+    checkpoint) take none."""
+    if rank != 0 or config.mode.eval_only:
+        return None, None
+    try:
+        return RunLock.take(config.output.folder), None
+    except ConfigError as err:
+        return None, str(err)
 
 
 @contextlib.contextmanager
@@ -266,13 +330,21 @@ def watched(config: TrainConfig, env: DistEnv, run_folder: RunFolder):
 
 
 def run_joined(config: TrainConfig, checked: "Checked", env: DistEnv, run_folder: RunFolder,
-               make_trainer: TrainerFactory, started: float):
-    """`run` once this process joined the group (`started`: time.monotonic() at the run's start)."""
+               make_trainer: TrainerFactory, started: float, lock: Optional[RunLock] = None):
+    """`run` once this process joined the group (`started`: time.monotonic() at the run's start; `lock`: rank 0's
+    on the run folder)."""
     checkpointer = Checkpointer(run_folder, env, save_every=config.output.save_every, keep=config.output.keep)
     if not config.mode.eval_only:
         check_shared_folder(run_folder.root)
     setup_logging(run_folder, env.rank)
     log_world(env)
+    if lock is not None and lock.taken_over:
+        log.warning("%s", lock.taken_over)
+    config = with_workers_capped(config, env)
+    if env.rank == 0 and checked.val_source is None and not config.mode.throughput:
+        log.info("no validation split: %s has no val.json, so the run evaluates nothing at epoch ends and the "
+                 "spectral probe takes training images; build one with tools/build_shards.py from an image folder "
+                 "holding val/.", config.stream.data)
     torch.manual_seed(config.stream.seed)  # the same initial weights on every rank and at every world size
     model = build_model(config, len(checked.classes))
     augment = augment_config(config, structure.input_size(model)[0])
@@ -319,6 +391,18 @@ def run_joined(config: TrainConfig, checked: "Checked", env: DistEnv, run_folder
     return built.engine
 
 
+def with_workers_capped(config: TrainConfig, env: DistEnv) -> TrainConfig:
+    """The default --workers (8) at most the CPUs this process may use (more only fight over them, and torch warns
+    of it for each loader), with one line saying so; a number the user gave is kept as given."""
+    cpus, default = usable_cpus(), StreamConfig().num_workers
+    if config.stream.num_workers != default or default <= cpus:
+        return config
+    if env.rank == 0:
+        log.info("--workers %d (the default) is more than the %d CPU(s) this process may use: %d loader workers per "
+                 "process (pass --workers to choose).", default, cpus, cpus)
+    return dataclasses.replace(config, stream=dataclasses.replace(config.stream, num_workers=cpus))
+
+
 def show_throughput(env: DistEnv, line: Optional[str]) -> None:
     """--throughput's result: its line printed on rank 0, then the run's peak GPU memory logged."""
     if line:
@@ -329,7 +413,9 @@ def show_throughput(env: DistEnv, line: Optional[str]) -> None:
 def check_before_launch(config: TrainConfig) -> Checked:
     """Everything a user can get wrong, checked before processes talk or models are built."""
     check_targets_installed(config.output.report_targets)
-    world_size = detect_launch().world_size
+    writable_folder(config.output.folder, "--output")
+    launch = detect_launch()
+    world_size = launch.world_size
     held = None if config.mode.eval_only else RunFolder(config.output.folder).saved_batch()
     ds = DeepSpeedSettings.load(config.deepspeed_config, world_size, held)
     check_optimizer_build(ds.raw, config.deepspeed_config, torch.cuda.is_available())
@@ -346,9 +432,14 @@ def check_before_launch(config: TrainConfig) -> Checked:
     val_source = ShardSource.resolve(val_manifest) if val_manifest else None
     classes = list((train_source or val_source).classes)
     check_same_classes(train_manifest, val_manifest, train_source, val_source)
+    check_model(config.model.name, config.model.kwargs, config.model.input_size, num_classes=len(classes),
+                drop_rate=config.model.drop, drop_path_rate=config.model.drop_path)
     derived = derive(config, ds, world_size, train_source.num_samples) if train_source else None
-    if config.model.finetune and not Path(config.model.finetune).is_file():
-        raise ConfigError(f"--finetune {config.model.finetune} does not exist: give the path of a .pth or .safetensors file.")
+    if config.model.finetune:
+        readable_file(config.model.finetune, "--finetune", "give the path of a .pth or .safetensors file")
+    if not config.mode.eval_only:
+        check_augmentation(config)
+    check_port_free(launch)   # last: the closest to the moment rank 0 listens on it
     return Checked(world_size, ds, train_source, val_source, classes, derived)
 
 
@@ -373,7 +464,12 @@ def build_engine(config: TrainConfig, checked: Checked, env: DistEnv, model: nn.
         for change in config.input_changes(checkpointer.run_folder.read_run_json().get("flags", {})):
             log.warning(change)
     if config.model.finetune and resume_tag is None:
-        load_for_finetuning(model, config.model.finetune)
+        try:
+            load_for_finetuning(model, config.model.finetune)
+        except WeightsMismatchError:
+            raise
+        except ValueError as err:   # not a weights file, or a damaged one: every rank finds the same
+            raise ConfigError(f"--finetune {config.model.finetune}: {err}") from None
     apply_activation_checkpointing(model, ds.blocks_per_checkpoint, ds.offload_checkpoints)
     if config.model.compile:
         compile_blocks(structure.blocks(model))
@@ -465,4 +561,10 @@ def command(argv: Optional[list[str]] = None) -> int:
     status = main(argv)
     if status in (0, EXIT_SAVED_RESUBMIT):   # every rank agreed to stop here
         leave()
+    if status == INTERRUPTED_EXIT and _rank() != 0:
+        # Ctrl-C reached every rank; rank 0, which hosts the rendezvous store, said the one line and is gone: an
+        # interpreter teardown here would only print the store's connection errors.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     return status

@@ -76,6 +76,7 @@ def test_run_folder_describes_the_run(zero_runs):
                                  "num_samples": 16, "steps_per_epoch": 1, "total_steps": 6, "warmup_steps": 0,
                                  "peak_lr": pytest.approx(0.05 * 16 / 512)}
     assert config["flags"]["model"] == "attnscale_tiny_24"
+    assert not (run / "run.lock").exists()   # released at the end of every run of the launch
     assert config["deepspeed"]["zero_optimization"]["stage"] == 2
     assert config["model"]["model_kwargs"] == {"patch_size": 8, "embed_dim": 64, "num_heads": 4, "num_classes": 16,
                                                "img_size": 32}

@@ -25,13 +25,15 @@ from typing import Optional
 
 from timm.utils import ParseKwargs
 
-from antismooth.config import ConfigError, DeepSpeedSettings
+from antismooth.cli.usage import ArgumentParser, at_least, entry_point, fail, writable_file
+from antismooth.config import DeepSpeedSettings
+from antismooth.models.checks import check_model
 from antismooth.plan import (CPU_IMAGES_PER_CORE, GIB, MemoryPlan, StepTimePlan, alternatives,
                              plan_memory, plan_step_time)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, nargs="+")
     p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="extra timm.create_model arguments")
     p.add_argument("--deepspeed_config", "--deepspeed-config", required=True, nargs="+")
@@ -121,18 +123,36 @@ def print_table(args: argparse.Namespace, memory: float) -> list[dict]:
     return rows
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every number and name in range, every model buildable with --model-kwargs at --input-size, before any plan
+    (each model is built on the meta device: free, whatever its depth)."""
+    at_least(args.gpus, "--gpus", 1, "data-parallel ranks")
+    if args.gpu_memory <= 0:
+        fail(f"--gpu-memory must be a positive number of GiB, got {args.gpu_memory:g}.")
+    for batch in args.micro_batch:
+        at_least(batch, "--micro-batch", 1, "images per GPU and micro step")
+    if args.mfu is not None and not 0 < args.mfu <= 1:
+        fail(f"--mfu is a fraction of the peak, in (0, 1] (e.g. 0.4), got {args.mfu:g}.")
+    if args.peak_tflops <= 0:
+        fail(f"--peak-tflops must be positive, got {args.peak_tflops:g}.")
+    if args.cpu_images_per_core is not None and args.cpu_images_per_core <= 0:
+        fail(f"--cpu-images-per-core must be positive, got {args.cpu_images_per_core:g}.")
+    for model in args.model:
+        check_model(model, args.model_kwargs, args.input_size)
+    if args.json:
+        writable_file(args.json, "--json", overwrite=True)
+
+
+@entry_point()
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    check_args(args)
     memory = args.gpu_memory * GIB
-    try:
-        if len(args.model) * len(args.deepspeed_config) * len(args.micro_batch) > 1:
-            result: dict = {"table": print_table(args, memory)}
-        else:
-            result = plan_one(args.model[0], args.deepspeed_config[0], args.micro_batch[0], args, memory)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if len(args.model) * len(args.deepspeed_config) * len(args.micro_batch) > 1:
+        result: dict = {"table": print_table(args, memory)}
+    else:
+        result = plan_one(args.model[0], args.deepspeed_config[0], args.micro_batch[0], args, memory)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -54,6 +54,13 @@ class AugmentConfig:
             raise ConfigError(f"--repeated-aug must be 1 (off) or more, got {self.repeated_aug}.")
         if not 0 < self.eval_crop_pct <= 1:
             raise ConfigError(f"--crop-pct must be in (0, 1], got {self.eval_crop_pct}.")
+        for flag, value in (("--color-jitter", self.color_jitter), ("--mixup", self.mixup), ("--cutmix", self.cutmix)):
+            if value < 0:
+                raise ConfigError(f"{flag} must be 0 (off) or more, got {value}.")
+        if not 0 <= self.reprob <= 1:
+            raise ConfigError(f"--reprob is a probability, in [0, 1], got {self.reprob}.")
+        if not 0 <= self.smoothing < 1:
+            raise ConfigError(f"--smoothing must be in [0, 1), got {self.smoothing}.")
 
 
 @dataclass(frozen=True)
