@@ -52,12 +52,13 @@ def recipe_env(work: Path, shards: Path, run: str, **extra) -> dict:
 PDSH_PORT = 29500   # inside the nodes' own network: no other service there (SLURM's jobs use 20000 + job id)
 
 
-def pdsh_launch(cluster, work: Path, shards: Path, run: str, port: int) -> subprocess.Popen:
+def pdsh_launch(cluster, work: Path, shards: Path, run: str, port: int,
+                extra_args: list[str] = EXTRA_ARGS) -> subprocess.Popen:
     """`deepspeed --hostfile H --master_addr n1 pretrain.py …` from n1: pdsh over ssh starts a launcher on each node
     (n1 included). GLOO_SOCKET_IFNAME and OMP_NUM_THREADS are set where the user launches, and written to the
     .deepspeed_env that DS_ENV_FILE names by cluster/deepspeed_env.sh, as the user would."""
     launch = [VENV_BIN / "deepspeed", "--hostfile", cluster.hostfile(slots=1), "--master_addr", "n1",
-              "--master_port", port, "pretrain.py", *train_args(work, shards, run)]
+              "--master_port", port, "pretrain.py", *train_args(work, shards, run, extra_args)]
     env = {"GLOO_SOCKET_IFNAME": DATA_INTERFACE, "OMP_NUM_THREADS": "1", "DS_ENV_FILE": work / "deepspeed_env"}
     cluster.run_on("n1", ["bash", "cluster/deepspeed_env.sh"], env=env)
     return cluster.popen_on("n1", launch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -78,9 +79,9 @@ def per_node_launch(cluster, work: Path, shards: Path, run: str, port: int, env_
 def cluster_runs(cluster, tiny_shards, tmp_path_factory) -> dict:
     """Every launch of these tests, started together (their start-ups overlap; the nodes hold them all at once;
     each scenario waits in a thread of its own): {name: (exit status, output, run folder)} for each sbatch recipe of
-    cluster/ (each signalled mid-run and requeued by itself), DeepSpeed's ssh launcher, a launch whose nodes
-    disagree, the srun recipe with the isolated interface named, the faulted runs of FAULTS (each then resumed);
-    and the one-host reference."""
+    cluster/ (each signalled mid-run and requeued by itself), a launch whose nodes disagree, the srun recipe with the
+    isolated interface named; {name: figures} for the faulted runs of FAULTS (DeepSpeed's ssh launcher among them),
+    each then resumed; and the one-host reference."""
     work = tmp_path_factory.mktemp("cluster-runs")
     reference = [VENV_BIN / "deepspeed", "--num_gpus", "2", "--master_port", free_port(), "pretrain.py",
                  *train_args(work, tiny_shards, "one-host")]
@@ -96,8 +97,6 @@ def cluster_runs(cluster, tiny_shards, tmp_path_factory) -> dict:
         wrong = dict(recipe_env(work, tiny_shards, "wrong-interface"), GLOO_SOCKET_IFNAME=ISOLATED_INTERFACE)
         pending["wrong-interface"] = pool.submit(plain_job, cluster, work / "wrong-interface",
                                                  "cluster/slurm_srun.sbatch", *SRUN_ON_CPU_NODES, env=wrong)
-        pending["pdsh"] = pool.submit(ended, [pdsh_launch(cluster, work, tiny_shards, "pdsh", PDSH_PORT)],
-                                      work / "pdsh")
         # One node's environment differs: GLOO_SOCKET_IFNAME exported on n2 only.
         pending["disagreeing"] = pool.submit(ended, per_node_launch(cluster, work, tiny_shards, "disagreeing",
                                                                     PDSH_PORT + 1,
@@ -212,12 +211,13 @@ def test_recipe_trains_across_two_nodes_as_on_one_host(cluster_runs, reference_w
         assert "GLOO_SOCKET_IFNAME=eth0 on every node" in log
 
 
-def test_deepspeed_ssh_launcher_trains_as_on_one_host_and_passes_variables_on(cluster_runs, reference_weights,
-                                                                             tmp_path):
+def test_deepspeed_ssh_launcher_trains_as_on_one_host_and_passes_variables_on(cluster_runs):
     """pdsh over ssh, not --no_ssh; GLOO_SOCKET_IFNAME set where the user launched reached n2 through the
-    .deepspeed_env that cluster/deepspeed_env.sh wrote (rank 0 logs each compared variable as every node has it)."""
-    log = assert_trained_as_on_one_host("pdsh", *cluster_runs["pdsh"], reference_weights, tmp_path / "w.safetensors")
-    assert "deepspeed launch" in log and "GLOO_SOCKET_IFNAME=eth0 on every node" in log
+    .deepspeed_env that cluster/deepspeed_env.sh wrote (rank 0 logs each compared variable as every node has it).
+    Its run is the pdsh-killed one: the weights after its resume are checked there."""
+    log = (cluster_runs["pdsh-killed"]["run"] / "log.txt").read_text()
+    assert "2 processes on 2 nodes (deepspeed launch" in log and "GLOO_SOCKET_IFNAME=eth0 on every node" in log
+    assert "step 1/" in log.split("(slurm launch")[0]   # trained under DeepSpeed's launcher before the kill
 
 
 def test_nodes_that_disagree_stop_before_any_step(cluster_runs):
@@ -346,21 +346,20 @@ def srun_fault(fault: int):
     return scenario
 
 
-def per_node_kill(cluster, work: Path, shards: Path, name: str) -> dict:
-    """`deepspeed --no_ssh` on each node; rank 1's process (on n2) killed after the first checkpoint; then the run
-    resumed to the end by the srun recipe (the same run on the same two nodes: its three interpreters per node make
-    DeepSpeed's launcher a minute slower to start here than srun)."""
+def pdsh_kill(cluster, work: Path, shards: Path, name: str) -> dict:
+    """DeepSpeed's ssh launcher from n1 (pdsh starts a launcher on each node); rank 1's process (on n2) killed after
+    the first checkpoint; then the run resumed to the end by the srun recipe (the same run on the same two nodes:
+    DeepSpeed's launcher, three interpreters per node, starts a minute slower than srun on this loaded machine)."""
     run = work / name
-    launchers = per_node_launch(cluster, work, shards, name, PDSH_PORT + 2, {}, FAULT_ARGS)
-    faulted = fault_rank1(cluster, run, launchers[0], signal.SIGKILL)
-    with ThreadPoolExecutor(len(launchers)) as pool:   # each one's output read as it comes, its end noted
-        outputs, ends = zip(*pool.map(lambda proc: (proc.communicate(timeout=600)[0], time.time()), launchers), strict=True)
-    output, seconds = "\n".join(outputs), max(ends) - faulted
+    launcher = pdsh_launch(cluster, work, shards, name, PDSH_PORT, FAULT_ARGS)
+    faulted = fault_rank1(cluster, run, launcher, signal.SIGKILL)
+    output = launcher.communicate(timeout=600)[0]
+    seconds = time.time() - faulted
     (work / f"{name}.out").write_text(output)
     left, latest = left_running(cluster, run), latest_of(run)
     resumed = srun_fault_job(cluster, work, shards, name).wait()
-    return {"run": run, "stopped": [proc.returncode for proc in launchers], "output": output, "seconds": seconds,
-            "left": left, "latest": latest, "resumed": resumed.returncode, "resumed_output": resumed.output}
+    return {"run": run, "stopped": launcher.returncode, "output": output, "seconds": seconds, "left": left,
+            "latest": latest, "resumed": resumed.returncode, "resumed_output": resumed.output}
 
 
 FULL_TAG = "step00000003"   # the save that meets n2's full disk
@@ -386,7 +385,7 @@ def full_disk_on_n2(cluster, work: Path, shards: Path, name: str) -> dict:
 
 
 FAULTS = {"srun-killed": srun_fault(signal.SIGKILL), "srun-frozen": srun_fault(signal.SIGSTOP),
-          "no-ssh-killed": per_node_kill, "n2-disk-full": full_disk_on_n2}
+          "pdsh-killed": pdsh_kill, "n2-disk-full": full_disk_on_n2}
 
 
 def assert_resumed_as_on_one_host(name: str, result: dict, reference: dict, out: Path, tag: str) -> None:
@@ -407,18 +406,20 @@ def test_a_rank_killed_under_srun_ends_the_job_on_every_node_and_the_resubmitted
           f"{result['latest']}")
 
 
-def test_a_rank_killed_under_deepspeed_no_ssh_ends_every_node_and_the_same_command_resumes(
-        cluster_runs, reference_weights, tmp_path):
-    """`deepspeed --no_ssh` per node: n2's launcher sees its worker die; n1's rank learns it from gloo or the
-    heartbeat and stops (no launcher links the nodes)."""
-    result = cluster_runs["no-ssh-killed"]
-    assert all(code != 0 for code in result["stopped"]), result["output"][-6000:]
-    errors = [line for line in result["output"].splitlines() if line.startswith("error: ")]
-    assert all(line.startswith("error: rank 1 on n2 stopped answering (") for line in errors), result["output"][-6000:]
-    assert_resumed_as_on_one_host("no-ssh-killed", result, reference_weights, tmp_path / "w.safetensors",
+def test_a_rank_killed_under_deepspeed_pdsh_ends_every_node_and_the_run_resumes(cluster_runs, reference_weights,
+                                                                               tmp_path):
+    """DeepSpeed's ssh launcher: n2's launcher sees its worker die and exits; n1's rank learns it from gloo (or the
+    heartbeat) and stops with the sentence naming rank 1; pdsh then returns. Nothing of the run is left anywhere."""
+    result = cluster_runs["pdsh-killed"]
+    assert result["stopped"] != 0, result["output"][-6000:]
+    said = [line.split(": ", 1)[1] for line in result["output"].splitlines() if ": " in line]   # pdsh's "n1: " off
+    errors = [line for line in said if line.startswith("error: ")]
+    assert errors and all(line.startswith("error: rank 1 on n2 stopped answering (") for line in errors), \
+        result["output"][-6000:]
+    assert_resumed_as_on_one_host("pdsh-killed", result, reference_weights, tmp_path / "w.safetensors",
                                   result["latest"])
-    print(f"\ndeepspeed --no_ssh, rank 1 killed: both launchers ended {result['seconds']:.0f} s after the kill "
-          f"(exits {result['stopped']}); resumed from {result['latest']}")
+    print(f"\ndeepspeed over pdsh, rank 1 killed: the launch ended {result['seconds']:.0f} s after the kill (exit "
+          f"{result['stopped']}); resumed from {result['latest']}")
 
 
 def test_a_frozen_node_ends_the_job_with_the_sentence_naming_it_and_the_resubmitted_job_finishes(
