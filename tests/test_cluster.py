@@ -44,7 +44,8 @@ RECIPES = {"slurm_deepspeed": ON_CPU_NODES, "slurm_torchrun": ON_CPU_NODES, "slu
 def recipe_env(work: Path, shards: Path, run: str, **extra) -> dict:
     """What cluster/common.sh reads, for the tiny run; the venv's commands first on PATH (sbatch passes the
     submitter's environment on to the job)."""
-    return {"DATA": shards, "RUN": work / run, "DS_CONFIG": ds_config(work / f"zero{STAGE}.json", STAGE),
+    config = work / f"zero{STAGE}.json"   # written once: launches started from other threads read it meanwhile
+    return {"DATA": shards, "RUN": work / run, "DS_CONFIG": config if config.exists() else ds_config(config, STAGE),
             "MODEL": MODEL, "EXTRA_ARGS": " ".join(EXTRA_ARGS), "GPUS_PER_NODE": 1,
             "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", **extra}
 
