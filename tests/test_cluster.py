@@ -103,9 +103,10 @@ def cluster_runs(cluster, tiny_shards, tmp_path_factory) -> dict:
                                                                     PDSH_PORT + 1,
                                                                     {"n2": {"GLOO_SOCKET_IFNAME": DATA_INTERFACE}}),
                                              work / "disagreeing")
-        for name, scenario in FAULTS.items():
-            pending[name] = pool.submit(scenario, cluster, work, tiny_shards, name)
+        faults = [pool.submit(scenario, cluster, work, tiny_shards, name) for name, scenario in FAULTS.items()]
         runs = {name: future.result() for name, future in pending.items()}
+        for future in faults:
+            runs.update(future.result())
     wait_processes(one_host, work, "one-host")
     runs["one-host"] = (0, "", work / "one-host")
     return runs
@@ -310,9 +311,9 @@ def leftover_processes(cluster, node: str, run: Path) -> list[int]:
     return found
 
 
-def fault_rank1(cluster, run: Path, proc, fault: int) -> float:
-    """`fault` to rank 1 (on n2) once checkpoint step 1 is committed; when (time.time())."""
-    wait_for_line(run / "log.txt", "saved checkpoint step00000001", proc)
+def fault_rank1(cluster, run: Path, proc, fault: int, after: str = "step00000001") -> float:
+    """`fault` to rank 1 (on n2) once checkpoint `after` is committed; when (time.time())."""
+    wait_for_line(run / "log.txt", f"saved checkpoint {after}", proc)
     deadline = time.monotonic() + 60
     while not (pids := rank_processes(cluster, "n2", run)):
         assert time.monotonic() < deadline, f"no rank of {run.name} on n2"
@@ -331,62 +332,58 @@ def latest_of(run: Path) -> str | None:
     return latest.read_text() if latest.is_file() else None
 
 
-def srun_fault(fault: int):
-    """Rank 1 of the srun recipe's job frozen (SIGSTOP) or killed (SIGKILL) after its first checkpoint; then the
-    same job submitted again, to the end."""
-    def scenario(cluster, work: Path, shards: Path, name: str) -> dict:
-        run = work / name
-        first = srun_fault_job(cluster, work, shards, name)
-        faulted = fault_rank1(cluster, run, first.proc, fault)
-        stopped = first.wait()
-        seconds = time.time() - faulted
-        left, latest = left_running(cluster, run), latest_of(run)
-        resumed = srun_fault_job(cluster, work, shards, name).wait()
-        return {"run": run, "stopped": stopped.returncode, "output": stopped.output, "seconds": seconds,
-                "left": left, "latest": latest, "resumed": resumed.returncode, "resumed_output": resumed.output}
-    return scenario
-
-
-def pdsh_kill(cluster, work: Path, shards: Path, name: str) -> dict:
-    """DeepSpeed's ssh launcher from n1 (pdsh starts a launcher on each node); rank 1's process (on n2) killed after
-    the first checkpoint; then the run resumed to the end by the srun recipe (the same run on the same two nodes:
-    DeepSpeed's launcher, three interpreters per node, starts a minute slower than srun on this loaded machine)."""
+def srun_killed_then_frozen(cluster, work: Path, shards: Path, name: str) -> dict:
+    """The srun recipe's job with rank 1 killed (SIGKILL) after checkpoint step 1; the same job submitted again, its
+    rank 1 frozen (SIGSTOP) after step 2; then submitted once more, to the end (one run folder: the second job is
+    the first one's resume, which saves a launch)."""
     run = work / name
-    launcher = pdsh_launch(cluster, work, shards, name, PDSH_PORT, FAULT_ARGS)
-    faulted = fault_rank1(cluster, run, launcher, signal.SIGKILL)
-    output = launcher.communicate(timeout=600)[0]
-    seconds = time.time() - faulted
-    (work / f"{name}.out").write_text(output)
-    left, latest = left_running(cluster, run), latest_of(run)
+    results = {}
+    for fault, after, scenario in ((signal.SIGKILL, "step00000001", "srun-killed"),
+                                   (signal.SIGSTOP, "step00000002", "srun-frozen")):
+        job = srun_fault_job(cluster, work, shards, name)
+        faulted = fault_rank1(cluster, run, job.proc, fault, after)
+        stopped = job.wait()
+        results[scenario] = {"run": run, "stopped": stopped.returncode, "output": stopped.output,
+                             "seconds": time.time() - faulted, "left": left_running(cluster, run),
+                             "latest": latest_of(run)}
     resumed = srun_fault_job(cluster, work, shards, name).wait()
-    return {"run": run, "stopped": launcher.returncode, "output": output, "seconds": seconds, "left": left,
-            "latest": latest, "resumed": resumed.returncode, "resumed_output": resumed.output}
+    return {scenario: dict(result, resumed=resumed.returncode, resumed_output=resumed.output)
+            for scenario, result in results.items()}
 
 
 FULL_TAG = "step00000003"   # the save that meets n2's full disk
 
 
-def full_disk_on_n2(cluster, work: Path, shards: Path, name: str) -> dict:
-    """A 1 MiB tmpfs over n2's view of the folder of checkpoint step 3 (in n2's own mount namespace: n1 sees the
-    shared disk), mounted once step 1 is committed; rank 1's write of step 3 meets ENOSPC. Then, space freed (the
-    tmpfs goes with the abandoned folder), the same job submitted again, to the end."""
+def pdsh_killed_then_disk_full(cluster, work: Path, shards: Path, name: str) -> dict:
+    """DeepSpeed's ssh launcher from n1 (pdsh starts a launcher on each node), rank 1's process (on n2) killed after
+    checkpoint step 1. Its resume by the srun recipe then meets a full disk on n2 alone: a 1 MiB tmpfs over n2's view
+    of the folder of checkpoint step 3 (in n2's own mount namespace: n1 sees the shared disk), mounted once the resume
+    has begun; rank 1's write of step 3 fails. Space freed (the tmpfs goes with the abandoned folder), the same job
+    submitted once more runs to the end. (srun resumes: DeepSpeed's launcher, three interpreters per node, starts a
+    minute slower than srun on this loaded machine.)"""
     run = work / name
-    first = srun_fault_job(cluster, work, shards, name)
-    wait_for_line(run / "log.txt", "saved checkpoint step00000001", first.proc)
+    launcher = pdsh_launch(cluster, work, shards, name, PDSH_PORT, FAULT_ARGS)
+    faulted = fault_rank1(cluster, run, launcher, signal.SIGKILL)
+    output = launcher.communicate(timeout=600)[0]
+    killed = {"run": run, "stopped": launcher.returncode, "output": output, "seconds": time.time() - faulted,
+              "left": left_running(cluster, run), "latest": latest_of(run)}
+    (work / f"{name}.out").write_text(output)
+    job = srun_fault_job(cluster, work, shards, name)
+    wait_for_line(run / "log.txt", f"Resumed from {killed['latest']}", job.proc)   # folders newer were removed
     folder = run / "checkpoints" / FULL_TAG
     folder.mkdir()   # FileExistsError: step 3 was saved before the disk could be filled
     cluster.run_on("n2", ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", folder])
-    stopped = first.wait()
-    latest = latest_of(run)
+    stopped = job.wait()
+    full = {"run": run, "stopped": stopped.returncode, "output": stopped.output, "latest": latest_of(run)}
     cluster.run_on("n2", ["umount", folder], check=False)   # gone already where rank 0 removed the folder
-    left = left_running(cluster, run)
+    full["left"] = left_running(cluster, run)
     resumed = srun_fault_job(cluster, work, shards, name).wait()
-    return {"run": run, "stopped": stopped.returncode, "output": stopped.output, "latest": latest, "left": left,
-            "resumed": resumed.returncode, "resumed_output": resumed.output}
+    return {scenario: dict(result, resumed=resumed.returncode, resumed_output=resumed.output)
+            for scenario, result in (("pdsh-killed", killed), ("n2-disk-full", full))}
 
 
-FAULTS = {"srun-killed": srun_fault(signal.SIGKILL), "srun-frozen": srun_fault(signal.SIGSTOP),
-          "pdsh-killed": pdsh_kill, "n2-disk-full": full_disk_on_n2}
+# name: scenario(cluster, work, shards, name) -> {test's name: figures}
+FAULTS = {"srun-faults": srun_killed_then_frozen, "pdsh-faults": pdsh_killed_then_disk_full}
 
 
 def assert_resumed_as_on_one_host(name: str, result: dict, reference: dict, out: Path, tag: str) -> None:
@@ -401,6 +398,7 @@ def test_a_rank_killed_under_srun_ends_the_job_on_every_node_and_the_resubmitted
     """srun --kill-on-bad-exit=1 ends the other task when rank 1 dies; nothing of the run is left on either node."""
     result = cluster_runs["srun-killed"]
     assert result["stopped"] != 0 and "requeueing" not in result["output"], result["output"][-6000:]
+    # resumed by the next job of the chain (srun_killed_then_frozen), which the frozen test follows to the end
     assert_resumed_as_on_one_host("srun-killed", result, reference_weights, tmp_path / "w.safetensors",
                                   result["latest"])
     print(f"\nsrun, rank 1 killed: the job ended {result['seconds']:.0f} s after the kill; resumed from "
