@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from antismooth.interrupt import EXIT_SAVED_RESUBMIT, signal_number
 from conftest import resume_plan
-from launch import (REPO, TRAIN_PLAN, VENV_BIN, clean_env, descendants, free_port, launch_plan, slow_fixture,
+from launch import (REPO, TRAIN_PLAN, VENV_BIN, clean_env, descendants, free_port, slow_fixture,
                     wait_or_kill, write_plan)
 
 def rank_process(launcher: int, rank: int) -> int | None:
@@ -43,14 +43,14 @@ def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 300)
     pytest.fail(f"{what} did not happen (launch exit {proc.poll()})")
 
 
-def launch(plan: list[dict], work: Path, name: str) -> subprocess.Popen:
+def launch(plan: list[dict], work: Path, name: str, env: dict | None = None) -> subprocess.Popen:
     """`deepspeed --num_gpus 2 train_plan.py`, the launcher ignoring SIGUSR2 as cluster/*.sbatch make it
     (`trap "" USR2`): only the training processes act on it."""
     cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN_PLAN),
            str(write_plan(plan, work))]
     log = open(work / f"{name}.log", "w")
     try:
-        return subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen(cmd, cwd=REPO, env=clean_env(env), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
     finally:
@@ -58,10 +58,13 @@ def launch(plan: list[dict], work: Path, name: str) -> subprocess.Popen:
 
 
 @slow_fixture(scope="module")
-def interrupted_run(sample_shards, resume_reference, tmp_path_factory):
+def signal_runs(sample_shards, resume_reference, tmp_path_factory):
+    """Two launches of the 12-step resume run: the first signalled from outside after step 3; the second, in the same
+    processes one after the other, resumes it to the end, then runs a copy signalled from inside while it writes
+    checkpoint step 4's optimizer shard, and resumes that copy to the end."""
     work = tmp_path_factory.mktemp("interrupt")
     config, reference = resume_reference
-    run = work / "signalled"
+    run, during_save = work / "signalled", work / "during-save"
     argv = resume_plan(config, sample_shards.parent, run)[0]["argv"]
     first, second = work / "first.status", work / "second.status"
     proc = launch([{"argv": argv, "status": str(first)}], work, "first")
@@ -76,12 +79,31 @@ def interrupted_run(sample_shards, resume_reference, tmp_path_factory):
     stopped_log = log.read_text()
     latest_after_stop = (run / "checkpoints" / "latest").read_text()
     marker = (run / "resubmit").read_text()
-    second_proc = launch([{"argv": argv, "status": str(second)}], work, "second")
-    assert wait_or_kill(second_proc), "the resumed run hung"
-    return {"run": run, "reference": reference, "work": work, "first": int(first.read_text()),
-            "second": int(second.read_text()), "stopped_log": stopped_log, "seconds": seconds,
-            "latest_after_stop": latest_after_stop, "marker": marker,
-            "first_output": (work / "first.log").read_text(), "second_output": (work / "second.log").read_text()}
+    save_argv = resume_plan(config, sample_shards.parent, during_save)[0]["argv"]
+    plan = [{"argv": argv, "status": str(second)}, {"argv": save_argv, "status": str(work / "stopped")},
+            {"argv": save_argv, "status": str(work / "resumed")}]
+    second_proc = launch(plan, work, "second",
+                         env={"ANTISMOOTH_TEST_SIGNAL_DURING_SAVE": "during-save/checkpoints/step00000004"})
+    assert wait_or_kill(second_proc), "the resumed runs hung"
+    output = (work / "second.log").read_text()
+    return {"interrupted": {"run": run, "reference": reference, "work": work, "first": int(first.read_text()),
+                            "second": int(second.read_text()), "stopped_log": stopped_log, "seconds": seconds,
+                            "latest_after_stop": latest_after_stop, "marker": marker,
+                            "first_output": (work / "first.log").read_text(), "second_output": output},
+            "during_save": {"run": during_save, "reference": reference, "output": output,
+                            "status": {when: int((work / when).read_text()) for when in ("stopped", "resumed")}}}
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(signal_runs):
+    return signal_runs["interrupted"]
+
+
+@pytest.fixture(scope="module")
+def signalled_during_save(signal_runs):
+    """The same 12-step run: SIGUSR2 to rank 1 while it writes checkpoint step 4's optimizer shard, then the same
+    run started again to its end (in the second launch of signal_runs)."""
+    return signal_runs["during_save"]
 
 
 def exported(run: Path, out: Path) -> dict[str, torch.Tensor]:
@@ -109,7 +131,7 @@ def test_a_signal_to_one_rank_saves_on_every_rank_and_exits_with_75(interrupted_
 
 def test_the_same_command_resumes_to_the_weights_of_the_uninterrupted_run(interrupted_run, tmp_path):
     assert interrupted_run["second"] == 0, interrupted_run["second_output"][-4000:]
-    assert "Resumed from step" in interrupted_run["second_output"]
+    assert f"Resumed from {interrupted_run['latest_after_stop']}" in (interrupted_run["run"] / "log.txt").read_text()
     resumed = exported(interrupted_run["run"], tmp_path / "resumed.safetensors")
     reference = exported(interrupted_run["reference"], tmp_path / "reference.safetensors")
     assert resumed.keys() == reference.keys()
@@ -152,20 +174,6 @@ def test_a_signal_only_sets_the_flag_and_the_helpers_started_later_ignore_it():
         for number, handler in before.items():
             signal.signal(number, handler)
         os.environ.pop(IGNORED_SIGNALS_ENV, None)
-
-
-@slow_fixture(scope="module")
-def signalled_during_save(sample_shards, resume_reference, tmp_path_factory):
-    """One launch of the same 12-step run: SIGUSR2 to rank 1 while it writes checkpoint step 4's optimizer shard,
-    then the same run started again to its end."""
-    work = tmp_path_factory.mktemp("interrupt-save")
-    config, reference = resume_reference
-    run = work / "during-save"
-    argv = resume_plan(config, sample_shards.parent, run)[0]["argv"]
-    plan = [{"argv": argv, "status": str(work / "stopped")}, {"argv": argv, "status": str(work / "resumed")}]
-    output = launch_plan(plan, 2, work, env={"ANTISMOOTH_TEST_SIGNAL_DURING_SAVE": "during-save/checkpoints/step00000004"})
-    status = {when: int((work / when).read_text()) for when in ("stopped", "resumed")}
-    return {"run": run, "reference": reference, "output": output, "status": status}
 
 
 def test_a_signal_during_a_save_is_handled_at_the_next_step_boundary(signalled_during_save, tmp_path):

@@ -13,13 +13,15 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from conftest import FULL_BATCH, TINY_MODEL
-from launch import LAUNCH_TIMEOUT, ONE_THREAD, ds_config, launch_plan, slow_fixture, wait_or_kill
+from launch import (LAUNCH_TIMEOUT, ONE_THREAD, TRAIN_PLAN, ds_config, free_port, kill_tree, launch_plan, slow_fixture,
+                    start_processes, wait_or_kill, write_plan)
 from test_train import scalars
 
 DIVERGING_LR = "1e9"       # per 512 images: the weights blow up in the first step, the loss is NaN from step 2
@@ -150,40 +152,93 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _fault_mid_run(tiny_shards, work: Path, fault: int, torchrun: bool) -> dict:
-    """A 2-process run, as a user starts it, whose rank 1 gets `fault` (SIGSTOP: frozen; SIGKILL: dead) once a
-    checkpoint exists; what the survivor said, its status, and how long the launch took to end after the fault."""
+def _start_fault_run(tiny_shards, work: Path, plain: bool) -> dict:
+    """A 2-process run as a user starts it: under torchrun, or as two plain processes given RANK, WORLD_SIZE and the
+    rendezvous (what a scheduler's own launch gives; no launcher to end the frozen rank, so its wait is not timed)."""
     run = work / "run"
     argv = ["--deepspeed_config", str(ds_config(work / "zero2.json", 2)), "--data", str(tiny_shards), *TINY_MODEL,
             *FULL_BATCH, "--output", str(run), "--epochs", "1000", "--spectral-every", "0", "--no-eval",
             "--dist-timeout", "60", "--step-timeout", str(STEP_TIMEOUT)]
     plan = [{"argv": argv, "status": str(work / "status"), "pid": str(work / "pid")}]
-    proc = launch_plan(plan, 2, work, popen=True, torchrun=torchrun, env=ONE_THREAD)
+    if plain:
+        plan_file, port = write_plan(plan, work), str(free_port())
+        ranks = [([sys.executable, TRAIN_PLAN, plan_file],
+                  {**ONE_THREAD, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in (0, 1)]
+        procs = start_processes(ranks, work, "plain")
+        logs = [work / "plain-0.log", work / "plain-1.log"]
+    else:
+        procs = [launch_plan(plan, 2, work, popen=True, torchrun=True, env=ONE_THREAD)]
+        logs = [work / "plan-0.log"]
+    return {"work": work, "run": run, "procs": procs, "logs": logs}
+
+
+def _fault_when_saved(started: dict, fault: int, faulted: list[dict]) -> dict:
+    """Give rank 1 `fault` (SIGSTOP: frozen; SIGKILL: dead) once a checkpoint exists; what the survivor said, its
+    status (the launch's: torchrun's, or rank 0's under the plain launch) and the seconds from the fault to its end."""
+    work, run, proc = started["work"], started["run"], started["procs"][0]
     pid_files = [work / f"pid-rank{r}" for r in (0, 1)]
     deadline = time.monotonic() + LAUNCH_TIMEOUT
     while not ((run / "checkpoints" / "latest").is_file() and all(p.is_file() for p in pid_files)):
-        assert proc.poll() is None and time.monotonic() < deadline, (work / "plan-0.log").read_text()[-4000:]
-        time.sleep(0.1)
+        assert proc.poll() is None and time.monotonic() < deadline, started["logs"][0].read_text()[-4000:]
+        _note_ends(faulted)   # of the runs faulted before this one
+        time.sleep(0.05)
     pids = [int(p.read_text()) for p in pid_files]
     kept_before = (run / "checkpoints" / "latest").read_text()
     os.kill(pids[1], fault)
-    faulted = time.monotonic()
-    ended = wait_or_kill(proc)
-    seconds = time.monotonic() - faulted
-    left = [pid for pid in pids if _alive(pid)]
-    for pid in left:   # the test's own clean-up, after the verdict was taken
+    return {**started, "pids": pids, "kept_before": kept_before, "faulted": time.monotonic()}
+
+
+def _wait_ends(faulted: list[dict]) -> None:
+    """Until the launch (or rank 0) of each faulted run has ended, noting when (a hung one is killed at
+    LAUNCH_TIMEOUT)."""
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while any("ended_at" not in run for run in faulted) and time.monotonic() < deadline:
+        _note_ends(faulted)
+        time.sleep(0.05)
+
+
+def _note_ends(faulted: list[dict]) -> None:
+    for run in faulted:
+        if "ended_at" not in run and run["procs"][0].poll() is not None:
+            run["ended_at"] = time.monotonic()
+
+
+def _end_of(faulted: dict) -> dict:
+    proc = faulted["procs"][0]
+    ended = wait_or_kill(proc) and "ended_at" in faulted
+    seconds = faulted.get("ended_at", time.monotonic()) - faulted["faulted"]
+    left = [pid for pid in faulted["pids"] if _alive(pid)]
+    for pid in left:   # the test's own clean-up, after the verdict was taken (the frozen rank of the plain launch)
         os.kill(pid, signal.SIGKILL)
+    for other in faulted["procs"][1:]:
+        wait_or_kill(other)
+    work = faulted["work"]
     status = (work / "status").read_text() if (work / "status").is_file() else None
-    return {"log": (work / "plan-0.log").read_text(), "ended": ended, "seconds": seconds, "left": left,
-            "status": status, "run": run, "kept_before": kept_before, "exit": proc.returncode}
+    return {"log": "\n".join(log.read_text() for log in faulted["logs"]), "ended": ended, "seconds": seconds,
+            "left": left, "status": status, "run": faulted["run"], "kept_before": faulted["kept_before"],
+            "exit": proc.returncode}
 
 
 @slow_fixture(scope="module")
 def faulted_runs(tiny_shards, tmp_path_factory):
-    """Rank 1 frozen under the deepspeed launcher; rank 1 killed under torchrun. The seconds from the fault to the
-    launch's end are recorded in faults.json (docs/reliability.md's table)."""
-    runs = {"frozen": _fault_mid_run(tiny_shards, tmp_path_factory.mktemp("frozen"), signal.SIGSTOP, False),
-            "killed": _fault_mid_run(tiny_shards, tmp_path_factory.mktemp("killed"), signal.SIGKILL, True)}
+    """Rank 1 frozen under a plain launch (rank 0's end is what is timed: a launcher's wait to kill the frozen rank
+    is its own, 30 s under deepspeed and torchrun) and rank 1 killed under torchrun, both launches at once (the
+    frozen one mostly waits). The seconds from the fault to the end are recorded in faults.json
+    (docs/reliability.md's table)."""
+    started = {"frozen": _start_fault_run(tiny_shards, tmp_path_factory.mktemp("frozen"), plain=True),
+               "killed": _start_fault_run(tiny_shards, tmp_path_factory.mktemp("killed"), plain=False)}
+    try:
+        faulted = {"frozen": _fault_when_saved(started["frozen"], signal.SIGSTOP, [])}
+        faulted["killed"] = _fault_when_saved(started["killed"], signal.SIGKILL, [faulted["frozen"]])
+        _wait_ends(list(faulted.values()))
+        runs = {name: _end_of(run) for name, run in faulted.items()}
+    finally:   # whatever a failure left running
+        for run in started.values():
+            for proc in run["procs"]:
+                if proc.poll() is None:
+                    kill_tree(proc.pid)
+                    proc.wait()
     record = {name: {k: run[k] for k in ("seconds", "exit", "status")} for name, run in runs.items()}
     (tmp_path_factory.getbasetemp() / "faults.json").write_text(json.dumps(record, indent=1))
     return runs
@@ -197,9 +252,10 @@ def _survivor_sentence(run: dict) -> str:
 
 def test_a_frozen_rank_ends_the_job_with_a_sentence_naming_it(faulted_runs):
     """Rank 0's heartbeat thread sees rank 1's counter stand still for --step-timeout and ends rank 0 with the
-    sentence and exit status 4; the deepspeed launcher then ends the frozen rank (SIGTERM, SIGKILL 30 s later)."""
+    sentence and exit status 4 (a launcher then ends the frozen rank: deepspeed and torchrun SIGTERM it and SIGKILL
+    it 30 s later, srun at once: test_cluster's frozen job)."""
     run = faulted_runs["frozen"]
-    assert run["ended"] and run["left"] == [] and run["exit"] == 4, run["log"][-4000:]
+    assert run["ended"] and run["exit"] == 4, run["log"][-4000:]
     line = _survivor_sentence(run)
     assert line.startswith(f"error: rank 1 on {socket.gethostname()} stopped answering (its heartbeat stood still "
                            "for "), line

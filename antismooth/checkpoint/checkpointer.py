@@ -31,6 +31,8 @@ from .files import checkpoint_tag
 from .resume import choose_resume_tag, load_for_resume
 from .run_folder import RunFolder
 
+NO_ROOM_BYTES = 1 << 20   # what a folder with less free space than this holds no more of a checkpoint
+
 __all__ = ["Checkpointer"]
 
 _logger = logging.getLogger(__name__)
@@ -141,7 +143,7 @@ class Checkpointer:
 
         The one place a save's outcome is decided: every rank's outcome is gathered (which also waits for every
         rank's files to be on the disk), and only when none failed does rank 0 name `tag` in `latest`."""
-        failures = [f for f in all_gather_object(None if error is None else self.describe_failure(error)) if f]
+        failures = [f for f in all_gather_object(None if error is None else self.describe_failure(error, tag)) if f]
         if failures:
             self.abandon(tag, failures, error)
         self.last_saved_step = self.state.global_step
@@ -154,12 +156,21 @@ class Checkpointer:
         removed = self.run_folder.prune(self.keep)
         _logger.info("saved checkpoint %s%s", tag, f" (removed {', '.join(removed)})" if removed else "")
 
-    def describe_failure(self, err: BaseException) -> dict[str, Any]:
+    def describe_failure(self, err: BaseException, tag: str) -> dict[str, Any]:
         """What one rank tells the others of its failed write: where, and why in a few words."""
         full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) \
-            or "write failed" in str(err) or "No space left" in str(err) or "quota" in str(err).lower()
+            or "write failed" in str(err) or "No space left" in str(err) or "quota" in str(err).lower() \
+            or self.left_no_room(tag)
         reason = "the disk is full" if full else f"{type(err).__name__}: {err}".splitlines()[0][:200]
         return {"host": socket.gethostname(), "rank": self.env.rank, "reason": reason}
+
+    def left_no_room(self, tag: str) -> bool:
+        """Whether the failed write left the folder of checkpoint `tag` full: torch.save reports a short write on a
+        full filesystem as "unexpected pos …", without ENOSPC (seen on a full tmpfs, tests/test_cluster.py)."""
+        try:
+            return shutil.disk_usage(self.run_folder.tag_dir(tag)).free < NO_ROOM_BYTES
+        except OSError:
+            return False
 
     def abandon(self, tag: str, failures: list[dict[str, Any]], err: Optional[BaseException]) -> None:
         """A checkpoint that some rank could not write: its partial folder removed (it was never `latest`), and every
