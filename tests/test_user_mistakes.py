@@ -133,6 +133,9 @@ CASES = [
     ("analyze", [*W, "--data", "{shards}", "--out", "{new}", "--device", "tpu"], "is not a device"),
     ("analyze", [*W, "--data", "{shards}", "--out", "{report}"], "already holds report.json"),
     ("analyze", ["--weights", "{bare}", "--data", "{shards}", "--out", "{new}"], "pass --model NAME"),
+    ("analyze", ["--model", "attnscale_tiny_24", "--model-kwargs", "depth=x", "--data", "{shards}", "--out", "{new}"],
+     "cannot be built"),
+    ("analyze", ["--model", "attnscale_tiny_2", "--data", "{shards}", "--out", "{new}"], "Did you mean"),
     ("analyze", ["--weights", "{shards}/train-000000.tar", "--data", "{shards}", "--out", "{new}"], "is a shard, not"),
     # reshard
     ("reshard", ["{missing}"], "does not exist"),

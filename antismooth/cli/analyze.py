@@ -35,6 +35,7 @@ from antismooth.data.pipeline import AugmentConfig, build_eval_stream, eval_tran
 from antismooth.evaluate import eval_augment
 from antismooth.export import read_export_description
 from antismooth.models.description import ModelDescription
+from antismooth.models.checks import check_model
 from antismooth.spectral import MEASUREMENTS, SpectralReport, curves_figure, measure
 
 MANIFESTS = ("val.json", "train.json")  # looked for, in this order, in a --data folder
@@ -87,6 +88,8 @@ def check_args(args: argparse.Namespace) -> None:
     usage.at_least(args.batch_size, "--batch-size", 1, "images per forward pass")
     check_device(args.device)
     usage.output_folder(args.out, "--out", args.overwrite, holds=REPORT_FILES)
+    if args.model:
+        check_model(args.model, dict(args.model_kwargs))   # on the meta device: a name or kwargs timm refuses
 
 
 def check_device(device: str) -> None:
