@@ -124,6 +124,7 @@ CASES = [
     ("eval", ["--weights", "{junk}", "--data", "{shards}", "--split", "train"], "not a readable .safetensors"),
     ("eval", ["--weights", "{shards}/train.json", "--data", "{shards}"], "is a shard manifest, not weights"),
     ("eval", [*W, "--data", "{shards}", "--split", "train", "--model", "vit_tiny_patch16_224"], "drop --model"),
+    ("eval", [*W, "--data", "{shards}", "--model", "attnscale_smal_12"], "Did you mean"),
     # analyze
     ("analyze", ["--data", "{shards}"], "give --weights"),
     ("analyze", [*W, "--data", "{missing}", "--out", "{new}"], "--data {missing} does not exist"),

@@ -31,6 +31,7 @@ from antismooth.data.pipeline import reduce_eval_metrics
 from antismooth.distributed import DistEnv, LaunchError, detect_launch, init_distributed, leave
 from antismooth.evaluate import (build_eval_model, eval_augment, eval_batches, evaluate, match_classes,
                                  resolve_eval_data)
+from antismooth.models.checks import check_model_name
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -78,6 +79,8 @@ def check_args(args: argparse.Namespace) -> None:
     usage.at_least(args.workers, "--workers", 0, "loader processes; 0 loads in this process")
     usage.at_least(args.num_classes, "--num-classes", 1, "model outputs")
     usage.at_least(args.img_size, "--img-size", 1, "pixels")
+    if args.model:
+        check_model_name(args.model)
     if args.json is not None:
         usage.writable_file(args.json, "--json", overwrite=True)
 
