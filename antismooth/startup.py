@@ -29,7 +29,7 @@ from antismooth.data.pipeline import AugmentConfig, ShardSource, build_train_str
 from antismooth.distributed import DistEnv, check_shared_folder, detect_launch, init_distributed, leave, log_world
 from antismooth.ema import ShardedEma
 from antismooth.engine import (TrainingStopped, TrainState, apply_activation_checkpointing, build_scheduler,
-                               compile_blocks, describe_optimizer, param_groups)
+                               compile_blocks, describe_optimizer, param_groups, restore_functional_linear)
 from antismooth.models import WeightsMismatchError, load_for_finetuning, load_weights, structure
 from antismooth.models.description import ModelDescription
 from antismooth.report import check_targets_installed
@@ -243,8 +243,11 @@ def run(config: TrainConfig, make_trainer: TrainerFactory = Trainer):
     checked = check_before_launch(config)
     env = init_distributed(timeout=config.hangs.dist_timeout)
     run_folder = RunFolder(config.output.folder)
-    with watched(config, env, run_folder):
-        return run_joined(config, checked, env, run_folder, make_trainer, started)
+    try:
+        with watched(config, env, run_folder):
+            return run_joined(config, checked, env, run_folder, make_trainer, started)
+    finally:
+        restore_functional_linear()   # what a ZeRO-3 engine replaced for the whole process, for the next run in it
 
 
 @contextlib.contextmanager
