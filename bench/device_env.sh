@@ -70,7 +70,7 @@ for pillow in "${PILLOWS[@]}"; do
 done
 {
   echo "device-env $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-  PYTHONPATH="$SITE:$PWD" "$PY" - <<'EOF'
+  PYTHONPATH="$SITE:$PWD" "$PY" - 2>/dev/null <<'EOF'
 import importlib, platform
 names = ("torch", "torchvision", "numpy", "PIL", "timm", "deepspeed", "webdataset", "safetensors", "pydantic")
 found = []
