@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench clean gpu-wheels gpu-check
+.PHONY: demo test test-fast lint bench clean gpu-wheels gpu-check device-env
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ gpu-wheels: $(STAMP)
 # No .venv there: the GPU machine's own Python, with the wheels of .whl/.
 gpu-check:
 	bash bench/gpu_check.sh
+
+# The GPU machine's software (Python 3.12, torch 2.11, the wheels of .whl/ on PYTHONPATH, Pillow 12 and 13) on this
+# CPU: the GPU check's dry run and the not-slow tests (bench/device_env.sh). Before a GPU session; not in CI (4.7 GB).
+device-env: $(STAMP)
+	WHEEL_PYTHON=$(PY) bash bench/device_env.sh
 
 clean:
 	rm -rf $(VENV) runs/demo shards/demo

@@ -19,7 +19,7 @@ from .config import Derived, TrainConfig
 from .models import structure
 
 __all__ = ["param_groups", "build_scheduler", "apply_activation_checkpointing", "CheckpointedBlocks",
-           "TrainState", "TrainingStopped", "compile_blocks", "describe_optimizer"]
+           "TrainState", "TrainingStopped", "compile_blocks", "describe_optimizer", "restore_functional_linear"]
 
 _logger = logging.getLogger(__name__)
 
@@ -141,3 +141,21 @@ class TrainState:
         for key, value in state.items():
             if hasattr(self, key):
                 setattr(self, key, value)
+
+
+def restore_functional_linear() -> bool:
+    """Put torch's own torch.nn.functional.linear back once an engine's run is over; True if it had been replaced.
+
+    A ZeRO-3 engine replaces it for the whole process with DeepSpeed's memory-efficient linear
+    (zero/partition_parameters.py, _enable_mem_efficient_linear: "This will persist unless manually reset"),
+    which adds the bias in place; torch 2.11's compiler then silently zeroes the gradients of compiled blocks
+    (pytorch/pytorch#180642) in any later --compile run of the same process (a notebook, a sweep, a test plan).
+    DeepSpeed keeps the original where DeepCompile restores it from (compile/init_z3.py)."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    original = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    if original is None or torch.nn.functional.linear is original:
+        return False
+    torch.nn.functional.linear = original
+    return True
+

@@ -33,7 +33,7 @@ from antismooth.distributed import (DistEnv, broadcast_object, check_port_free, 
                                    init_distributed, leave, log_world, usable_cpus)
 from antismooth.ema import ShardedEma
 from antismooth.engine import (TrainingStopped, TrainState, apply_activation_checkpointing, build_scheduler,
-                               compile_blocks, describe_optimizer, param_groups)
+                               compile_blocks, describe_optimizer, param_groups, restore_functional_linear)
 from antismooth.models import WeightsMismatchError, load_for_finetuning, load_weights, structure
 from antismooth.models.checks import check_model, check_model_name  # noqa: F401  (check_model_name: startup's before)
 from antismooth.models.description import ModelDescription
@@ -295,6 +295,7 @@ def run(config: TrainConfig, make_trainer: TrainerFactory = Trainer):
             lock.remove_folder_if_unused()
         raise
     finally:
+        restore_functional_linear()   # what a ZeRO-3 engine replaced for the whole process, for the next run in it
         if lock is not None:
             lock.release()
 

@@ -56,6 +56,13 @@ def is_distributed_failure(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(word in text for word in ("gloo", "Gloo", "NCCL"))
 
 
+def set_group_timeout(timeout: timedelta) -> None:
+    """The default group's timeout for every later collective: torch.distributed.set_timeout, which torch 2.11 (the
+    GPU machine's) has only under its older private name, _set_pg_timeout (deprecated since, same arguments)."""
+    setter = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout
+    setter(timeout)
+
+
 class Watchdog:
     """This rank's heartbeat and the process group's two timeouts."""
 
@@ -190,7 +197,7 @@ class Watchdog:
         """The start-up is over: from now on a rank (and a collective) waits `step_timeout` at most."""
         if self.steady or not dist.is_initialized():
             return
-        dist.set_timeout(timedelta(seconds=self.step_timeout))
+        set_group_timeout(timedelta(seconds=self.step_timeout))
         self.steady = True
 
     # --- after a collective failed

@@ -70,7 +70,9 @@ def measure(model_name: str, compiled: bool, img_size: int, batch: int, steps: i
 def run_worker(spec: dict) -> dict:
     """`spec` measured in a fresh process with a fresh inductor cache."""
     with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, PYTHONPATH=str(REPO))
+        # The repository first, without dropping a PYTHONPATH that brings packages (`pip install --target`).
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, PYTHONPATH=path)
         done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
                               text=True, env=env)
     if done.returncode:

@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with one GPU, in 6 minutes (the device budget is 15 minutes with the machine's start:
-# room for a rerun); run from the repository root:
+# room for a second call); run from the repository root:
 #
 #   bash bench/gpu_check.sh [REPORT] [STEP ...]
 #
 # REPORT defaults to $OUT/gpu-report.md when $OUT is set (the device tool's output folder), else
-# runs/gpu-report.md; beside it go gpu-results.json (every figure as data) and gpu-check-logs.tar.gz. STEPs, by
-# value, in this order by default:
-#   setup       wheels from .whl/ (bench/gpu_wheels.sh) into /tmp/site, versions, nvidia-smi
-#   tests       python -m pytest tests/gpu -x -q: NCCL collectives, flash AttnScale, 1-GPU pretrain runs
+# runs/gpu-report.md; beside it go gpu-results.json (every figure as data) and gpu-check-logs.tar.gz. Without a
+# CUDA GPU it stops at once, before any step, with one sentence (exit 2); GPU_CHECK_CPU=1 is the CPU dry run of
+# `make device-env` instead: only setup and tests (collected, not run), to prove the GPU machine's software here.
+# The first call's STEPs, by value, in this order by default (docs/gpu-check.md has the second call's):
+#   setup       wheels from .whl/ (bench/gpu_wheels.sh) into /tmp/site, every version, the GPU, nvidia-smi; a
+#               missing package or no CUDA fails it, and a failed setup ends the check
+#   tests       python -m pytest tests/gpu -x -q: NCCL collectives, flash AttnScale, 1-GPU pretrain runs (they fail,
+#               not skip, without a GPU: ANTISMOOTH_REQUIRE_GPU=1)
 #   recipe      ds_configs/zero2.json as shipped (bf16, torch's fused AdamW) with DeiT's default recipe and the real
 #               loader (RandAugment, random erasing, Mixup/CutMix on CUDA tensors): attnscale_small_24 on the demo
 #               shards, 20 steps; its planned peak against torch.cuda.max_memory_allocated
 #   decode      --decode gpu: bench/decode_throughput.py (images/s into a step's input, CPU path vs GPU path with 4
 #               workers; the device path's parts; RandAugment grouped vs per sample), and attnscale_base_24's
 #               --throughput on the real input path (--decode gpu, 4 workers) against random data
-#   throughput  pretrain.py --throughput with MFU, eager and --compile: attnscale_small_24 (micro batch 128) and
-#               attnscale_base_24 (64), bf16 ZeRO-2 as shipped
+#   throughput  pretrain.py --throughput with MFU, eager and --compile: attnscale_small_24 (micro batch 128), bf16
+#               ZeRO-2 as shipped
+# and, for the second call (not run by default):
+#   throughput_base  the same for attnscale_base_24 (micro batch 64)
 #   model_step  bench/model_step.py: plain ViT-S/24, AttnScale fused (flash) and explicit, FeatScale at 224/384 px
 #   fusedadam   --throughput of attnscale_small_24 with ds_configs/zero2_fusedadam.json (DeepSpeed's FusedAdam, built
 #               with nvcc on first use) against the shipped torch fused AdamW
@@ -34,36 +40,72 @@ REPORT=${1:-${OUT:+$OUT/gpu-report.md}}
 REPORT=${REPORT:-runs/gpu-report.md}
 shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
-[ ${#STEPS[@]} -gt 0 ] || STEPS=(setup tests recipe decode throughput model_step fusedadam demo zero host_syncs memory_depth)
+# By value: what proves the GPU path works first, then the figures it exists for; 6 minutes (docs/gpu-check.md).
+FIRST_CALL=(setup tests recipe throughput decode)
+[ ${#STEPS[@]} -gt 0 ] || STEPS=("${FIRST_CALL[@]}")
 
 export PY=${PYTHON:-python3}
 export SITE=${GPU_CHECK_SITE:-/tmp/site}
-export WORK=runs/gpu-check
+export WORK=${GPU_CHECK_WORK:-runs/gpu-check}
 export LOGS=$WORK/logs
 export PYTHONUNBUFFERED=1
+export GPU_CHECK_CPU=${GPU_CHECK_CPU:-0}
+WHEELS=${GPU_CHECK_WHEELS:-.whl}
+CPU_STEPS=" setup tests "   # what GPU_CHECK_CPU=1 runs: every other step needs the GPU
 DEADLINE=$(( SECONDS + ${GPU_CHECK_SECONDS:-360} ))
+
+# --- before anything runs: the step names, and a GPU ------------------------------------------------------------
+
+stop() {  # stop SENTENCE: the whole check ends here, in one sentence on stderr and in the report (exit 2)
+  mkdir -p "$(dirname "$REPORT")"
+  printf '# antismooth GPU check\n\nStopped before any step: %s\n' "$1" > "$REPORT"
+  echo "gpu_check: $1" >&2
+  exit 2
+}
+
+declare -A LIMIT=([setup]=45 [tests]=100 [recipe]=60 [throughput]=100 [decode]=70 [throughput_base]=110
+  [model_step]=40 [fusedadam]=90 [demo]=120 [zero]=180 [host_syncs]=60 [memory_depth]=200)
+for step in "${STEPS[@]}"; do
+  [ -n "${LIMIT[$step]:-}" ] || stop "unknown step $step: the steps are ${!LIMIT[*]}."
+  if [ "$GPU_CHECK_CPU" = 1 ] && [[ $CPU_STEPS != *" $step "* ]]; then
+    stop "GPU_CHECK_CPU=1 runs only the steps setup and tests; $step needs a GPU: leave it out of the dry run."
+  fi
+done
+
+cuda_problem() {  # one sentence when $PY's torch sees no CUDA GPU; nothing when it does
+  "$PY" - 2>/dev/null <<'PROBE' || echo "$PY cannot import torch"
+import torch
+if not torch.cuda.is_available():
+    print(f"torch {torch.__version__} (CUDA build {torch.version.cuda}) sees no CUDA GPU")
+PROBE
+}
+
+if [ "$GPU_CHECK_CPU" != 1 ]; then
+  problem=$(cuda_problem)
+  [ -z "$problem" ] || stop "$problem here, so no step can measure anything: run the check on the GPU machine, or set GPU_CHECK_CPU=1 for a CPU dry run of setup and tests."
+fi
 rm -rf "$WORK/status"
 mkdir -p "$LOGS" "$(dirname "$REPORT")"
 
 # --- wheels: in this shell, so that PYTHONPATH reaches every step ---------------------------------------------
 
-wheels_installed() {  # every .whl/ wheel's name-version.dist-info is already in $SITE
+wheels_installed() {  # every $WHEELS wheel's name-version.dist-info is already in $SITE
   local wheel
-  for wheel in .whl/*.whl; do
+  for wheel in "$WHEELS"/*.whl; do
     [ -d "$SITE/$(basename "$wheel" | cut -d- -f1-2).dist-info" ] || return 1
   done
 }
 
-if compgen -G ".whl/*.whl" > /dev/null; then
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
   if wheels_installed; then
-    echo "wheels of .whl/ already in $SITE" > "$LOGS/install.log"
+    echo "wheels of $WHEELS already in $SITE" > "$LOGS/install.log"
   else
     timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-      .whl/*.whl > "$LOGS/install.log" 2>&1 || echo "pip install failed: exit $?" >> "$LOGS/install.log"
+      "$WHEELS"/*.whl > "$LOGS/install.log" 2>&1 || echo "pip install failed: exit $?" >> "$LOGS/install.log"
   fi
   export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
-  echo "no .whl/: using the packages $PY already has" > "$LOGS/install.log"
+  echo "no wheels in $WHEELS: using the packages $PY already has" > "$LOGS/install.log"
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
@@ -115,34 +157,56 @@ export DEMO_FLAGS
 step_setup() {
   cat "$LOGS/install.log"
   echo "PYTHONPATH=$PYTHONPATH"
-  "$PY" - <<'EOF'
-import importlib, platform, sys
-print(f"python {platform.python_version()} at {sys.executable}")
-for name in ("torch", "deepspeed", "timm", "webdataset", "torchvision", "torchcodec", "pydantic", "safetensors", "tensorboard",
-             "numpy", "pytest", "antismooth"):
+  "$PY" - "$WORK/versions.json" <<'EOF' || return 1
+import importlib, json, os, platform, sys
+versions = {"python": platform.python_version()}
+print(f"python {versions['python']} at {sys.executable}")
+REQUIRED = ("torch", "torchvision", "numpy", "PIL", "timm", "deepspeed", "webdataset", "safetensors", "pydantic",
+            "hjson", "braceexpand", "pytest", "antismooth")
+missing = []
+for name in (*REQUIRED, "torchcodec", "tensorboard"):   # the last two optional: the check runs without them
     try:
         module = importlib.import_module(name)
-        print(f"{name:12s} {getattr(module, '__version__', '?'):24s} {module.__file__}")
+        versions[name] = getattr(module, "__version__", "?")
+        print(f"{name:12s} {versions[name]:24s} {module.__file__}")
     except Exception as err:  # report every missing package, not just the first
         print(f"{name:12s} MISSING: {err}")
+        missing += [name] if name in REQUIRED else []
 import torch
-print(f"CUDA {torch.version.cuda}, available {torch.cuda.is_available()}, NCCL {torch.cuda.nccl.version()}")
-if torch.cuda.is_available():
-    print(f"{torch.cuda.get_device_name()}: capability {torch.cuda.get_device_capability()}, "
+cuda = torch.cuda.is_available()
+versions.update(cuda=torch.version.cuda, cuda_available=cuda)
+print(f"CUDA {torch.version.cuda}, available {cuda}, NCCL {torch.cuda.nccl.version() if torch.version.cuda else None}")
+if cuda:
+    versions["gpu"] = torch.cuda.get_device_name()
+    print(f"{versions['gpu']}: capability {torch.cuda.get_device_capability()}, "
           f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB, bf16 {torch.cuda.is_bf16_supported()}, "
           f"flash SDPA enabled {torch.backends.cuda.flash_sdp_enabled()}")
-from deepspeed.accelerator import get_accelerator
-print(f"DeepSpeed accelerator: {get_accelerator()._name}")
-from antismooth.flops import peak_tflops
-print(f"dense bf16 peak in antismooth.flops: {peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None} TFLOP/s")
+if "deepspeed" not in missing:
+    from deepspeed.accelerator import get_accelerator
+    print(f"DeepSpeed accelerator: {get_accelerator()._name}")
+if "antismooth" not in missing:
+    from antismooth.flops import peak_tflops
+    print(f"dense bf16 peak in antismooth.flops: {peak_tflops(torch.cuda.get_device_name()) if cuda else None} TFLOP/s")
+json.dump(versions, open(sys.argv[1], "w"), indent=1)
+if missing:
+    sys.exit(f"setup: {', '.join(missing)} cannot be imported: no step can run without them (see the lines above).")
+if not cuda and os.environ.get("GPU_CHECK_CPU") != "1":
+    sys.exit("setup: torch sees no CUDA GPU.")
 EOF
-  nvidia-smi
-  command -v nvcc > /dev/null && nvcc --version | tail -n 2
+  # Probes, not requirements: neither can fail the step (GPU_CHECK_CPU=1 runs where there is no GPU at all).
+  if command -v nvidia-smi > /dev/null; then nvidia-smi || echo "nvidia-smi failed (exit $?)"; else echo "nvidia-smi: not found"; fi
+  if command -v nvcc > /dev/null; then nvcc --version | tail -n 2; else echo "nvcc: not found (the fusedadam step needs it)"; fi
+  return 0
 }
 excerpt_setup() { cat "$1"; }
 
 step_tests() {
-  "$PY" -m pytest tests/gpu -x -q -p no:cacheprovider
+  if [ "$GPU_CHECK_CPU" = 1 ]; then
+    echo "CPU dry run: tests/gpu collected (imported under this software), not run"
+    "$PY" -m pytest tests/gpu --collect-only -q -p no:cacheprovider
+  else   # without a GPU they fail rather than skip: a check of 12 skips must not read as a pass
+    ANTISMOOTH_REQUIRE_GPU=1 "$PY" -m pytest tests/gpu -x -q -p no:cacheprovider
+  fi
 }
 excerpt_tests() { tail -n 25 "$1"; }
 
@@ -201,10 +265,16 @@ step_throughput() {
   ensure_demo_shards
   throughput_run attnscale_small_24 128 ds_configs/zero2.json
   throughput_run attnscale_small_24 128 ds_configs/zero2.json --compile
+}
+excerpt_throughput() { grep -E "^== |pretrain: (attnscale|optimizer)|^throughput:|peak GPU memory" "$1"; }
+
+step_throughput_base() {
+  set -e
+  ensure_demo_shards
   throughput_run attnscale_base_24 64 ds_configs/zero2.json
   throughput_run attnscale_base_24 64 ds_configs/zero2.json --compile
 }
-excerpt_throughput() { grep -E "^== |pretrain: (attnscale|optimizer)|^throughput:|peak GPU memory" "$1"; }
+excerpt_throughput_base() { excerpt_throughput "$1"; }
 
 step_decode() {
   set -e
@@ -245,17 +315,16 @@ step_memory_depth() {
 }
 excerpt_memory_depth() { grep -v -E "^\[ *[0-9]+ s\]" "$1"; }
 
-export -f ds_json ensure_demo_shards ensure_photo_shards throughput_run step_setup step_tests step_recipe step_decode \
-  step_throughput step_model_step step_fusedadam step_demo step_zero step_host_syncs step_memory_depth
+export -f ds_json ensure_demo_shards ensure_photo_shards throughput_run excerpt_throughput step_setup step_tests step_recipe step_decode \
+  step_throughput step_throughput_base step_model_step step_fusedadam step_demo step_zero step_host_syncs step_memory_depth
 
 # --- running them ---------------------------------------------------------------------------------------------
 
-declare -A LIMIT=([setup]=30 [tests]=100 [recipe]=60 [decode]=90 [throughput]=150 [model_step]=40 [fusedadam]=90 [demo]=120
-  [zero]=180 [host_syncs]=60 [memory_depth]=200)
 declare -A TITLE=([setup]="a. setup: wheels, versions, nvidia-smi" [tests]="b. pytest tests/gpu -x -q"
   [recipe]="c. ds_configs/zero2.json, DeiT's recipe, the real loader; planned vs allocated peak"
   [decode]="c2. --decode gpu: input path images/s, and base_24 on it vs random data"
-  [throughput]="d. pretrain.py --throughput with MFU, eager and --compile"
+  [throughput]="d. pretrain.py --throughput with MFU, eager and --compile: attnscale_small_24"
+  [throughput_base]="d2. the same for attnscale_base_24"
   [model_step]="e. bench/model_step.py on cuda (flash SDPA)" [fusedadam]="f. DeepSpeed's FusedAdam vs torch's fused AdamW"
   [demo]="g. demo on one GPU (NCCL, bf16, ZeRO-2)" [zero]="h. ZeRO-2 and ZeRO-3 bf16 with a resume, export, eval"
   [host_syncs]="i. bench/host_syncs.py on cuda" [memory_depth]="j. bench/memory_depth.py --device cuda --offload")
@@ -305,22 +374,21 @@ run_step() {  # run_step NAME: step_NAME under its time limit; its status and lo
   echo "[gpu_check $(date +%T)] $name: $status"
 }
 
-for step in "${STEPS[@]}"; do
-  if [ -z "${LIMIT[$step]:-}" ]; then
-    echo "unknown step $step: the steps are ${!LIMIT[*]}" >&2
-    exit 2
-  fi
-done
 {
   echo "# antismooth GPU check"
   echo
   echo "$(date -u '+%Y-%m-%d %H:%M UTC') on $(hostname); commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown);" \
        "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
   echo "Steps: ${STEPS[*]}; budget ${GPU_CHECK_SECONDS:-360} s; logs in $LOGS (and gpu-check-logs.tar.gz beside this file)."
+  if [ "$GPU_CHECK_CPU" = 1 ]; then echo "CPU dry run (GPU_CHECK_CPU=1): the GPU machine's software on a CPU, no GPU figure."; fi
 } > "$REPORT"
 
 for step in "${STEPS[@]}"; do
   run_step "$step"
+  if [ "$step" = setup ] && [ "$(cut -d'|' -f1 "$WORK/status/setup" 2>/dev/null)" != PASS ]; then
+    printf '\nThe setup failed: the check stops here (no later step can work without it).\n' | tee -a "$REPORT"
+    break
+  fi
 done
 
 {

@@ -1,4 +1,5 @@
-"""The GPU check's figures as one JSON file (bench/gpu_check.sh runs this last): each step's status and time, the
+"""The GPU check's figures as one JSON file (bench/gpu_check.sh runs this last): the versions setup found, each
+step's status and time, the
 throughput lines (img/s, TFLOP/s, MFU) eager and compiled, the planner against the recipe run's allocated peak, and
 the benches' own JSON files. Prints the planner's comparison for the report.
 
@@ -45,11 +46,13 @@ def planner(log: str) -> dict | None:
 def main(work: str, out: str) -> int:
     work_dir = Path(work)
     logs = {p.stem: p.read_text(errors="replace") for p in (work_dir / "logs").glob("*.log")}
-    results: dict = {"steps": {}, "throughput": {}, "planner": None, "benches": {}}
+    versions = work_dir / "versions.json"   # the setup step's: every package, CUDA, the GPU
+    results: dict = {"versions": json.loads(versions.read_text()) if versions.is_file() else None,
+                     "steps": {}, "throughput": {}, "planner": None, "benches": {}}
     for status in sorted((work_dir / "status").glob("*")):
         state, seconds = status.read_text().strip().rsplit("|", 1)
         results["steps"][status.name] = {"status": state, "seconds": int(seconds)}
-    for step in ("throughput", "fusedadam", "decode"):
+    for step in ("throughput", "throughput_base", "fusedadam", "decode"):
         results["throughput"].update(throughput_runs(logs.get(step, "")))
     results["planner"] = planner(logs.get("recipe", ""))
     for name in BENCH_FILES:

@@ -210,6 +210,8 @@ def zero_runs(tiny_shards: Path, uneven_val_shards: Path,
                     str(tiny_shards), "--output", str(out), *TINY_MODEL, *base, *flags, *ema, "--save-every", "4"]
             # ZeRO-1 on one process also records its weights at the start and after every step (tests/test_ema.py)
             weights = {"weights_each_step": str(out / "weights.pt")} if (key, world) == (1, 1) else {}
+            if (key, world) == (3, 1):   # the compiled runs come after it in this process (tests/test_compile.py)
+                weights["linear_after"] = str(out / "functional-linear.txt")
             if key in FIRST_PART:
                 plan.append({"argv": [a for a in argv if a != "--compile"] + FIRST_PART[key]})
             plan.append({"argv": argv, "probe": str(out / "probe.pt"), **weights})

@@ -17,6 +17,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+# DeepSpeed's launcher as tools/demo.py finds it: its `deepspeed` script beside this Python (a venv), else the same
+# runner as a module (wheels installed with `pip install --target`, as on the GPU machine, put scripts elsewhere).
+DEEPSPEED = ([str(VENV_BIN / "deepspeed")] if (VENV_BIN / "deepspeed").is_file()
+             else [sys.executable, "-m", "deepspeed.launcher.runner"])
 TRAIN_PLAN = REPO / "tests" / "jobs" / "train_plan.py"
 FULL_BATCH_SIZE = 16  # the global batch of the full-batch runs: tiny_shards' 16 images in every step (conftest)
 
@@ -53,6 +57,14 @@ def ds_config(path: Path, stage: int, batch: int = FULL_BATCH_SIZE, **extra) -> 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
                       "GROUP_RANK", "CROSS_RANK", "TORCHELASTIC_RUN_ID")
 LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "MPI_LOCAL", "MV2_")
+
+
+def python_path(*first: str | Path, without: Path | None = None) -> str:
+    """`first`, then this process's PYTHONPATH (less the entries that are `without`): a child that must import
+    something first keeps the packages a `--target` install put on the path."""
+    inherited = [e for e in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                 if e and not (without and Path(e).resolve() == without.resolve())]
+    return os.pathsep.join([*map(str, first), *inherited])
 
 
 def clean_env(extra: dict | None = None) -> dict:
@@ -158,8 +170,8 @@ def launch_plan(plan: list[dict], world: int, workdir: Path, env: dict | None = 
     elif world == 1:
         cmd = [sys.executable, str(TRAIN_PLAN), str(plan_file)]
     else:
-        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()),
-               str(TRAIN_PLAN), str(plan_file)]
+        cmd = [*DEEPSPEED, "--num_gpus", str(world), "--master_port", str(free_port()), str(TRAIN_PLAN),
+               str(plan_file)]
     full_env = clean_env(env)
     log_file = open(workdir / f"{plan_file.stem}.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,

@@ -35,6 +35,13 @@ def test_a_compiled_zero2_run_trains_as_the_eager_one(zero_runs):
     assert json.loads((compiled.output / "run.json").read_text())["flags"]["compile"] is True
 
 
+def test_the_runs_after_a_zero3_run_in_the_same_process_get_torchs_own_linear_back(zero_runs):
+    """ZeRO-3 replaces torch.nn.functional.linear for the whole process (DeepSpeed's memory-efficient linear, which
+    adds the bias in place: torch 2.11's compiler then zeroes compiled blocks' gradients, pytorch#180642); the
+    compiled runs of this launch come after the ZeRO-3 one, which must leave torch's own behind."""
+    assert (zero_runs[3, 1].output / "functional-linear.txt").read_text() == "torch._C._nn.linear"
+
+
 def test_one_graph_serves_every_block_of_the_24(zero_runs):
     """Regional compile: the 24 blocks share the training graph (and the evaluation's); the spectral probe, run
     every 3 steps through forward hooks, stays eager instead of recompiling each block."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL
 import pytest
 import torch
 import webdataset as wds
@@ -116,7 +117,10 @@ def test_reduced_decode_off_is_the_full_decode_bit_for_bit_with_the_deit_recipe(
 # The device path against timm's PIL transform with the same parameters (tests/test_decode.py measured, 64 px,
 # the 103 images): crop + resize + flip min 70.5 dB; the full DeiT recipe min 46.9, median 74.4 dB (a pixel one
 # level off after the resize can cross a Posterize or Equalize step). Each RandAugment op alone: within one level.
-CROP_MIN_PSNR = 60.0
+# Pillow 13's bicubic no longer gives Pillow 12's pixels on a crop it enlarges (torchvision's antialiased resize,
+# the device path's, still does): up to 9 levels on 3 small photographs enlarged ~1.8x, min 54.6 dB, median 75.0
+# (make device-env, 2026-12-06); its decoder and bilinear resize are unchanged. The bound follows the installed Pillow.
+CROP_MIN_PSNR = 60.0 if int(PIL.__version__.split(".")[0]) < 13 else 50.0
 DEIT_MIN_PSNR, DEIT_MEDIAN_PSNR = 40.0, 70.0
 
 

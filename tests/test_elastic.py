@@ -30,7 +30,7 @@ from antismooth import startup
 from antismooth.cli import reshard as reshard_tool
 from antismooth.checkpoint import RunFolder, convert_to_universal
 from conftest import BF16, EMA_RUNS, FULL_BATCH, TINY_MODEL, WITH_EMA, resume_plan
-from launch import (ONE_THREAD, REPO, TRAIN_PLAN, VENV_BIN, clean_env, ds_config, free_port, launch_plan,
+from launch import (DEEPSPEED, ONE_THREAD, REPO, TRAIN_PLAN, clean_env, ds_config, free_port, launch_plan,
                     slow_fixture, start_processes, torchrun_nodes, wait_processes, write_plan)
 from test_ema import export
 from test_train import scalars
@@ -45,7 +45,7 @@ WORKERS_STEPS = 3            # the workers chain: 2 workers to step 3, then 3 wo
 def _deepspeed_nodes(hostfile: Path, plan: Path) -> list[tuple[list, dict]]:
     """DeepSpeed's launcher run once per node, without ssh: `--hostfile H --no_ssh --node_rank N`."""
     port = str(free_port())
-    return [([VENV_BIN / "deepspeed", "--hostfile", hostfile, "--no_ssh", "--node_rank", str(node),
+    return [([*DEEPSPEED, "--hostfile", hostfile, "--no_ssh", "--node_rank", str(node),
               "--master_addr", "127.0.0.1", "--master_port", port, TRAIN_PLAN, plan], ONE_THREAD) for node in (0, 1)]
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from launch import python_path
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -23,7 +25,8 @@ def test_a_clone_with_nothing_beside_it_passes_the_data_tests(tmp_path: Path):
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(REPO), str(clone)], check=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTHON"))}
-    env.update(PYTHONPATH=str(clone), PYTHONDONTWRITEBYTECODE="1")
+    # The clone first; what a `--target` install put on the path stays (the GPU machine's wheels), this checkout not.
+    env.update(PYTHONPATH=python_path(clone, without=REPO), PYTHONDONTWRITEBYTECODE="1")
     imported = subprocess.run([sys.executable, "-c", "import antismooth; print(antismooth.__file__)"], cwd=clone,
                               env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert Path(imported).is_relative_to(clone), imported  # the clone's own code, not this checkout's

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from antismooth.interrupt import EXIT_SAVED_RESUBMIT, signal_number
 from conftest import resume_plan
-from launch import (REPO, TRAIN_PLAN, VENV_BIN, clean_env, descendants, free_port, slow_fixture,
+from launch import (DEEPSPEED, REPO, TRAIN_PLAN, clean_env, descendants, free_port, slow_fixture,
                     wait_or_kill, write_plan)
 
 def rank_process(launcher: int, rank: int) -> int | None:
@@ -46,7 +46,7 @@ def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 300)
 def launch(plan: list[dict], work: Path, name: str, env: dict | None = None) -> subprocess.Popen:
     """`deepspeed --num_gpus 2 train_plan.py`, the launcher ignoring SIGUSR2 as cluster/*.sbatch make it
     (`trap "" USR2`): only the training processes act on it."""
-    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN_PLAN),
+    cmd = [*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN_PLAN),
            str(write_plan(plan, work))]
     log = open(work / f"{name}.log", "w")
     try:

@@ -22,7 +22,7 @@ import sysconfig
 import tomllib
 from pathlib import Path
 
-from launch import slow_fixture
+from launch import python_path, slow_fixture
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +76,9 @@ def fresh_venv(tmp_path_factory) -> Path:
     subprocess.run([str(base), "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()"
                                 "['purelib'])"], check=True, capture_output=True, text=True).stdout.strip())
-    (site / "zz_third_party.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # This venv's packages, and those a `--target` install put on PYTHONPATH (this checkout left out).
+    third_party = [sysconfig.get_paths()["purelib"], *filter(None, python_path(without=REPO).split(os.pathsep))]
+    (site / "zz_third_party.pth").write_text("".join(f"{entry}\n" for entry in third_party))
     # Build from a copy: an in-tree build (no isolation) would leave build/ and *.egg-info in the checkout.
     source = venv.parent / "source"
     shutil.copytree(REPO / "antismooth", source / "antismooth", ignore=shutil.ignore_patterns("__pycache__"))

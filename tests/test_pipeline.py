@@ -199,6 +199,38 @@ def test_corrupt_samples_and_truncated_shards_are_skipped_counted_and_training_g
     assert stream.corrupt_skipped >= 3
 
 
+
+def test_an_augmentation_op_that_raises_is_skipped_counted_and_replaced(sample_shards):
+    """An op that fails on some images (here torchvision's RandomCrop on the photographs smaller than its crop; on
+    the GPU machine, timm's posterize under Pillow 13) costs its samples, not the loader workers: the epoch keeps
+    its steps, topped up from the other samples."""
+    import torchvision.transforms as T
+
+    from antismooth.data.decode import CpuSampleStage, SampleDecoder
+
+    stream = _stream(sample_shards, batch=8, workers=2)
+    stream.stage = CpuSampleStage(SampleDecoder(T.Compose([T.RandomCrop(200), *stream.transform.transforms])))
+    batches = list(stream.loader(0))
+    assert len(batches) == stream.steps_per_epoch == NUM_SAMPLES // 8
+    assert all(len(y) == 8 for _, y, _ in batches)
+    assert stream.corrupt_skipped >= 10   # 21 of the 103 images are under 200 px on a side
+
+
+def test_randaugment_posterize_keeping_no_bits_gives_a_black_image_on_any_pillow():
+    """DeiT's RandAugment draws posterize with 0 bits kept at magnitude 10: Pillow 12 gives a black image,
+    Pillow 13 raises; the training transform gives Pillow 12's result on both."""
+    from PIL import Image
+
+    from antismooth.data.decode import randaugment_of
+    from antismooth.data.pipeline import train_transform
+
+    ops = {op.name: op for op in randaugment_of(train_transform(AUG)).ops}
+    op = ops["PosterizeIncreasing"]
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert op.aug_fn(image, 0, **op.kwargs).getextrema() == ((0, 0),) * 3
+    assert op.aug_fn(image, 1, **op.kwargs).getextrema() == ((128, 128), (0, 0), (0, 0))
+
+
 # --- the data position across a change of world size or loader workers ------------------------------------
 
 def _train(shards, rank, world, workers, steps, position=None, samples=0, global_batch=16):

@@ -12,7 +12,7 @@ import pytest
 from antismooth.config import DeepSpeedSettings
 from antismooth.plan import GIB, alternatives, plan_memory
 
-from launch import REPO, VENV_BIN, clean_env, free_port, slow_fixture
+from launch import DEEPSPEED, REPO, clean_env, free_port, python_path, slow_fixture
 
 MEASURE = REPO / "tests" / "jobs" / "measure_memory.py"
 TOLERANCE = 0.15                      # the issue: planned per-rank peak within 15 % of the measured one
@@ -57,13 +57,13 @@ def jobs() -> list[dict]:
 
 
 def launch(world: int, jobs_file: Path, out: Path) -> list[dict]:
-    env = clean_env({"PYTHONPATH": str(REPO)})
+    env = clean_env({"PYTHONPATH": python_path(REPO)})
     if world == 1:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(free_port()))
         cmd = [sys.executable, str(MEASURE), str(jobs_file), str(out)]
     else:
-        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()),
+        cmd = [*DEEPSPEED, "--num_gpus", str(world), "--master_port", str(free_port()),
                str(MEASURE), str(jobs_file), str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0 and out.is_file(), (proc.stdout + proc.stderr)[-4000:]

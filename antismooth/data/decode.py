@@ -95,7 +95,8 @@ class SampleDecoder:
 
     def decode(self, data: bytes, seed: int, seed_fn: Callable[[int], None]) -> tuple[Image.Image, Callable]:
         """The decoded image up to the transform's first resize, and what is left of the transform (the part a
-        damaged file cannot make fail: the stream counts only what this raises as a corrupt sample)."""
+        damaged file cannot make fail: the stream counts what this raises as a corrupt sample, and what the rest
+        raises as a failed augmentation; both are skipped and replaced)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # odd EXIF and palettes: the image is still usable
             with Image.open(io.BytesIO(data)) as img:

@@ -41,7 +41,7 @@ import torch
 import torch.multiprocessing as mp
 import webdataset as wds
 from PIL import Image
-from timm.data import Mixup, create_transform
+from timm.data import Mixup, auto_augment, create_transform
 from timm.data.random_erasing import RandomErasing
 
 from ..distributed import all_reduce, all_reduce_counts
@@ -174,9 +174,9 @@ class _SkipCounter:
     def __init__(self) -> None:
         self.count = 0
 
-    def __call__(self, exn: Exception) -> bool:
+    def __call__(self, exn: Exception, what: str = "a corrupt sample or shard") -> bool:
         self.count += 1
-        _logger.warning("Skipping a corrupt sample or shard: %r", exn)
+        _logger.warning("Skipping %s: %r", what, exn)
         return True
 
 
@@ -190,7 +190,9 @@ def seed_augmentation(sample_seed: int) -> None:
 def _decoded(samples: Iterable[tuple[int, dict]], stage: Any, seed: int,
              counter: _SkipCounter) -> Iterator[tuple]:
     """Decode and transform (or, on the GPU path, check and draw the parameters), seeding the augmentation per
-    sample so a resumed run draws the same crops; what the decode raises is a corrupt sample, skipped and counted."""
+    sample so a resumed run draws the same crops. What the decode or the augmentation raises is skipped and
+    counted like a corrupt sample: an exception in a loader worker would end the whole DataLoader, and the
+    top-up replaces the sample so every rank still runs the same steps."""
     for index, sample in samples:
         try:
             data, label = sample_fields(sample)
@@ -198,7 +200,12 @@ def _decoded(samples: Iterable[tuple[int, dict]], stage: Any, seed: int,
         except Exception as exn:  # PIL raises many types for damaged bytes
             counter(exn)
             continue
-        yield finish(image), label, sample["__position__"]
+        try:
+            pixels = finish(image)
+        except Exception as exn:  # an augmentation op that fails on this image and draw (a library's bug)
+            counter(exn, what="a sample whose augmentation failed")
+            continue
+        yield pixels, label, sample["__position__"]
 
 
 def _collate(stage: Any, samples: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
@@ -605,9 +612,30 @@ def train_transform(augment: AugmentConfig) -> Callable[[Image.Image], torch.Ten
     """timm's DeiT training transform up to uint8 pixels [3, H, W] (use_prefetcher=True): normalisation and
     random erasing are left to the device (antismooth.data.device, TrainStream.random_erasing)."""
     a = augment
-    return create_transform(a.input_size, is_training=True, use_prefetcher=True, no_aug=a.no_aug,
-                            color_jitter=a.color_jitter, auto_augment=a.auto_augment, interpolation=a.interpolation,
-                            mean=a.mean, std=a.std)
+    transform = create_transform(a.input_size, is_training=True, use_prefetcher=True, no_aug=a.no_aug,
+                                 color_jitter=a.color_jitter, auto_augment=a.auto_augment,
+                                 interpolation=a.interpolation, mean=a.mean, std=a.std)
+    for op in _augment_ops(transform):
+        if op.aug_fn is auto_augment.posterize:
+            op.aug_fn = posterize_any_pillow
+    return transform
+
+
+def posterize_any_pillow(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize op with Pillow 12's result at 0 bits kept (a black image) on every Pillow: Pillow 13's
+    ImageOps.posterize refuses 0 bits, which timm's RandAugment draws (DeiT's rand-m9-mstd0.5-inc1, magnitude
+    10: PosterizeIncreasing keeps 4 - 4 = 0 bits), and the device path (decode._posterize) gives black too."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def _augment_ops(transform: Any) -> Iterator[Any]:
+    """The timm AugmentOps of a transform's RandAugment, AugMix or AutoAugment (whose policy lists sub-policies)."""
+    for t in getattr(transform, "transforms", ()):
+        yield from getattr(t, "ops", ())
+        for sub_policy in getattr(t, "policy", ()):
+            yield from sub_policy
 
 
 def eval_transform(augment: AugmentConfig) -> Callable[[Image.Image], torch.Tensor]:

@@ -2,7 +2,8 @@
 
 NCCL groups serve CUDA tensors alone, so a helper that builds a CPU tensor passes every gloo test and
 crashes on GPUs; flash attention runs only on a GPU and only in 16-bit; bf16 engines, the per-epoch
-evaluation and the export run here on the device they are meant for. Skipped without CUDA.
+evaluation and the export run here on the device they are meant for. Skipped without CUDA, except under
+bench/gpu_check.sh (ANTISMOOTH_REQUIRE_GPU=1), where they fail.
 
     python -m pytest tests/gpu -x -q          (bench/gpu_check.sh runs this, then the demo and benches)
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -31,6 +33,12 @@ from conftest import BF16, FULL_BATCH, TINY_MODEL, ZERO3_REGATHER
 from launch import REPO, clean_env, ds_config, free_port, launch_plan
 
 
+# bench/gpu_check.sh sets ANTISMOOTH_REQUIRE_GPU=1: there a GPU that torch cannot see is a failure, not 12 skips
+# that read as a pass.
+if os.environ.get("ANTISMOOTH_REQUIRE_GPU") == "1" and not torch.cuda.is_available():
+    pytest.fail(f"ANTISMOOTH_REQUIRE_GPU=1 but torch {torch.__version__} (CUDA build {torch.version.cuda}) sees no "
+                "CUDA GPU: run tests/gpu on the GPU machine, or unset ANTISMOOTH_REQUIRE_GPU to skip them.",
+                pytrace=False)
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -12,7 +12,8 @@ tests can compare runs and exports with the live model. Optional keys, each a fi
 (DeepSpeed's safe_get_full_* helpers, every ZeRO stage) right after antismooth.startup's resume loaded a checkpoint
 and after the run (its last checkpoint saved); "record", per rank (`-rank{r}` before the suffix), the
 labels and sample positions of every batch the training loop took, with its epoch; "weights_each_step",
-the whole fp32 weights when training starts and after every optimizer step (a list). With ANTISMOOTH_TEST_KILL_DURING_SAVE=TAG,
+the whole fp32 weights when training starts and after every optimizer step (a list); "linear_after", the
+torch.nn.functional.linear the process holds once the run is over (module.name). With ANTISMOOTH_TEST_KILL_DURING_SAVE=TAG,
 the last rank SIGKILLs itself while saving checkpoint TAG, after its model files and before its
 optimizer shard: a crash in the middle of writing a checkpoint. With ANTISMOOTH_TEST_ENOSPC_DURING_SAVE=TAG (or
 TAG@RANK: on that rank only), writing checkpoint TAG's optimizer shard fails as on a full disk, once per process. With ANTISMOOTH_TEST_SIGNAL_DURING_SAVE=PATH_PART, the last rank sends itself
@@ -196,6 +197,9 @@ def main(plan_path: str) -> int:
             continue
         status = 0
         engine = run_entry(entry)
+        if entry.get("linear_after") and rank() == 0:   # what the next run of this process will call
+            linear = torch.nn.functional.linear
+            Path(entry["linear_after"]).write_text(f"{linear.__module__}.{linear.__name__}")
         if entry.get("state_at_end") and engine is not None:
             state = gathered_state(engine)
             if rank() == 0:
