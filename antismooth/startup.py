@@ -41,7 +41,8 @@ from antismooth.report import check_targets_installed
 from antismooth.throughput import loader_batches, log_peak_memory, measure_throughput, random_batches
 from antismooth.interrupt import EXIT_SAVED_RESUBMIT, RunInterrupted, StopRequests
 from antismooth.train import Trainer, evaluate_split
-from antismooth.watchdog import DIST_ERRORS, PEER_LOST_EXIT, PeerLost, Watchdog, is_distributed_failure
+from antismooth.watchdog import (DIST_ERRORS, PEER_LOST_EXIT, PeerLost, Watchdog, group_timeout,
+                                 is_distributed_failure)
 
 # The logger keeps pretrain.py's name: the start-up lines read "pretrain: ..." (bench/gpu_check.sh greps them).
 log = logging.getLogger("pretrain")
@@ -284,7 +285,7 @@ def run(config: TrainConfig, make_trainer: TrainerFactory = Trainer):
     try:
         if refusal and launch.world_size == 1:
             raise ConfigError(refusal)
-        env = init_distributed(timeout=config.hangs.dist_timeout)
+        env = init_distributed(timeout=group_timeout(config.hangs.dist_timeout).total_seconds())
         if launch.world_size > 1 and (refusal := broadcast_object(refusal)):
             raise ConfigError(refusal)   # rank 0's refusal, on every rank: all exit 2 with the same sentence
         run_folder = RunFolder(config.output.folder)

@@ -38,6 +38,9 @@ SILENT_AFTER_BEATS = 3          # beats a counter may stand still before its ran
 KEY = "antismooth/{attempt}/heartbeat/{rank}"
 ABORT_KEY = "antismooth/{attempt}/abort"
 LEFT_KEY = "antismooth/{attempt}/left/{rank}"     # a rank whose run ended on its own: its silence is no fault
+# The process group waits this much longer than the heartbeat: a rank that froze during a collective is then named
+# by the heartbeat's sentence, not by gloo's or NCCL's own timeout racing it.
+GROUP_TIMEOUT_GRACE_SECONDS = 10.0
 PEER_LOST_EXIT = 4              # the exit status of a run that stopped because another rank stopped answering
 
 DIST_ERRORS = (RuntimeError, dist.DistError)
@@ -54,6 +57,11 @@ def is_distributed_failure(err: BaseException) -> bool:
         return True
     text = str(err)
     return isinstance(err, RuntimeError) and any(word in text for word in ("gloo", "Gloo", "NCCL"))
+
+
+def group_timeout(heartbeat_timeout: float) -> timedelta:
+    """The process group's timeout for a heartbeat timeout (--dist-timeout, --step-timeout)."""
+    return timedelta(seconds=heartbeat_timeout + GROUP_TIMEOUT_GRACE_SECONDS)
 
 
 def set_group_timeout(timeout: timedelta) -> None:
@@ -197,7 +205,7 @@ class Watchdog:
         """The start-up is over: from now on a rank (and a collective) waits `step_timeout` at most."""
         if self.steady or not dist.is_initialized():
             return
-        set_group_timeout(timedelta(seconds=self.step_timeout))
+        set_group_timeout(group_timeout(self.step_timeout))
         self.steady = True
 
     # --- after a collective failed
