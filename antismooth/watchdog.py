@@ -79,6 +79,8 @@ class Watchdog:
         self.start_timeout, self.step_timeout = start_timeout, step_timeout
         self.steady = False
         self.run_folder = None   # whose newest checkpoint the sentence names
+        self._last_beat = time.monotonic()
+        self.stopped_for: Optional[float] = None   # seconds this process itself did not run (SIGSTOP, a hung node)
         self._store = self._connect()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="antismooth-heartbeat", daemon=True)
@@ -123,6 +125,7 @@ class Watchdog:
         store_silent_since: Optional[float] = None
         while not self._stop.wait(HEARTBEAT_SECONDS):
             now = time.monotonic()
+            self._note_own_stop(now)
             try:
                 self._store.add(self._key(self.rank), 1)
                 if self._store.check([self._abort_key()]):
@@ -132,7 +135,7 @@ class Watchdog:
             except (RuntimeError, dist.DistError):
                 store_silent_since = store_silent_since or now
                 if now - store_silent_since > self.timeout():
-                    self._leave(self.store_lost_sentence())
+                    self._leave(self.own_stop_sentence() or self.store_lost_sentence())
                 continue
             if count != last_count:
                 last_count, last_change = count, now
@@ -143,6 +146,25 @@ class Watchdog:
                 except (RuntimeError, dist.DistError):
                     pass
                 self._leave(sentence)
+
+    def _note_own_stop(self, now: float) -> None:
+        """A beat later than the timeout: this process itself did not run meanwhile (frozen, then woken: by slurmd
+        before it kills the step, by a node that recovers), so the silence the others saw was its own."""
+        if now - self._last_beat > self.timeout():
+            self.stopped_for = now - self._last_beat
+        self._last_beat = now
+
+    def own_stop_sentence(self) -> Optional[str]:
+        """What a rank that was itself frozen says once it runs again (the beat thread may not have run yet)."""
+        if self._store is None:
+            return None   # no beat, no clock to compare with
+        late = time.monotonic() - self._last_beat
+        stopped = self.stopped_for or (late if late > self.timeout() else None)
+        if stopped is None:
+            return None
+        return (f"this process (rank {self.rank} on {self.hosts[self.rank]}) was itself stopped for {stopped:.0f} s "
+                f"(SIGSTOP, a hung node), so the other ranks stopped without it; {self.kept}: check that node, then "
+                "run the same command to resume.")
 
     def _left(self, rank: int) -> bool:
         try:
@@ -231,6 +253,8 @@ class Watchdog:
     def sentence(self, err: BaseException) -> str:
         """What a rank whose collective failed says: the ranks whose heartbeat stands still, else the failure."""
         self.stop()
+        if (own := self.own_stop_sentence()) is not None:
+            return own
         silent = self.silent_ranks()
         first_line = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         if silent:

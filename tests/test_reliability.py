@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -209,15 +210,29 @@ def _end_of(faulted: dict) -> dict:
     ended = wait_or_kill(proc) and "ended_at" in faulted
     seconds = faulted.get("ended_at", time.monotonic()) - faulted["faulted"]
     left = [pid for pid in faulted["pids"] if _alive(pid)]
+    woken = _wake(faulted["procs"][1:], left)
     for pid in left:   # the test's own clean-up, after the verdict was taken (the frozen rank of the plain launch)
-        os.kill(pid, signal.SIGKILL)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
     for other in faulted["procs"][1:]:
         wait_or_kill(other)
     work = faulted["work"]
     status = (work / "status").read_text() if (work / "status").is_file() else None
     return {"log": "\n".join(log.read_text() for log in faulted["logs"]), "ended": ended, "seconds": seconds,
             "left": left, "status": status, "run": faulted["run"], "kept_before": faulted["kept_before"],
-            "exit": proc.returncode}
+            "exit": proc.returncode, "woken_exit": woken}
+
+
+def _wake(procs: list[subprocess.Popen], left: list[int]) -> Optional[int]:
+    """SIGCONT to the frozen rank of the plain launch, as slurmd sends before it ends a step: its exit status once it
+    has said what happened to it (None when nothing was frozen, or it did not end)."""
+    frozen = [proc for proc in procs if proc.pid in left]
+    for proc in frozen:
+        os.kill(proc.pid, signal.SIGCONT)
+    try:
+        return frozen[0].wait(timeout=60) if frozen else None
+    except subprocess.TimeoutExpired:
+        return None
 
 
 @slow_fixture(scope="module")
@@ -264,6 +279,16 @@ def test_a_frozen_rank_ends_the_job_with_a_sentence_naming_it(faulted_runs):
                          f"in {run['run'] / 'checkpoints'}, is intact: check or replace that node, then run the same "
                          "command to resume."), line
     assert kept >= run["kept_before"]
+
+
+def test_a_frozen_rank_woken_again_says_that_it_was_the_one_stopped(faulted_runs):
+    """Woken after the others left (slurmd sends SIGCONT before it kills a step), the frozen rank finds its peers gone;
+    it knows from its own heartbeat's clock that it was the one that did not run, and says so, not that rank 0
+    stopped answering."""
+    run = faulted_runs["frozen"]
+    assert run["woken_exit"] == 4, run["log"][-4000:]
+    lines = [line for line in run["log"].splitlines() if line.startswith("error: this process (rank 1 on ")]
+    assert len(lines) == 1 and " was itself stopped for " in lines[0], run["log"][-4000:]
 
 
 def test_a_killed_rank_ends_the_job_under_torchrun_with_nothing_left_running(faulted_runs):
