@@ -7,7 +7,20 @@ Also runs under `torchrun` and as plain `python pretrain.py ...` (one process). 
 same command again resumes from the newest complete checkpoint in --output, sample-exactly.
 Front end kept for `deepspeed pretrain.py`; the program is antismooth.startup (also installed as `antismooth-train`).
 """
+import signal
 import sys
+
+
+def _note_early_signal(number, frame):
+    """SLURM may signal a job that is still starting (a preemption, a short --signal lead): before the training loop
+    takes over (antismooth.interrupt.StopRequests adopts what was noted here), SIGTERM and SIGUSR2 are only noted, so
+    the run still saves at its first step and exits 75 instead of dying unsaved and unrequeued."""
+    _note_early_signal.received.append(number)
+
+
+_note_early_signal.received = []
+for _number in (signal.SIGTERM, signal.SIGUSR2):   # antismooth.interrupt.EARLY_SIGNALS; first: the imports below take seconds
+    signal.signal(_number, _note_early_signal)
 
 from antismooth.startup import build_parser, command, main, parse_config, run  # noqa: F401  (pretrain.main for tests)
 

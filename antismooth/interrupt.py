@@ -34,6 +34,9 @@ RESUBMIT_MARKER = "resubmit"
 # The loader workers' forkserver reads which signals to ignore from here (antismooth.data._forkserver).
 IGNORED_SIGNALS_ENV = "ANTISMOOTH_IGNORED_SIGNALS"
 
+# What pretrain.py notes while it starts (before StopRequests exists): SIGTERM and the default --exit-signal.
+EARLY_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
 NOTHING, DEADLINE, SIGNAL = 0, 1, 2   # combined with max: a signal outranks the deadline in the message
 
 
@@ -49,6 +52,22 @@ def signal_number(name: str) -> signal.Signals:
                                                                                else "SIG" + text]
     except (KeyError, ValueError):
         raise ValueError(f"--exit-signal {name!r} is not a signal name: use e.g. SIGUSR2 or SIGUSR1.") from None
+
+
+def _early_notes(number: int) -> Optional[list]:
+    """The signals pretrain.py's start-up handler noted for `number`'s slot; None when that handler is not installed."""
+    return getattr(signal.getsignal(number), "received", None)
+
+
+def end_early_signal_notes() -> None:
+    """For the modes that do not train (--eval-only, --throughput): pretrain.py's start-up handler gives way to the
+    default action, and a signal it noted takes effect now."""
+    for number in EARLY_SIGNALS:
+        noted = _early_notes(number)
+        if noted is not None:
+            signal.signal(number, signal.SIG_DFL)
+            if number in noted:
+                signal.raise_signal(number)
 
 
 class StopRequests:
@@ -68,12 +87,26 @@ class StopRequests:
             log.warning("training outside the main thread: signals keep their default action (only --exit-after "
                         "stops the run with a checkpoint).")
             return
+        self._adopt_early_signals()
         for number in self.signals:   # the helper processes started now inherit "ignore" through their exec
             signal.signal(number, signal.SIG_IGN)
         resource_tracker.ensure_running()   # multiprocessing's: it ignores SIGTERM itself, not the --exit-signal
         for number in self.signals:
             signal.signal(number, self._on_signal)
         os.environ[IGNORED_SIGNALS_ENV] = ",".join(str(int(n)) for n in self.signals)
+
+    def _adopt_early_signals(self) -> None:
+        """What pretrain.py's start-up handler noted before this one existed: a signal of ours is this rank's flag; the
+        others get their default action back."""
+        for number in EARLY_SIGNALS:
+            noted = _early_notes(number)
+            if noted is None:
+                continue
+            if number in self.signals:
+                if number in noted and self.received is None:
+                    self.received = signal.Signals(number).name
+            else:
+                signal.signal(number, signal.SIG_DFL)
 
     def _on_signal(self, number: int, frame) -> None:
         if self.received is None:

@@ -39,7 +39,7 @@ from antismooth.models.checks import check_model, check_model_name  # noqa: F401
 from antismooth.models.description import ModelDescription
 from antismooth.report import check_targets_installed
 from antismooth.throughput import loader_batches, log_peak_memory, measure_throughput, random_batches
-from antismooth.interrupt import EXIT_SAVED_RESUBMIT, RunInterrupted, StopRequests
+from antismooth.interrupt import EXIT_SAVED_RESUBMIT, RunInterrupted, StopRequests, end_early_signal_notes
 from antismooth.train import Trainer, evaluate_split
 from antismooth.watchdog import (DIST_ERRORS, PEER_LOST_EXIT, PeerLost, Watchdog, group_timeout,
                                  is_distributed_failure)
@@ -279,6 +279,8 @@ def run(config: TrainConfig, make_trainer: TrainerFactory = Trainer):
     `make_trainer` builds the training loop from Trainer's fields (keyword arguments): a Trainer subclass that
     observes the run through its override points (Trainer.after_resume, on_batch, after_step, ...)."""
     started = time.monotonic()   # --exit-after counts from here
+    if config.mode.eval_only or config.mode.throughput:
+        end_early_signal_notes()   # only a training saves on a signal
     checked = check_before_launch(config)
     launch = detect_launch()
     lock, refusal = take_run_lock(config, launch.rank)

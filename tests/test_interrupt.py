@@ -8,8 +8,10 @@ signals every process of a step; rank 0 hears nothing and must learn it through 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,9 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 from antismooth.interrupt import EXIT_SAVED_RESUBMIT, signal_number
-from conftest import resume_plan
-from launch import (DEEPSPEED, REPO, TRAIN_PLAN, clean_env, descendants, free_port, slow_fixture,
-                    wait_or_kill, write_plan)
+from conftest import FULL_BATCH, TINY_MODEL, resume_plan
+from launch import (DEEPSPEED, LAUNCH_TIMEOUT, REPO, TRAIN_PLAN, clean_env, descendants, ds_config, free_port,
+                    slow_fixture, wait_or_kill, write_plan)
 
 def rank_process(launcher: int, rank: int) -> int | None:
     for pid in descendants(launcher):
@@ -187,3 +189,34 @@ def test_a_signal_during_a_save_is_handled_at_the_next_step_boundary(signalled_d
     resumed = exported(runs["run"], tmp_path / "resumed.safetensors")
     reference = exported(runs["reference"], tmp_path / "reference.safetensors")
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def _catches(pid: int, number: int) -> bool:
+    """Whether process `pid` has a handler installed for signal `number` (/proc's SigCgt mask)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(mask >> (number - 1) & 1)
+
+
+@pytest.mark.slow
+def test_a_signal_while_the_run_starts_still_saves_and_exits_75(tiny_shards, tmp_path):
+    """SLURM may signal a job that is still importing torch (preemption, a short --signal lead): pretrain.py notes
+    SIGUSR2 from its first lines, so the run saves at its first step boundaries and exits 75, which the recipes
+    requeue, instead of dying unsaved and not requeued."""
+    run = tmp_path / "run"
+    argv = [sys.executable, str(REPO / "pretrain.py"), "--deepspeed_config", str(ds_config(tmp_path / "zero2.json", 2)),
+            "--data", str(tiny_shards), *TINY_MODEL, *FULL_BATCH, "--output", str(run), "--no-eval",
+            "--spectral-every", "0"]
+    proc = subprocess.Popen(argv, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    wait_for(lambda: _catches(proc.pid, signal.SIGUSR2), proc, "pretrain.py's start-up handler")
+    assert not run.exists(), "the signal was meant for a run still starting"
+    os.kill(proc.pid, signal.SIGUSR2)
+    output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == EXIT_SAVED_RESUBMIT, output[-4000:]
+    stopped = re.search(r"Stopped at step (\d+) on SIGUSR2, after saving checkpoint (step\d+)", output)
+    assert stopped and int(stopped[1]) <= 2, output[-4000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == stopped[2]

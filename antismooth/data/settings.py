@@ -55,7 +55,7 @@ class AugmentConfig:
         if not 0 < self.eval_crop_pct <= 1:
             raise ConfigError(f"--crop-pct must be in (0, 1], got {self.eval_crop_pct}.")
         for flag, value in (("--color-jitter", self.color_jitter), ("--mixup", self.mixup), ("--cutmix", self.cutmix)):
-            if value < 0:
+            if value is not None and value < 0:   # None: off, as timm's transforms take it
                 raise ConfigError(f"{flag} must be 0 (off) or more, got {value}.")
         if not 0 <= self.reprob <= 1:
             raise ConfigError(f"--reprob is a probability, in [0, 1], got {self.reprob}.")
