@@ -110,7 +110,7 @@ WITH_WORKERS = ["--workers", "2"]
 # Off elsewhere: its epoch-end evaluation doubles every run's evaluations.
 EMA_DECAY = 0.5
 WITH_EMA = ["--model-ema", "--model-ema-decay", str(EMA_DECAY)]
-EMA_RUNS = {(1, 1), (1, 2), (2, 2), (3, 2), ("zero1-resumed-compiled", 1)}   # zero_runs keys that keep one
+EMA_RUNS = {(1, 1), (1, 2), (2, 2), (3, 2), ("zero1-resumed-compiled", 1), ("zero2-eval-signalled", 2)}   # zero_runs keys that keep one
 
 
 @pytest.fixture(scope="session")
@@ -149,11 +149,16 @@ DECODE_GPU_RUNS = [("decode-gpu", 2, {}, ["--decode", "gpu", "--epochs", "2", *W
                    ("decode-gpu-resumed", 2, {}, ["--decode", "gpu", "--epochs", "2", *WITH_WORKERS])]
 AUGMENTED = {"decode-gpu", "decode-gpu-resumed"}   # runs without FULL_BATCH's --no-aug
 # A first part, run before the run itself in the same folder: the run's flags less --compile, plus these.
-FIRST_PART = {"zero1-resumed-compiled": ["--max-steps", "3"], "decode-gpu-resumed": ["--max-steps", "1"]}
+FIRST_PART = {"zero1-resumed-compiled": ["--max-steps", "3"], "decode-gpu-resumed": ["--max-steps", "1"],
+              "zero2-eval-signalled": []}
+# ZeRO-2 at world size 2 (as (2, 2)) whose first part is signalled as its evaluation at the end of epoch 2 starts
+# (tests/jobs/train_plan.py's "signal_in_eval_at_epoch"): saved and stopped with 75, then resumed (test_interrupt.py).
+SIGNALLED_IN_EVAL = {"zero2-eval-signalled": {"signal_in_eval_at_epoch": 2}}
 EXTRA_RUNS = {1: [("zero0", 0, {}, ["--epochs", "1"]),
                   ("zero2-accum2", 2, {"gradient_accumulation_steps": 2}, []),  # 2 micro-batches of 8 per step
                   *COMPILED_RUNS, *DECODE_GPU_RUNS],
-              2: [("zero2-bf16", 2, BF16, ["--epochs", "3"]), ("zero3-bf16", 3, BF16, ["--epochs", "3"])]}
+              2: [("zero2-bf16", 2, BF16, ["--epochs", "3"]), ("zero3-bf16", 3, BF16, ["--epochs", "3"]),
+                  ("zero2-eval-signalled", 2, {}, [])]}
 
 
 # ZeRO-3 that re-gathers every parameter in every forward, as for a model past DeepSpeed's reuse thresholds:
@@ -213,7 +218,10 @@ def zero_runs(tiny_shards: Path, uneven_val_shards: Path,
             if (key, world) == (3, 1):   # the compiled runs come after it in this process (tests/test_compile.py)
                 weights["linear_after"] = str(out / "functional-linear.txt")
             if key in FIRST_PART:
-                plan.append({"argv": [a for a in argv if a != "--compile"] + FIRST_PART[key]})
+                first = {"argv": [a for a in argv if a != "--compile"] + FIRST_PART[key]}
+                if key in SIGNALLED_IN_EVAL:
+                    first.update(SIGNALLED_IN_EVAL[key], status=str(work / f"{name}-first-part.status"))
+                plan.append(first)
             plan.append({"argv": argv, "probe": str(out / "probe.pt"), **weights})
         if world == 2:  # the tiny Swin runs of tests/swin_runs.py ride on this launch: ("swin-…", 2)
             from swin_runs import swin_plan

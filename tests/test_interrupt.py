@@ -220,3 +220,18 @@ def test_a_signal_while_the_run_starts_still_saves_and_exits_75(tiny_shards, tmp
     stopped = re.search(r"Stopped at step (\d+) on SIGUSR2, after saving checkpoint (step\d+)", output)
     assert stopped and int(stopped[1]) <= 2, output[-4000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == stopped[2]
+
+
+def test_a_signal_during_an_evaluation_is_handled_at_the_next_step_boundary(zero_runs):
+    """SIGUSR2 to rank 1 as the evaluation at the end of epoch 2 starts (one step an epoch): the evaluation completes,
+    every rank stops at a step boundary after it with a checkpoint (exit 75), and the same command resumes to the
+    weights of the uninterrupted run beside it, bit for bit."""
+    signalled, reference = zero_runs["zero2-eval-signalled", 2], zero_runs[2, 2]
+    status = signalled.output.parent / "zero2-eval-signalled-first-part.status"
+    assert int(status.read_text()) == EXIT_SAVED_RESUBMIT, signalled.log[-6000:]
+    log = (signalled.output / "log.txt").read_text()
+    assert "eval epoch 2: top-1" in log, log[-4000:]
+    stopped = re.search(r"Stopped at step (\d+) on SIGUSR2, after saving checkpoint", signalled.log)
+    assert stopped and 3 <= int(stopped[1]) <= 4, signalled.log[-6000:]
+    assert f"Resumed from step{int(stopped[1]):08d}" in log
+    assert torch.equal(torch.load(signalled.probe), torch.load(reference.probe))

@@ -17,7 +17,8 @@ torch.nn.functional.linear the process holds once the run is over (module.name).
 the last rank SIGKILLs itself while saving checkpoint TAG, after its model files and before its
 optimizer shard: a crash in the middle of writing a checkpoint. With ANTISMOOTH_TEST_ENOSPC_DURING_SAVE=TAG (or
 TAG@RANK: on that rank only), writing checkpoint TAG's optimizer shard fails as on a full disk, once per process. With ANTISMOOTH_TEST_SIGNAL_DURING_SAVE=PATH_PART, the last rank sends itself
-SIGUSR2 while writing that checkpoint's optimizer shard.
+SIGUSR2 while writing that checkpoint's optimizer shard. An entry's "signal_in_eval_at_epoch": N sends SIGUSR2 to the
+last rank as the evaluation at the end of epoch N starts.
 """
 from __future__ import annotations
 
@@ -115,6 +116,10 @@ def rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 @dataclass
 class PlanTrainer(Trainer):
     """The training loop, observed through its override points for one plan entry's optional records."""
@@ -141,6 +146,11 @@ class PlanTrainer(Trainer):
 
     def after_step(self) -> None:
         self.snapshot()
+
+    def evaluate(self) -> None:
+        if self.entry.get("signal_in_eval_at_epoch") == self.state.epoch and rank() == world_size() - 1:
+            os.kill(os.getpid(), signal.SIGUSR2)   # the evaluation below runs with this rank's flag set
+        super().evaluate()
 
     def snapshot(self) -> None:
         if self.entry.get("weights_each_step"):
