@@ -26,6 +26,14 @@ class ConfigError(ValueError):
     """A setting a user got wrong; the message names it and the fix."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, whose complaints (a missing or mistyped flag) are the contract's one line rather than the usage
+    block and `prog: error:` (--help still prints the whole usage; docs/commands.md)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message}: see `{self.prog} --help`.")
+
+
 # --- declaring settings ----------------------------------------------------------------------------------------
 
 def setting(default: Any = dataclasses.MISSING, *, flag: Optional[str] = None, help: str, **argparse_kwargs: Any):
@@ -116,7 +124,7 @@ def build_parser(tree: type, description: str) -> argparse.ArgumentParser:
     """The argparse parser of a settings tree: one flag per settings field, grouped by section, each with its help
     and default; values land in dests "section.field". `--config FILE` names a recipe (read_recipe)."""
     defaults = tree()
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="RECIPE.toml", default=None,
                    help="a recipe file (recipes/*.toml): any of the settings below by name (drop_path = 0.1); "
                         "flags on the command line override it")

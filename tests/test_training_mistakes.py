@@ -54,6 +54,8 @@ PRETRAIN_CASES = [
     ("finetune_is_a_folder", ["--finetune", "{tmp}"], "--finetune {tmp} is a folder, not a file"),
     ("exit_signal_cannot_be_caught", ["--exit-signal", "SIGKILL"], "SIGKILL cannot ask a run to save"),
     ("unknown_augment_policy", ["--aa", "autoaugment"], "--aa autoaugment: Unknown AA policy autoaugment"),
+    ("unknown_flag", ["--epoks", "3"], "unrecognized arguments: --epoks 3: see `"),
+    ("not_a_number", ["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
 ]
 
 

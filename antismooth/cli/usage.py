@@ -9,14 +9,13 @@ Standard library only.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TypeVar
 
-from antismooth.settings import ConfigError
+from antismooth.settings import ArgumentParser, ConfigError  # noqa: F401  (ArgumentParser: the commands')
 
 __all__ = ["ConfigError", "USAGE_EXIT", "INTERRUPTED_EXIT", "ArgumentParser", "entry_point", "fail",
            "readable_file", "readable_folder", "readable_path", "writable_folder", "writable_file", "output_folder",
@@ -31,14 +30,6 @@ Number = TypeVar("Number", int, float)
 def fail(sentence: str) -> None:
     """Report a user's mistake: the one sentence, naming the value and the fix."""
     raise ConfigError(sentence)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, whose complaints (a missing or mistyped flag) are the contract's one line rather than the usage
-    block and `prog: error:` (--help still prints the whole usage)."""
-
-    def error(self, message: str):
-        raise ConfigError(f"{message}: see `{self.prog} --help`.")
 
 
 def entry_point(interrupted: str = "interrupted.", user_errors: tuple[type[BaseException], ...] = (),
