@@ -35,7 +35,7 @@ from antismooth.ema import ShardedEma
 from antismooth.engine import (TrainingStopped, TrainState, apply_activation_checkpointing, build_scheduler,
                                compile_blocks, describe_optimizer, param_groups, restore_functional_linear)
 from antismooth.models import WeightsMismatchError, load_for_finetuning, load_weights, structure
-from antismooth.models.checks import check_model, check_model_name  # noqa: F401  (check_model_name: startup's before)
+from antismooth.models.checks import check_model, check_model_name
 from antismooth.models.description import ModelDescription
 from antismooth.report import check_targets_installed
 from antismooth.throughput import loader_batches, log_peak_memory, measure_throughput, random_batches
