@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from datetime import datetime
 from multiprocessing import resource_tracker
 from typing import Optional
 
@@ -83,6 +84,9 @@ class StopRequests:
 
     def install(self) -> None:
         """Handlers that only set the flag; the loader workers, forked later, ignore these signals."""
+        if self.deadline is not None:   # the user's (and a test's) way to know when it happens
+            log.info("--exit-after: the run saves and exits with %d at the first step boundary after %s",
+                     EXIT_SAVED_RESUBMIT, self.deadline_wall_clock())
         if threading.current_thread() is not threading.main_thread():
             log.warning("training outside the main thread: signals keep their default action (only --exit-after "
                         "stops the run with a checkpoint).")
@@ -94,6 +98,11 @@ class StopRequests:
         for number in self.signals:
             signal.signal(number, self._on_signal)
         os.environ[IGNORED_SIGNALS_ENV] = ",".join(str(int(n)) for n in self.signals)
+
+    def deadline_wall_clock(self) -> str:
+        """The --exit-after deadline on this host's clock, to the second (rounded up)."""
+        at = time.time() + (self.deadline - time.monotonic())
+        return datetime.fromtimestamp(-(-at // 1)).strftime("%Y-%m-%d %H:%M:%S")
 
     def _adopt_early_signals(self) -> None:
         """What pretrain.py's start-up handler noted before this one existed: a signal of ours is this rank's flag; the

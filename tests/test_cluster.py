@@ -80,7 +80,7 @@ def per_node_launch(cluster, work: Path, shards: Path, run: str, port: int, env_
 def cluster_runs(cluster, tiny_shards, tmp_path_factory) -> dict:
     """Every launch of these tests, started together (their start-ups overlap; the nodes hold them all at once;
     each scenario waits in a thread of its own): {name: (exit status, output, run folder)} for each sbatch recipe of
-    cluster/ (each signalled mid-run and requeued by itself), a launch whose nodes disagree, the srun recipe with the
+    cluster/ (each interrupted mid-run, INTERRUPTIONS, and requeued by itself), a launch whose nodes disagree, the srun recipe with the
     isolated interface named; {name: figures} for the faulted runs of FAULTS (DeepSpeed's ssh launcher among them),
     each then resumed; and the one-host reference."""
     work = tmp_path_factory.mktemp("cluster-runs")
@@ -88,13 +88,8 @@ def cluster_runs(cluster, tiny_shards, tmp_path_factory) -> dict:
                  *train_args(work, tiny_shards, "one-host")]
     one_host = start_processes([(reference, ONE_THREAD)], work, "one-host")
     with ThreadPoolExecutor(max_workers=16) as pool:
-        # The srun recipe names the cluster network's interface, as docs/multi-node.md says to on nodes with two
-        # networks. Every recipe job is signalled once its first step is logged (SIGNALS) and requeues itself.
-        right = {"slurm_srun": {"GLOO_SOCKET_IFNAME": DATA_INTERFACE}}
-        pending = {recipe: pool.submit(signalled_job, cluster, work / recipe, SIGNALS[recipe],
-                                       f"cluster/{recipe}.sbatch", *options,
-                                       env=recipe_env(work, tiny_shards, recipe, **right.get(recipe, {})))
-                   for recipe, options in RECIPES.items()}
+        # Every recipe job is interrupted once its first step is logged (INTERRUPTIONS) and requeues itself.
+        pending = {recipe: pool.submit(interrupted_job, cluster, work, tiny_shards, recipe) for recipe in RECIPES}
         wrong = dict(recipe_env(work, tiny_shards, "wrong-interface"), GLOO_SOCKET_IFNAME=ISOLATED_INTERFACE)
         pending["wrong-interface"] = pool.submit(plain_job, cluster, work / "wrong-interface",
                                                  "cluster/slurm_srun.sbatch", *SRUN_ON_CPU_NODES, env=wrong)
@@ -122,18 +117,114 @@ def ended(procs: list, run: Path) -> tuple[int, str, Path]:
     return max(proc.returncode for proc in procs), "\n".join(outputs), run
 
 
-# How each recipe job is signalled once its first step is logged: USR2 through the batch shell, as
-# `--signal=B:USR2@LEAD` sends it (the recipe's trap passes it on; DeepSpeed's launcher ignores it), or SIGTERM alone
-# to every process of the step, as a preemption sends it (torchrun passes it on to its workers, which save, and
-# exits non-zero: the recipe requeues on rank 0's `resubmit` file).
-SIGNALS = {"slurm_srun": ["--batch", "--signal=USR2"], "slurm_torchrun": ["--signal=TERM"],
-           "slurm_deepspeed": ["--batch", "--signal=USR2"]}
+def interrupted_job(cluster, work: Path, shards: Path, recipe: str) -> tuple[int, str, Path]:
+    """The recipe's job, interrupted by INTERRUPTIONS[recipe] once its first step is logged, until it has left the
+    queue (requeued by itself, finished)."""
+    run = work / recipe
+    interrupt, extra_args = INTERRUPTIONS[recipe]
+    env = recipe_env(work, shards, recipe, **RECIPE_ENV.get(recipe, {}), EXTRA_ARGS=" ".join([*EXTRA_ARGS, *extra_args]))
+    submission = cluster.submit(f"cluster/{recipe}.sbatch", *RECIPES[recipe], env=env)
+    wait_for_line(run / "log.txt", "step 1/", submission.proc)
+    submission.job_id = job_id(submission)
+    interrupted = interrupt(cluster, submission, run)
+    return (*until_gone(cluster, submission, interrupted, run), run)
 
 
-def signalled_job(cluster, run: Path, how: list[str], script: str, *options, env: dict) -> tuple[int, str, Path]:
-    submission = cluster.submit(script, *options, env=env)
-    signalled = signal_after_first_step(cluster, submission, run, how)
-    return (*until_gone(cluster, submission, signalled, run), run)
+def preempt(cluster, submission, run: Path) -> float:
+    """SIGTERM alone to every process of the step, as a preemption sends it (torchrun passes it on to its workers,
+    which save, and exits non-zero: the recipe requeues on rank 0's `resubmit` file). When (time.time())."""
+    cluster.run_on("n1", ["scancel", "--signal=TERM", submission.job_id])
+    return time.time()
+
+
+def run_out_of_time(cluster, submission, run: Path) -> float:
+    """SLURM's own signal ahead of the time limit, as the recipe asks for it (`#SBATCH --signal=B:USR2@LEAD`): the
+    ranks are held (SIGSTOP: a run longer than its limit, without minutes of CPU), the job's limit is lowered to
+    LEAD s away or less, and SLURM's next limit check (every 30 s) sends USR2 to the batch shell, whose trap passes it
+    on. Once it is pending in every rank, the job gets the recipe's whole --time back (as a requeued job does; the
+    lowered limit would signal it again at its start) and the ranks run on. When the signal arrived (time.time())."""
+    held = hold_ranks(cluster, run)
+    lead = recipe_lead(submission.script)
+    limit_minutes = (job_runtime(cluster, submission.job_id) + lead) // 60   # the limit is now <= LEAD s away
+    cluster.run_on("n1", ["scontrol", "update", f"JobId={submission.job_id}", f"TimeLimit={limit_minutes}"])
+    output = next(submission.jobs.glob(f"{submission.name}-*.out"))
+    wait_for_line(output, "USR2 received, passed on to the step", submission.proc, timeout=120)
+    signalled = time.time()
+    wait_until_pending(held, signal.SIGUSR2)
+    cluster.run_on("n1", ["scontrol", "update", f"JobId={submission.job_id}", f"TimeLimit={recipe_time(submission.script)}"])
+    release(held)
+    return signalled
+
+
+EXIT_AFTER_MINUTES = 1.5   # each process's own deadline: the requeued job finishes the run well within it
+
+
+def pass_the_exit_after_deadline(cluster, submission, run: Path) -> float:
+    """--exit-after: the ranks are held (SIGSTOP) until the deadline rank 0 logged has passed, then run on and stop at
+    the next step boundaries by themselves. When they were released (time.time())."""
+    held = hold_ranks(cluster, run)
+    logged = re.search(r"--exit-after: .* after (\S+ \S+)", (run / "log.txt").read_text())[1]
+    deadline = datetime.strptime(logged, "%Y-%m-%d %H:%M:%S").timestamp()
+    while time.time() <= deadline + 1:
+        time.sleep(0.2)
+    release(held)
+    return time.time()
+
+
+# How each recipe job is interrupted once its first step is logged, and the flags it runs with beside EXTRA_ARGS.
+# SLURM's signal before the time limit goes through the DeepSpeed recipe, whose launchers ignore USR2 (its trap);
+# the srun recipe runs with --exit-after, the torchrun recipe is preempted.
+INTERRUPTIONS = {"slurm_deepspeed": (run_out_of_time, []),
+                 "slurm_torchrun": (preempt, []),
+                 "slurm_srun": (pass_the_exit_after_deadline, ["--exit-after", str(EXIT_AFTER_MINUTES)])}
+# The srun recipe names the cluster network's interface, as docs/multi-node.md says to on nodes with two networks.
+RECIPE_ENV = {"slurm_srun": {"GLOO_SOCKET_IFNAME": DATA_INTERFACE}}
+
+
+def hold_ranks(cluster, run: Path) -> list[int]:
+    """SIGSTOP to both ranks of `run` (one on each node); their pids."""
+    held = [pid for node in cluster.nodes for pid in rank_processes(cluster, node.name, run)]
+    assert len(held) == 2, f"{run.name}: ranks {held}"
+    for pid in held:
+        os.kill(pid, signal.SIGSTOP)
+    return held
+
+
+def release(held: list[int]) -> None:
+    for pid in held:
+        os.kill(pid, signal.SIGCONT)
+
+
+def wait_until_pending(pids: list[int], number: int, timeout: float = 60) -> None:
+    """Until signal `number` is pending in each (stopped) process: delivered, its handler runs once it continues."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while not signal_pending(pid, number):
+            assert time.monotonic() < deadline, f"signal {number} never reached process {pid}"
+            time.sleep(0.05)
+
+
+def signal_pending(pid: int, number: int) -> bool:
+    masks = [int(line.split()[1], 16) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+             if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(mask >> (number - 1) & 1 for mask in masks)
+
+
+def recipe_lead(script: str | Path) -> int:
+    """LEAD of the recipe's `#SBATCH --signal=B:USR2@LEAD`, in seconds."""
+    return int(re.search(r"^#SBATCH --signal=B:USR2@(\d+)$", (REPO / script).read_text(), flags=re.M)[1])
+
+
+def recipe_time(script: str | Path) -> str:
+    return re.search(r"^#SBATCH --time=(\S+)$", (REPO / script).read_text(), flags=re.M)[1]
+
+
+def job_runtime(cluster, job: str) -> int:
+    """Seconds the job has run, as SLURM counts them (RunTime=[D-]HH:MM:SS)."""
+    runtime = re.search(r"RunTime=(?:(\d+)-)?(\d+):(\d+):(\d+)",
+                        cluster.run_on("n1", ["scontrol", "show", "job", job]).stdout)
+    days, hours, minutes, seconds = (int(part or 0) for part in runtime.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 def job_id(submission) -> str:
@@ -149,31 +240,24 @@ def wait_for_line(path: Path, text: str, proc, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-def signal_after_first_step(cluster, submission, run: Path, how: list[str]) -> float:
-    """`scancel HOW JOB` once rank 0 has logged the run's first step; when it was sent (time.time())."""
-    wait_for_line(run / "log.txt", "step 1/", submission.proc)
-    submission.job_id = job_id(submission)
-    cluster.run_on("n1", ["scancel", *how, submission.job_id])
-    return time.time()
-
-
-def until_gone(cluster, submission, signalled: float, run: Path, timeout: float = 300) -> tuple[int, str]:
-    """Wait until the signalled job, requeued by its recipe, has left the queue: (0 if its last run printed
-    "done:", else 1; its whole output, appended across runs, and a last line with the seconds from the signal to
-    the stopping step's checkpoint, from rank 0's log, and to the requeued job's end)."""
+def until_gone(cluster, submission, interrupted: float, run: Path, timeout: float = 300) -> tuple[int, str]:
+    """Wait until the interrupted job, requeued by its recipe, has left the queue: (0 if its last run printed
+    "done:", else 1; its whole output, appended across runs, and a last line with the seconds from the
+    interruption (`interrupted`) to the stopping step's checkpoint, from rank 0's log, and to the requeued job's
+    end)."""
     submission.proc.communicate(timeout=timeout)   # sbatch --wait may return at the requeue: the queue says
     deadline = time.monotonic() + timeout
     while cluster.run_on("n1", ["squeue", "-h", "-j", submission.job_id], check=False).stdout.strip():
         assert time.monotonic() < deadline, f"job {submission.job_id} still queued after {timeout} s"
         time.sleep(0.2)
-    gone = time.time() - signalled
+    gone = time.time() - interrupted
     output = next(submission.jobs.glob(f"{submission.name}-*.out")).read_text()
     stopped = re.search(r"Stopped at step (\d+) ", output)
     saved = stopped and re.search(rf"^(\S+ \S+) INFO \S+: saved checkpoint step{int(stopped[1]):08d}",
                                   (run / "log.txt").read_text(), flags=re.M)
-    seconds = (datetime.strptime(saved[1], "%Y-%m-%d %H:%M:%S").timestamp() - signalled) if saved else math.nan
+    seconds = (datetime.strptime(saved[1], "%Y-%m-%d %H:%M:%S").timestamp() - interrupted) if saved else math.nan
     return ((0 if "done: step 4" in output else 1),
-            f"{output}\n[signal to the saved stop: {seconds:.0f} s; to the requeued job's end: {gone:.0f} s]")
+            f"{output}\n[interruption to the saved stop: {seconds:.0f} s; to the requeued job's end: {gone:.0f} s]")
 
 
 def exported(run: Path, out: Path) -> dict[str, torch.Tensor]:
@@ -241,20 +325,29 @@ def test_an_interface_that_cannot_reach_the_master_stops_in_seconds(cluster_runs
     assert "eth1 (10.214." in output and "step 1/" not in output
 
 
+# What each recipe's job says when it stops (on every rank, the same step) and the recipe's own line about it.
+STOPPED_ON = {"slurm_deepspeed": ("on SIGUSR2", "USR2 received, passed on to the step"),
+              "slurm_torchrun": ("on SIGTERM", None),   # to the step's processes alone, not the batch shell
+              "slurm_srun": ("on the --exit-after deadline", None)}
+
+
 @pytest.mark.parametrize("recipe", list(RECIPES))
-def test_a_signalled_recipe_job_saves_requeues_itself_and_ends_as_on_one_host(cluster_runs, reference_weights, recipe,
-                                                                             tmp_path):
-    """USR2 to the batch shell (the recipe's trap passes it on to the step) or SIGTERM to the step alone: every rank
-    saves the same step and exits with 75, the recipe requeues the job, and the requeued job finishes the run with
-    the weights of the uninterrupted one-host run (test_recipe_trains_across_two_nodes_as_on_one_host)."""
+def test_an_interrupted_recipe_job_saves_requeues_itself_and_ends_as_on_one_host(cluster_runs, reference_weights,
+                                                                                recipe, tmp_path):
+    """SLURM's USR2 ahead of the time limit (through the batch shell, whose trap passes it on), SIGTERM to the step
+    alone (a preemption), or the --exit-after deadline: every rank saves the same step and exits with 75, the
+    recipe requeues the job, and the requeued job finishes the run with the weights of the uninterrupted one-host
+    run (test_recipe_trains_across_two_nodes_as_on_one_host)."""
     returncode, output, run = cluster_runs[recipe]
-    assert output.count("Stopped at step ") == 2, output[-6000:]   # both ranks, one on each node
+    reason, forwarded = STOPPED_ON[recipe]
+    assert output.count("Stopped at step ") == 2 and output.count(f" {reason}, after saving") >= 1, output[-6000:]
     assert "run the same command to resume (exit code 75: saved, resubmit me)" in output
     assert "requeueing job" in output and "(restart 1 of at most MAX_REQUEUES=20)" in output, output[-6000:]
-    if "--signal=USR2" in SIGNALS[recipe]:
-        assert "USR2 received, passed on to the step" in output and "on SIGUSR2" in output
-    else:
-        assert "on SIGTERM" in output
+    if forwarded:
+        assert forwarded in output, output[-6000:]
+    else:   # no signal went through the batch shell
+        assert "passed on to the step" not in output, output[-6000:]
+    assert "DUE TO TIME LIMIT" not in output   # the run saved and left before any limit
     step = int(re.search(r"Stopped at step (\d+) ", output)[1])
     assert 1 < step < 4 and f"Resumed from step{step:08d}" in (run / "log.txt").read_text()   # no step redone
     print(f"\n{recipe}: {output.splitlines()[-1]}")
@@ -382,8 +475,23 @@ def pdsh_killed_then_disk_full(cluster, work: Path, shards: Path, name: str) -> 
             for scenario, result in (("pdsh-killed", killed), ("n2-disk-full", full))}
 
 
+def torchrun_killed(cluster, work: Path, shards: Path, name: str) -> dict:
+    """The torchrun recipe's job, rank 1's worker (on n2) killed after checkpoint step 1: torchrun on n2 sees it die
+    and fails, srun --kill-on-bad-exit=1 ends n1's task; the srun recipe then resumes the run to the end."""
+    run = work / name
+    job = cluster.submit("cluster/slurm_torchrun.sbatch", *ON_CPU_NODES,
+                         env=recipe_env(work, shards, name, EXTRA_ARGS=" ".join(FAULT_ARGS)))
+    faulted = fault_rank1(cluster, run, job.proc, signal.SIGKILL)
+    stopped = job.wait()
+    killed = {"run": run, "stopped": stopped.returncode, "output": stopped.output, "seconds": time.time() - faulted,
+              "left": left_running(cluster, run), "latest": latest_of(run)}
+    resumed = srun_fault_job(cluster, work, shards, name).wait()
+    return {"torchrun-killed": dict(killed, resumed=resumed.returncode, resumed_output=resumed.output)}
+
+
 # name: scenario(cluster, work, shards, name) -> {test's name: figures}
-FAULTS = {"srun-faults": srun_killed_then_frozen, "pdsh-faults": pdsh_killed_then_disk_full}
+FAULTS = {"srun-faults": srun_killed_then_frozen, "pdsh-faults": pdsh_killed_then_disk_full,
+          "torchrun-faults": torchrun_killed}
 
 
 def assert_resumed_as_on_one_host(name: str, result: dict, reference: dict, out: Path, tag: str) -> None:
@@ -419,6 +527,19 @@ def test_a_rank_killed_under_deepspeed_pdsh_ends_every_node_and_the_run_resumes(
                                   result["latest"])
     print(f"\ndeepspeed over pdsh, rank 1 killed: the launch ended {result['seconds']:.0f} s after the kill (exit "
           f"{result['stopped']}); resumed from {result['latest']}")
+
+
+def test_a_rank_killed_under_torchrun_ends_the_job_on_every_node_and_the_resubmitted_job_finishes(
+        cluster_runs, reference_weights, tmp_path):
+    """torchrun on n2 sees its worker die and fails (no restarts: the recipe's static rendezvous); srun
+    --kill-on-bad-exit=1 then ends n1's task. Nothing of the run is left on either node."""
+    result = cluster_runs["torchrun-killed"]
+    assert result["stopped"] != 0 and "requeueing" not in result["output"], result["output"][-6000:]
+    assert "Signal 9 (SIGKILL) received by PID" in result["output"], result["output"][-6000:]   # torchrun's report
+    assert_resumed_as_on_one_host("torchrun-killed", result, reference_weights, tmp_path / "w.safetensors",
+                                  result["latest"])
+    print(f"\ntorchrun, rank 1 killed: the job ended {result['seconds']:.0f} s after the kill; resumed from "
+          f"{result['latest']}")
 
 
 def test_a_frozen_node_ends_the_job_with_the_sentence_naming_it_and_the_resubmitted_job_finishes(
