@@ -126,49 +126,56 @@ def interrupted_job(cluster, work: Path, shards: Path, recipe: str) -> tuple[int
     submission = cluster.submit(f"cluster/{recipe}.sbatch", *RECIPES[recipe], env=env)
     wait_for_line(run / "log.txt", "step 1/", submission.proc)
     submission.job_id = job_id(submission)
-    interrupted = interrupt(cluster, submission, run)
-    return (*until_gone(cluster, submission, interrupted, run), run)
+    interrupted, note = interrupt(cluster, submission, run)
+    returncode, output = until_gone(cluster, submission, interrupted, run)
+    return returncode, f"{output}{note}", run
 
 
-def preempt(cluster, submission, run: Path) -> float:
+def preempt(cluster, submission, run: Path) -> tuple[float, str]:
     """SIGTERM alone to every process of the step, as a preemption sends it (torchrun passes it on to its workers,
-    which save, and exits non-zero: the recipe requeues on rank 0's `resubmit` file). When (time.time())."""
+    which save, and exits non-zero: the recipe requeues on rank 0's `resubmit` file). When (time.time()), and a
+    note on it for the test's output."""
     cluster.run_on("n1", ["scancel", "--signal=TERM", submission.job_id])
-    return time.time()
+    return time.time(), ""
 
 
-def run_out_of_time(cluster, submission, run: Path) -> float:
+def run_out_of_time(cluster, submission, run: Path) -> tuple[float, str]:
     """SLURM's own signal ahead of the time limit, as the recipe asks for it (`#SBATCH --signal=B:USR2@LEAD`): the
     ranks are held (SIGSTOP: a run longer than its limit, without minutes of CPU), the job's limit is lowered to
     LEAD s away or less, and SLURM's next limit check (every 30 s) sends USR2 to the batch shell, whose trap passes it
     on. Once it is pending in every rank, the job gets the recipe's whole --time back (as a requeued job does; the
-    lowered limit would signal it again at its start) and the ranks run on. When the signal arrived (time.time())."""
+    lowered limit would signal it again at its start) and the ranks run on. When the signal arrived (time.time()),
+    and a note on the limit."""
     held = hold_ranks(cluster, run)
     lead = recipe_lead(submission.script)
-    limit_minutes = (job_runtime(cluster, submission.job_id) + lead) // 60   # the limit is now <= LEAD s away
+    runtime = job_runtime(cluster, submission.job_id)
+    limit_minutes = (runtime + lead) // 60   # the limit is now LEAD s away or less
     cluster.run_on("n1", ["scontrol", "update", f"JobId={submission.job_id}", f"TimeLimit={limit_minutes}"])
+    lowered = time.time()
     output = next(submission.jobs.glob(f"{submission.name}-*.out"))
     wait_for_line(output, "USR2 received, passed on to the step", submission.proc, timeout=120)
     signalled = time.time()
     wait_until_pending(held, signal.SIGUSR2)
     cluster.run_on("n1", ["scontrol", "update", f"JobId={submission.job_id}", f"TimeLimit={recipe_time(submission.script)}"])
     release(held)
-    return signalled
+    return signalled, (f"\n[time limit lowered to {limit_minutes} min at {runtime} s of the job, "
+                       f"{60 * limit_minutes - runtime} s away: SLURM's USR2 {signalled - lowered:.0f} s later]")
 
 
 EXIT_AFTER_MINUTES = 1.5   # each process's own deadline: the requeued job finishes the run well within it
 
 
-def pass_the_exit_after_deadline(cluster, submission, run: Path) -> float:
+def pass_the_exit_after_deadline(cluster, submission, run: Path) -> tuple[float, str]:
     """--exit-after: the ranks are held (SIGSTOP) until the deadline rank 0 logged has passed, then run on and stop at
-    the next step boundaries by themselves. When they were released (time.time())."""
+    the next step boundaries by themselves. When they were released (time.time()), and a note."""
     held = hold_ranks(cluster, run)
     logged = re.search(r"--exit-after: .* after (\S+ \S+)", (run / "log.txt").read_text())[1]
     deadline = datetime.strptime(logged, "%Y-%m-%d %H:%M:%S").timestamp()
+    held_from = time.time()
     while time.time() <= deadline + 1:
         time.sleep(0.2)
     release(held)
-    return time.time()
+    return time.time(), f"\n[held {time.time() - held_from:.0f} s, until the deadline {logged} had passed]"
 
 
 # How each recipe job is interrupted once its first step is logged, and the flags it runs with beside EXTRA_ARGS.
@@ -350,7 +357,7 @@ def test_an_interrupted_recipe_job_saves_requeues_itself_and_ends_as_on_one_host
     assert "DUE TO TIME LIMIT" not in output   # the run saved and left before any limit
     step = int(re.search(r"Stopped at step (\d+) ", output)[1])
     assert 1 < step < 4 and f"Resumed from step{step:08d}" in (run / "log.txt").read_text()   # no step redone
-    print(f"\n{recipe}: {output.splitlines()[-1]}")
+    print(f"\n{recipe}: {' '.join(output.splitlines()[-2:])}")
 
 
 # --- faults on the cluster: a rank killed or frozen, one node's disk full; each run then resumed ------------------
