@@ -335,16 +335,18 @@ def test_an_interface_that_cannot_reach_the_master_stops_in_seconds(cluster_runs
 # What each recipe's job says when it stops (on every rank, the same step) and the recipe's own line about it.
 STOPPED_ON = {"slurm_deepspeed": ("on SIGUSR2", "USR2 received, passed on to the step"),
               "slurm_torchrun": ("on SIGTERM", None),   # to the step's processes alone, not the batch shell
-              "slurm_srun": ("on the --exit-after deadline", None)}
+              "slurm_srun": ("on the --exit-after deadline", None),
+              "srun-signalled": ("on SIGUSR2", "USR2 received, passed on to the step")}
 
 
-@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("recipe", list(STOPPED_ON))
 def test_an_interrupted_recipe_job_saves_requeues_itself_and_ends_as_on_one_host(cluster_runs, reference_weights,
                                                                                 recipe, tmp_path):
-    """SLURM's USR2 ahead of the time limit (through the batch shell, whose trap passes it on), SIGTERM to the step
-    alone (a preemption), or the --exit-after deadline: every rank saves the same step and exits with 75, the
-    recipe requeues the job, and the requeued job finishes the run with the weights of the uninterrupted one-host
-    run (test_recipe_trains_across_two_nodes_as_on_one_host)."""
+    """SLURM's USR2 ahead of the time limit or scancel's (through the batch shell, whose trap passes it on), SIGTERM
+    to the step alone (a preemption), or the --exit-after deadline: every rank saves the same step and exits with
+    75, the recipe requeues the job, and the requeued job finishes the run with the weights of the uninterrupted
+    one-host run (test_recipe_trains_across_two_nodes_as_on_one_host; srun-signalled: test_a_rank_killed_under_torchrun_…,
+    whose resume it is)."""
     returncode, output, run = cluster_runs[recipe]
     reason, forwarded = STOPPED_ON[recipe]
     assert output.count("Stopped at step ") == 2 and output.count(f" {reason}, after saving") >= 1, output[-6000:]
@@ -482,9 +484,11 @@ def pdsh_killed_then_disk_full(cluster, work: Path, shards: Path, name: str) -> 
             for scenario, result in (("pdsh-killed", killed), ("n2-disk-full", full))}
 
 
-def torchrun_killed(cluster, work: Path, shards: Path, name: str) -> dict:
+def torchrun_killed_then_signalled(cluster, work: Path, shards: Path, name: str) -> dict:
     """The torchrun recipe's job, rank 1's worker (on n2) killed after checkpoint step 1: torchrun on n2 sees it die
-    and fails, srun --kill-on-bad-exit=1 ends n1's task; the srun recipe then resumes the run to the end."""
+    and fails, srun --kill-on-bad-exit=1 ends n1's task. The srun recipe then resumes the run and, once resumed, gets
+    `scancel --batch --signal=USR2` (what `--signal=B:USR2@LEAD` sends; the recipe's trap passes it on), saves,
+    requeues itself and finishes."""
     run = work / name
     job = cluster.submit("cluster/slurm_torchrun.sbatch", *ON_CPU_NODES,
                          env=recipe_env(work, shards, name, EXTRA_ARGS=" ".join(FAULT_ARGS)))
@@ -492,13 +496,18 @@ def torchrun_killed(cluster, work: Path, shards: Path, name: str) -> dict:
     stopped = job.wait()
     killed = {"run": run, "stopped": stopped.returncode, "output": stopped.output, "seconds": time.time() - faulted,
               "left": left_running(cluster, run), "latest": latest_of(run)}
-    resumed = srun_fault_job(cluster, work, shards, name).wait()
-    return {"torchrun-killed": dict(killed, resumed=resumed.returncode, resumed_output=resumed.output)}
+    job = srun_fault_job(cluster, work, shards, name)
+    wait_for_line(run / "log.txt", f"Resumed from {killed['latest']}", job.proc)
+    job.job_id = job_id(job)
+    cluster.run_on("n1", ["scancel", "--batch", "--signal=USR2", job.job_id])
+    finished, output = until_gone(cluster, job, time.time(), run)
+    return {"torchrun-killed": dict(killed, resumed=finished, resumed_output=output),
+            "srun-signalled": (finished, output, run)}
 
 
 # name: scenario(cluster, work, shards, name) -> {test's name: figures}
 FAULTS = {"srun-faults": srun_killed_then_frozen, "pdsh-faults": pdsh_killed_then_disk_full,
-          "torchrun-faults": torchrun_killed}
+          "torchrun-faults": torchrun_killed_then_signalled}
 
 
 def assert_resumed_as_on_one_host(name: str, result: dict, reference: dict, out: Path, tag: str) -> None:
