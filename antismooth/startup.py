@@ -93,9 +93,15 @@ def check_same_classes(train_manifest: Optional[Path], val_manifest: Optional[Pa
                           "tools/build_shards.py, which labels every split by train/'s classes.")
 
 
-def find_manifest(data: str, split: str, required: bool) -> Optional[Path]:
+def check_data_not_a_file(data: str) -> None:
+    """--data names the folder of the manifests; checked once, before find_manifest looks in it for each split."""
     if Path(data).is_file():
         raise ConfigError(f"--data {data} is a file: point --data at the --out folder of tools/build_shards.py.")
+
+
+def find_manifest(data: str, split: str, required: bool) -> Optional[Path]:
+    """The split's manifest in the --data folder (check_data_not_a_file has refused a file), None when there is
+    none and it is not required."""
     path = Path(data) / f"{split}.json"
     if path.is_file():
         return path
@@ -430,6 +436,7 @@ def check_before_launch(config: TrainConfig) -> Checked:
                           "module's parameters in hooks that torch.compile must skip, so every compiled block would "
                           "break at each of them; train with ds_configs/zero2.json (or zero1.json), or drop --compile.")
     check_model_name(config.model.name)
+    check_data_not_a_file(config.stream.data)
     train_manifest = find_manifest(config.stream.data, "train", required=not config.mode.eval_only)
     val_manifest = find_manifest(config.stream.data, "val", required=config.mode.eval_only)
     train_source = ShardSource.resolve(train_manifest) if train_manifest else None
