@@ -28,7 +28,7 @@ from antismooth.checkpoint import Checkpointer, RunFolder, processes
 from antismooth.checkpoint.lock import RunLock
 from antismooth.cli.usage import INTERRUPTED_EXIT, readable_file, writable_folder
 from antismooth.data.pipeline import AugmentConfig, ShardSource, build_train_stream, train_transform
-from antismooth.data.settings import StreamConfig
+from antismooth.data.settings import DEFAULT_WORKERS
 from antismooth.distributed import (DistEnv, broadcast_object, check_port_free, check_shared_folder, detect_launch,
                                    init_distributed, leave, log_world, usable_cpus)
 from antismooth.ema import ShardedEma
@@ -93,9 +93,15 @@ def check_same_classes(train_manifest: Optional[Path], val_manifest: Optional[Pa
                           "tools/build_shards.py, which labels every split by train/'s classes.")
 
 
-def find_manifest(data: str, split: str, required: bool) -> Optional[Path]:
+def check_data_not_a_file(data: str) -> None:
+    """--data names the folder of the manifests; checked once, before find_manifest looks in it for each split."""
     if Path(data).is_file():
         raise ConfigError(f"--data {data} is a file: point --data at the --out folder of tools/build_shards.py.")
+
+
+def find_manifest(data: str, split: str, required: bool) -> Optional[Path]:
+    """The split's manifest in the --data folder (check_data_not_a_file has refused a file), None when there is
+    none and it is not required."""
     path = Path(data) / f"{split}.json"
     if path.is_file():
         return path
@@ -344,7 +350,7 @@ def run_joined(config: TrainConfig, checked: "Checked", env: DistEnv, run_folder
     log_world(env)
     if lock is not None and lock.taken_over:
         log.warning("%s", lock.taken_over)
-    config = with_workers_capped(config, env)
+    config = with_workers_resolved(config, env)
     if env.rank == 0 and checked.val_source is None and not config.mode.throughput:
         log.info("no validation split: %s has no val.json, so the run evaluates nothing at epoch ends and the "
                  "spectral probe takes training images; build one with tools/build_shards.py from an image folder "
@@ -395,16 +401,17 @@ def run_joined(config: TrainConfig, checked: "Checked", env: DistEnv, run_folder
     return built.engine
 
 
-def with_workers_capped(config: TrainConfig, env: DistEnv) -> TrainConfig:
-    """The default --workers (8) at most the CPUs this process may use (more only fight over them, and torch warns
-    of it for each loader), with one line saying so; a number the user gave is kept as given."""
-    cpus, default = usable_cpus(), StreamConfig().num_workers
-    if config.stream.num_workers != default or default <= cpus:
-        return config
-    if env.rank == 0:
+def with_workers_resolved(config: TrainConfig, env: DistEnv) -> TrainConfig:
+    """--workers left out: the default (8) at most the CPUs this process may use (StreamConfig.with_workers), with
+    one line when it was capped; a number the user gave (8 included) is kept as given, said when it is more."""
+    cpus, given = usable_cpus(), config.stream.num_workers
+    stream = config.stream.with_workers(cpus)
+    if env.rank == 0 and given is None and stream.num_workers < DEFAULT_WORKERS:
         log.info("--workers %d (the default) is more than the %d CPU(s) this process may use: %d loader workers per "
-                 "process (pass --workers to choose).", default, cpus, cpus)
-    return dataclasses.replace(config, stream=dataclasses.replace(config.stream, num_workers=cpus))
+                 "process (pass --workers to choose).", DEFAULT_WORKERS, cpus, stream.num_workers)
+    elif env.rank == 0 and given is not None and given > cpus:
+        log.info("--workers %d, as given, is more than the %d CPU(s) this process may use: kept.", given, cpus)
+    return dataclasses.replace(config, stream=stream)
 
 
 def show_throughput(env: DistEnv, line: Optional[str]) -> None:
@@ -430,6 +437,7 @@ def check_before_launch(config: TrainConfig) -> Checked:
                           "module's parameters in hooks that torch.compile must skip, so every compiled block would "
                           "break at each of them; train with ds_configs/zero2.json (or zero1.json), or drop --compile.")
     check_model_name(config.model.name)
+    check_data_not_a_file(config.stream.data)
     train_manifest = find_manifest(config.stream.data, "train", required=not config.mode.eval_only)
     val_manifest = find_manifest(config.stream.data, "val", required=config.mode.eval_only)
     train_source = ShardSource.resolve(train_manifest) if train_manifest else None

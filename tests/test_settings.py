@@ -4,14 +4,18 @@ and the paper's recipes against the official README's commands."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from antismooth.config import DeepSpeedSettings, TrainConfig
-from antismooth.startup import build_parser, main, parse_config
+from antismooth.data.settings import DEFAULT_WORKERS
+from antismooth.distributed import DistEnv, usable_cpus
+from antismooth.startup import build_parser, main, parse_config, with_workers_resolved
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.toml"))
@@ -58,6 +62,24 @@ def test_the_sections_are_what_the_stream_and_the_augmentation_take():
                            "--mixup", "0.5", "--crop-pct", "0.9"])
     assert (config.stream.num_workers, config.stream.mode) == (3, "resampled")
     assert (config.augment.mixup, config.augment.eval_crop_pct) == (0.5, 0.9)
+
+
+def test_workers_given_are_kept_and_the_default_is_capped_to_the_cpus(caplog):
+    """--workers 8 is what the user asked for, even though 8 is the default's number: only a --workers left out is
+    capped to the CPUs this process may use (StreamConfig.with_workers), each said in its own line."""
+    env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0, device=torch.device("cpu"))
+    cpus = usable_cpus()
+    caplog.set_level(logging.INFO, logger="pretrain")   # start-up's logger
+    given = {}
+    for workers in (None, 8, cpus + 1):
+        argv = ["--deepspeed_config", "x.json", *(["--workers", str(workers)] if workers is not None else [])]
+        config = parse_config(argv)
+        assert config.stream.num_workers == workers   # what was given, None when left out
+        given[workers] = with_workers_resolved(config, env).stream.num_workers
+    assert given == {None: min(DEFAULT_WORKERS, cpus), 8: 8, cpus + 1: cpus + 1}
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("(the default) is more than" in line for line in lines) == (cpus < DEFAULT_WORKERS), lines
+    assert f"--workers {cpus + 1}, as given, is more than the {cpus} CPU(s) this process may use: kept." in lines
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -4,7 +4,7 @@ One table: each (command, arguments, words the sentence must hold) runs the comm
 must end with exit status 2, exactly one line on stderr starting "error:", no traceback, and nothing written: the
 whole scratch folder (the inputs, an existing output that must survive, the fresh paths the outputs would take)
 is the same file for file, byte for byte, before and after. Two real processes prove the entry points print no
-traceback end to end. Then the files written for others: exports honour the umask.
+traceback end to end. Then the files written for others: exports and reports honour the umask.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import timm
 import torch
 
 import antismooth  # noqa: F401  (registers the zoo)
+from antismooth.atomic import write_atomic
 from antismooth.cli import analyze, build_shards, eval as eval_tool, export, reshard, usage
 from antismooth.export import save_weights
 from antismooth.hub import save_timm_folder
@@ -248,6 +249,38 @@ def test_exports_honour_the_umask(umask, tmp_path):
     assert {p.name: _mode(p) for p in files} == {p.name: 0o666 & ~umask for p in files}
     assert _mode(tmp_path / "timm") == 0o777 & ~umask
     assert json.loads((tmp_path / "timm" / "config.json").read_text())["architecture"] == "attnscale_tiny_24"
+
+
+def test_reports_are_written_whole_with_the_umask_mode(umask, world, tmp_path, capsys):
+    """analyze's figures and reports and eval's --json go through antismooth.atomic.write_atomic (a temporary renamed
+    into place, so a Ctrl-C never leaves half a file): each file has the mode a new file gets under the umask, also
+    over an earlier file and a temporary a killed writer left (both 0600), and no temporary stays."""
+    out = tmp_path / "report"
+    out.mkdir()
+    for name in ("report.csv", "report.csv.tmp"):
+        (out / name).write_text("from an earlier, killed run")
+        os.chmod(out / name, 0o600)
+    assert analyze.main(["--weights", world["weights"], "--data", world["shards"], "--num-images", "2",
+                         "--out", str(out), "--device", "cpu", "--overwrite"]) == 0
+    figures = tmp_path / "eval" / "eval.json"
+    assert eval_tool.main(["--weights", world["weights"], "--data", world["shards"], "--split", "train",
+                           "--workers", "0", "--batch-size", "64", "--device", "cpu", "--json", str(figures)]) == 0
+    capsys.readouterr()
+    written = [*out.iterdir(), figures]
+    assert {"report.csv", "report.json", "hc_share.png"} <= {p.name for p in written}
+    assert {p.name: _mode(p) for p in written} == {p.name: 0o666 & ~umask for p in written}
+    assert not [p for p in written if p.name.endswith(".tmp")]
+    assert (out / "report.csv").read_text().startswith("model,measurement,block,value\n")
+    assert json.loads(figures.read_text())["count"] == 103
+
+
+def test_an_atomic_write_that_fails_leaves_no_temporary(tmp_path):
+    """The rename onto a folder fails: the folder stays as it was and the temporary is removed."""
+    target = tmp_path / "report.json"
+    (target / "inside").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError):
+        write_atomic(target, b"{}")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["inside", "report.json"]
 
 
 # --- a missing validation split is said once, with what happens instead ------------------------------------------

@@ -188,19 +188,34 @@ class Checkpointer:
 
     def check_free_space(self, tag: str) -> None:
         """Stop before writing when some node's disk cannot hold another checkpoint as large as the last one (the
-        whole checkpoint: every rank's files land in the one shared folder)."""
-        latest = self.run_folder.latest_tag()
-        need = self.run_folder.checkpoint_bytes(latest)
-        free = shutil.disk_usage(self.run_folder.checkpoints).free if need else need
-        short = [s for s in all_gather_object(None if free >= need else (socket.gethostname(), free)) if s]
-        if short:
-            host, free = short[0]
-            raise TrainingStopped(f"Checkpoint {tag} was not written: {self.run_folder.checkpoints} on node {host} "
-                                  f"has {_size(free)} free{self.needs(latest)}; {self.kept(latest)}: free space there "
-                                  "(or lower --keep) and run the same command to resume from it.")
+        whole checkpoint: every rank's files land in the one shared folder).
 
-    def needs(self, latest: Optional[str]) -> str:
-        size = self.run_folder.checkpoint_bytes(latest)
+        One gather: every rank sends its free space there, and rank 0 alone also the newest checkpoint and its size
+        (a walk of the shared folder, once per save instead of once per rank)."""
+        mine: dict[str, Any] = {"host": socket.gethostname(), "free": self.free_bytes()}
+        if self.env.rank == 0:
+            mine["latest"] = self.run_folder.latest_tag()
+            mine["need"] = self.run_folder.checkpoint_bytes(mine["latest"])
+        everyone = all_gather_object(mine)
+        latest, need = everyone[0]["latest"], everyone[0]["need"]
+        short = [s for s in everyone if need and s["free"] is not None and s["free"] < need]
+        if short:
+            host, free = short[0]["host"], short[0]["free"]
+            raise TrainingStopped(f"Checkpoint {tag} was not written: {self.run_folder.checkpoints} on node {host} "
+                                  f"has {_size(free)} free{self.needs(latest, need)}; {self.kept(latest)}: free space "
+                                  "there (or lower --keep) and run the same command to resume from it.")
+
+    def free_bytes(self) -> Optional[int]:
+        """The free space of the checkpoints folder as this node sees it; None before the folder exists (no
+        checkpoint yet, so none to compare with)."""
+        try:
+            return shutil.disk_usage(self.run_folder.checkpoints).free
+        except FileNotFoundError:
+            return None
+
+    def needs(self, latest: Optional[str], size: Optional[int] = None) -> str:
+        """`size`: the bytes of `latest` when the caller has them (else measured here)."""
+        size = self.run_folder.checkpoint_bytes(latest) if size is None else size
         return f", and a checkpoint needs {_size(size)} there (the size of {latest})" if size else ""
 
     def kept(self, latest: Optional[str]) -> str:

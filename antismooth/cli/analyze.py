@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import torch.nn as nn
 from timm.utils import ParseKwargs
 
 import antismooth  # noqa: F401  (registers the model zoo with timm)
+from antismooth.atomic import write_atomic
 from antismooth.cli import usage
 from antismooth.cli.eval import check_weights
 from antismooth.data.device import to_device
@@ -189,27 +191,31 @@ def load_images(data: Path, num_images: int, augment: AugmentConfig) -> torch.Te
 
 def write_report(reports: dict[str, SpectralReport], specs: list[ModelSpec], out: Path,
                  data: Path) -> list[Path]:
-    """One PNG per measurement (a curve per model), report.csv (long format) and report.json."""
+    """One PNG per measurement (a curve per model), report.csv (long format) and report.json, each written whole
+    (write_atomic): an interrupted analyze leaves no half file."""
     out.mkdir(parents=True, exist_ok=True)
     names = [n for n in MEASUREMENTS if any(getattr(r, n) for r in reports.values())]
     written = []
     for name in names:
         path = out / f"{name}.png"
-        curves_figure(reports, [name]).savefig(path, dpi=120)
+        png = io.BytesIO()
+        curves_figure(reports, [name]).savefig(png, format="png", dpi=120)
+        write_atomic(path, png.getvalue())
         written.append(path)
-    with open(out / "report.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["model", "measurement", "block", "value"])
-        for label, report in reports.items():
-            for name, values in report.curves().items():
-                writer.writerows([label, name, i, f"{v:.6g}"] for i, v in enumerate(values))
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["model", "measurement", "block", "value"])
+    for label, report in reports.items():
+        for name, values in report.curves().items():
+            writer.writerows([label, name, i, f"{v:.6g}"] for i, v in enumerate(values))
+    write_atomic(out / "report.csv", table.getvalue().encode())
     payload = {
         "data": str(data),
         "models": {spec.label: {"model": spec.description.model, "model_kwargs": spec.description.model_kwargs,
                                 "weights": str(spec.weights) if spec.weights else None,
                                 **reports[spec.label].as_dict()} for spec in specs},
     }
-    (out / "report.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    write_atomic(out / "report.json", (json.dumps(payload, indent=1, default=str) + "\n").encode())
     return written + [out / "report.csv", out / "report.json"]
 
 

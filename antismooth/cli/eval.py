@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from antismooth.atomic import write_atomic
 from antismooth.cli import usage
 from antismooth.data.device import pin_memory_for
 from antismooth.data.pipeline import reduce_eval_metrics
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{world} process{'es' if world > 1 else ''})")
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(figures, indent=2) + "\n")
+            write_atomic(args.json, (json.dumps(figures, indent=2) + "\n").encode())   # never half a file
     return 0
 
 

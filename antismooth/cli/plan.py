@@ -25,6 +25,7 @@ from typing import Optional
 
 from timm.utils import ParseKwargs
 
+from antismooth.atomic import write_atomic
 from antismooth.cli.usage import ArgumentParser, at_least, entry_point, fail, writable_file
 from antismooth.config import DeepSpeedSettings
 from antismooth.models.checks import check_model
@@ -155,7 +156,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         result = plan_one(args.model[0], args.deepspeed_config[0], args.micro_batch[0], args, memory)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_atomic(args.json, (json.dumps(result, indent=2) + "\n").encode())   # never half a file
     return 0
 
 

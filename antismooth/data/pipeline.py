@@ -385,6 +385,9 @@ class TrainStream:
         if self.config.decode not in ("cpu", "gpu"):
             raise ValueError(f"Unknown decode {self.config.decode!r} for the stream: resolve auto first "
                              "(antismooth.data.decode.resolve_decode).")
+        if self.config.num_workers is None:
+            raise ValueError("The stream's number of loader workers is not set: give num_workers, or resolve the "
+                             "default first (StreamConfig.with_workers).")
         self.stage = (GpuSampleStage(self.transform) if self.config.decode == "gpu"
                       else CpuSampleStage(SampleDecoder(self.transform, self.augment.reduced_decode)))
         self.mixup = self._build_mixup()

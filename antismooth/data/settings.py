@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -12,6 +13,7 @@ from ..settings import ConfigError, check_choices, setting
 
 SHUFFLE_BUFFER = 5000      # samples per worker; raw JPEG bytes, ~110 KB each on ImageNet: ~0.5 GB
 SHUFFLE_INITIAL = 1000     # fill before the first sample leaves, so the first batches are mixed too
+DEFAULT_WORKERS = 8        # loader workers per process when --workers is left out, at most the CPUs it may use
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,10 @@ class StreamConfig:
              "resampled: shards drawn with replacement")
     seed: int = setting(0, flag="--seed",
                         help="seeds the initial weights, the data order, augmentation and every step's randomness")
-    num_workers: int = setting(8, flag="--workers", dest="workers", help="loader workers per process")
+    # None: left out, so that a number given (8 included) is told from the default; with_workers resolves it.
+    num_workers: Optional[int] = setting(None, flag="--workers", dest="workers", type=int,
+                                         help=f"loader workers per process (default: {DEFAULT_WORKERS}, at most the "
+                                              "CPUs the process may use)")
     shuffle_buffer: int = setting(SHUFFLE_BUFFER, help="samples in each worker's shuffle buffer")
     shuffle_initial: int = setting(SHUFFLE_INITIAL, help="samples in the buffer before the first leaves")
     decode: Literal["cpu", "gpu", "auto"] = setting(
@@ -87,5 +92,12 @@ class StreamConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"--workers must be 0 or more, got {self.num_workers}.")
+
+    def with_workers(self, cpus: int) -> StreamConfig:
+        """--workers as given; left out, DEFAULT_WORKERS at most `cpus` (more only fight over them, and torch warns
+        of it for each loader). The one place the default is resolved: start-up calls it before building streams."""
+        if self.num_workers is not None:
+            return self
+        return dataclasses.replace(self, num_workers=min(DEFAULT_WORKERS, cpus))

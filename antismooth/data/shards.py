@@ -32,6 +32,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from webdataset import TarWriter
 
+from ..atomic import write_atomic  # moved there; this name stays importable from here
+
 log = logging.getLogger(__name__)
 
 FORMAT = "antismooth-shards/1"
@@ -182,14 +184,6 @@ def json_bytes(obj: object, indent: int | None = None) -> bytes:
         return json.dumps(obj, sort_keys=True, ensure_ascii=False, indent=indent, separators=separators).encode()
     except UnicodeEncodeError:  # a name with undecodable bytes (surrogate escapes): ASCII JSON still round-trips
         return json.dumps(obj, sort_keys=True, ensure_ascii=True, indent=indent, separators=separators).encode()
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write a small file under a temporary name and rename it, so readers never see half of it."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def sample_key(split: str, n: int) -> str:
