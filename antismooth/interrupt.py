@@ -9,20 +9,23 @@ host for the flag. A signal that arrives during a save or an evaluation is seen 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from datetime import datetime
 from multiprocessing import resource_tracker
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .distributed import all_reduce_async
 
-__all__ = ["EXIT_SAVED_RESUBMIT", "RESUBMIT_MARKER", "RunInterrupted", "StopRequests", "IGNORED_SIGNALS_ENV", "signal_number"]
+__all__ = ["EXIT_SAVED_RESUBMIT", "RESUBMIT_MARKER", "RunInterrupted", "StopRequests", "IGNORED_SIGNALS_ENV", "signal_number",
+           "signals_end_the_rendezvous"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,49 @@ def signal_number(name: str) -> signal.Signals:
 def _early_notes(number: int) -> Optional[list]:
     """The signals pretrain.py's start-up handler noted for `number`'s slot; None when that handler is not installed."""
     return getattr(signal.getsignal(number), "received", None)
+
+
+@contextlib.contextmanager
+def signals_end_the_rendezvous(stop: Callable[[str], None]):
+    """Until the ranks have met (torch's rendezvous), a SIGTERM or SIGUSR2 that pretrain.py's start-up notes took, or
+    one arriving during the rendezvous, calls `stop(name)` at once, which ends the process: nothing was trained yet,
+    so there is nothing to save, and no other rank waits in a collective for this one. (After the rendezvous a
+    signal is the notes', then StopRequests': saved at the first step boundaries.)
+
+    The rendezvous waits inside torch's store client (C++), where no Python signal handler runs: a rank whose peers
+    never come (rank 0 refused to start, a node is gone) would otherwise ignore the launcher's SIGTERM and linger
+    until its SIGKILL. CPython's C-level handler still writes each signal's number to the wakeup fd, so a thread
+    that reads it can act. Where the notes are not installed (the default action ends the process anyway) or outside
+    the main thread, this does nothing."""
+    if threading.current_thread() is not threading.main_thread() or \
+            all(_early_notes(number) is None for number in EARLY_SIGNALS):
+        yield
+        return
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    noted = [number for number in EARLY_SIGNALS if number in (_early_notes(number) or [])]
+    if noted:   # before the wakeup fd: taken while importing, checking, taking the lock
+        stop(signal.Signals(noted[0]).name)
+    joined = threading.Event()
+    watcher = threading.Thread(target=_stop_on_wakeup, args=(reader, joined, stop), name="antismooth-rendezvous-signals",
+                               daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        joined.set()   # a signal from now on is the notes' (then StopRequests'): saved at the first step boundaries
+        signal.set_wakeup_fd(previous)
+        writer.close()   # the watcher's recv returns b"" and it ends
+        watcher.join()
+        reader.close()
+
+
+def _stop_on_wakeup(reader: socket.socket, joined: threading.Event, stop: Callable[[str], None]) -> None:
+    while (received := reader.recv(64)) and not joined.is_set():
+        names = [signal.Signals(number).name for number in received if number in EARLY_SIGNALS]
+        if names:
+            stop(names[0])
 
 
 def end_early_signal_notes() -> None:

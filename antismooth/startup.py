@@ -39,7 +39,8 @@ from antismooth.models.checks import check_model, check_model_name
 from antismooth.models.description import ModelDescription
 from antismooth.report import check_targets_installed
 from antismooth.throughput import loader_batches, log_peak_memory, measure_throughput, random_batches
-from antismooth.interrupt import EXIT_SAVED_RESUBMIT, RunInterrupted, StopRequests, end_early_signal_notes
+from antismooth.interrupt import (EXIT_SAVED_RESUBMIT, RESUBMIT_MARKER, RunInterrupted, StopRequests,
+                                  end_early_signal_notes, signals_end_the_rendezvous)
 from antismooth.train import Trainer, evaluate_split
 from antismooth.watchdog import (DIST_ERRORS, PEER_LOST_EXIT, PeerLost, Watchdog, group_timeout,
                                  is_distributed_failure)
@@ -293,7 +294,8 @@ def run(config: TrainConfig, make_trainer: TrainerFactory = Trainer):
     try:
         if refusal and launch.world_size == 1:
             raise ConfigError(refusal)
-        env = init_distributed(timeout=group_timeout(config.hangs.dist_timeout).total_seconds())
+        with signals_end_the_rendezvous(lambda name: stop_before_any_step(config, launch.rank, lock, name)):
+            env = init_distributed(timeout=group_timeout(config.hangs.dist_timeout).total_seconds())
         if launch.world_size > 1 and (refusal := broadcast_object(refusal)):
             raise ConfigError(refusal)   # rank 0's refusal, on every rank: all exit 2 with the same sentence
         run_folder = RunFolder(config.output.folder)
@@ -307,6 +309,22 @@ def run(config: TrainConfig, make_trainer: TrainerFactory = Trainer):
         restore_functional_linear()   # what a ZeRO-3 engine replaced for the whole process, for the next run in it
         if lock is not None:
             lock.release()
+
+
+def stop_before_any_step(config: TrainConfig, rank: int, lock: Optional[RunLock], signal_name: str) -> None:
+    """A signal before the ranks have met (antismooth.interrupt.signals_end_the_rendezvous): exit 75 at once, as
+    after a saved stop (nothing was trained since the newest checkpoint), with rank 0's `resubmit` marker and its
+    run.lock released. Called from a thread while the main thread may be inside the rendezvous, hence os._exit."""
+    run_folder = RunFolder(config.output.folder)
+    latest = run_folder.latest_tag()
+    kept = f"{latest} in {run_folder.checkpoints} is the newest checkpoint" if latest else "there is no checkpoint yet"
+    print(f"Stopped on {signal_name} on rank {rank} while the run was starting, before any step; {kept}: run the "
+          f"same command to resume (exit code {EXIT_SAVED_RESUBMIT}: saved, resubmit me).",
+          file=sys.stderr, flush=True)
+    if lock is not None:   # rank 0's: the folder exists
+        (run_folder.root / RESUBMIT_MARKER).write_text("0\n")
+        lock.release()
+    os._exit(EXIT_SAVED_RESUBMIT)
 
 
 def take_run_lock(config: TrainConfig, rank: int) -> tuple[Optional[RunLock], Optional[str]]:

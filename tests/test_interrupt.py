@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -202,10 +203,12 @@ def _catches(pid: int, number: int) -> bool:
 
 
 @pytest.mark.slow
-def test_a_signal_while_the_run_starts_still_saves_and_exits_75(tiny_shards, tmp_path):
+def test_a_signal_while_the_run_starts_exits_75_before_any_step_and_after_one_saves(tiny_shards, tmp_path):
     """SLURM may signal a job that is still importing torch (preemption, a short --signal lead): pretrain.py notes
-    SIGUSR2 from its first lines, so the run saves at its first step boundaries and exits 75, which the recipes
-    requeue, instead of dying unsaved and not requeued."""
+    SIGUSR2 from its first lines, so the run exits 75 (which the recipes requeue) before any step, with nothing to
+    save, instead of dying by the signal and not requeued. Once past the rendezvous (the same command again,
+    signalled as its engine is built, before the training loop has taken the signals over) a signal is kept for the
+    first step boundaries, which save."""
     run = tmp_path / "run"
     argv = [sys.executable, str(REPO / "pretrain.py"), "--deepspeed_config", str(ds_config(tmp_path / "zero2.json", 2)),
             "--data", str(tiny_shards), *TINY_MODEL, *FULL_BATCH, "--output", str(run), "--no-eval",
@@ -217,9 +220,56 @@ def test_a_signal_while_the_run_starts_still_saves_and_exits_75(tiny_shards, tmp
     os.kill(proc.pid, signal.SIGUSR2)
     output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
     assert proc.returncode == EXIT_SAVED_RESUBMIT, output[-4000:]
+    assert ("Stopped on SIGUSR2 on rank 0 while the run was starting, before any step; there is no checkpoint yet: run "
+            "the same command to resume (exit code 75: saved, resubmit me).") in output, output[-4000:]
+    assert not (run / "checkpoints").exists() and (run / "resubmit").is_file() and not (run / "run.lock").exists()
+
+    proc = subprocess.Popen(argv, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    wait_for(lambda: (run / "log.txt").is_file() and "planned peak" in (run / "log.txt").read_text(), proc,
+             "the engine's build")
+    os.kill(proc.pid, signal.SIGUSR2)
+    output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == EXIT_SAVED_RESUBMIT, output[-4000:]
     stopped = re.search(r"Stopped at step (\d+) on SIGUSR2, after saving checkpoint (step\d+)", output)
     assert stopped and int(stopped[1]) <= 2, output[-4000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == stopped[2]
+
+
+@pytest.mark.slow
+def test_a_rank_waiting_for_the_others_at_start_up_ends_at_once_on_a_signal(tiny_shards, tmp_path):
+    """Rank 1 of 2 waits in the rendezvous for a rank 0 that never answers (a listener that accepts and stays silent,
+    as a program holding the port does: rank 0 refused to start). torch's store client blocks there, where no Python
+    signal handler runs; the SIGTERM a launcher then sends ends it at once with 75 and one sentence, not at the
+    launcher's SIGKILL 30 s later (which was the case while pretrain.py's start-up notes held the signal)."""
+    run = tmp_path / "run"
+    argv = [sys.executable, str(REPO / "pretrain.py"), "--deepspeed_config", str(ds_config(tmp_path / "zero2.json", 2)),
+            "--data", str(tiny_shards), *TINY_MODEL, *FULL_BATCH, "--output", str(run)]
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(LAUNCH_TIMEOUT)
+        env = dict(clean_env(), RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(silent.getsockname()[1]))
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            connection, _ = silent.accept()   # rank 1 is inside torch's store client
+        except TimeoutError:
+            proc.kill()
+            pytest.fail(f"rank 1 never reached the rendezvous:\n{proc.communicate()[0][-4000:]}")
+        with connection:
+            os.kill(proc.pid, signal.SIGTERM)
+            sent = time.monotonic()
+            try:
+                output, _ = proc.communicate(timeout=20)   # a hang guard: without the fix it waits for a SIGKILL
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                pytest.fail(f"rank 1 ignored SIGTERM in the rendezvous:\n{proc.communicate()[0][-4000:]}")
+    assert proc.returncode == EXIT_SAVED_RESUBMIT, output[-4000:]
+    assert ("Stopped on SIGTERM on rank 1 while the run was starting, before any step; there is no checkpoint yet: "
+            "run the same command to resume (exit code 75: saved, resubmit me).") in output
+    assert "Traceback" not in output
+    print(f"\nrank 1 in the rendezvous: exit 75 {time.monotonic() - sent:.1f} s after SIGTERM")
 
 
 def test_a_signal_during_an_evaluation_is_handled_at_the_next_step_boundary(zero_runs):

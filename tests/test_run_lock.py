@@ -205,11 +205,11 @@ def test_torchs_own_port_in_use_error_becomes_the_sentence(taken_port, monkeypat
 
 
 def test_the_deepspeed_launcher_with_its_port_taken_ends_in_the_sentence(taken_port, tiny_shards, tmp_path):
-    """One process: with two, rank 1 waits in the rendezvous (inside torch's store client, where no Python signal
-    handler runs) until the launcher's SIGKILL, 30 s after its SIGTERM (docs/commands.md)."""
+    """Rank 0 stops with the sentence; rank 1, waiting in the rendezvous, ends at the launcher's SIGTERM with 75
+    (test_interrupt's test_a_rank_waiting_for_the_others_…), so the launch ends in seconds."""
     config = ds_config(tmp_path / "z.json", 1)
     out = tmp_path / "run"
-    done = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port",
+    done = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
                            str(taken_port), "pretrain.py", *_argv(config, tiny_shards, out)], cwd=REPO,
                           env=clean_env(), capture_output=True, text=True, timeout=START_TIMEOUT)
     assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
