@@ -27,13 +27,15 @@ mkdir -p "$RUN"
 # pretrain.py then saves at the next step boundary on every rank and exits with 75, "saved, resubmit me", and
 # the job requeues itself (same job id; --open-mode=append keeps one log), at most MAX_REQUEUES times.
 # SIGTERM (preemption, the limit itself) means "save now" too.
-EXIT_SAVED_RESUBMIT=75
 MAX_REQUEUES=${MAX_REQUEUES:-20}
 
 # Run the step in the background so that bash runs its traps while it waits, forward USR2 and TERM to it, and
 # requeue the job when the step says it saved. Usage: run_step srun … ; its exit status is the step's.
 run_step() {
-    rm -f "$RUN/resubmit"   # rank 0 writes it beside exiting with 75 (torchrun turns a worker's 75 into 1)
+    # Rank 0 writes $RUN/resubmit beside exiting with 75, once every rank agreed to stop: the one sign to requeue
+    # on (torchrun turns a worker's 75 into 1; srun returns the highest status, so one rank's 75 beside rank 0's 2,
+    # a setting to fix, is no sign).
+    rm -f "$RUN/resubmit"
     "$@" &
     local step=$! status=0
     trap 'echo "cluster/common.sh: USR2 received, passed on to the step" >&2; kill -USR2 $step 2>/dev/null || true' USR2
@@ -44,7 +46,7 @@ run_step() {
         kill -0 "$step" 2>/dev/null || break   # wait returned for a trapped signal: the step still runs
     done
     trap - USR2 TERM
-    if [ "$status" = "$EXIT_SAVED_RESUBMIT" ] || [ -e "$RUN/resubmit" ]; then
+    if [ -e "$RUN/resubmit" ]; then
         local restarts=${SLURM_RESTART_COUNT:-0}
         if [ "$restarts" -lt "$MAX_REQUEUES" ]; then
             echo "cluster/common.sh: the run saved and asked to be resubmitted: requeueing job $SLURM_JOB_ID" \
