@@ -330,6 +330,7 @@ def test_an_interface_that_cannot_reach_the_master_stops_in_seconds(cluster_runs
     assert ("cannot reach MASTER_ADDR n1 through GLOO_SOCKET_IFNAME=eth1 within 5 s: set GLOO_SOCKET_IFNAME to the "
             "interface on which the nodes reach each other (this node has lo (127.0.0.1), eth0 (10.213.0.") in output
     assert "eth1 (10.214." in output and "step 1/" not in output
+    assert "requeueing" not in output   # a setting to fix: whatever status srun returns, no resubmit file, no requeue
 
 
 # What each recipe's job says when it stops (on every rank, the same step) and the recipe's own line about it.
