@@ -132,9 +132,9 @@ def interrupted_job(cluster, work: Path, shards: Path, recipe: str) -> tuple[int
 
 
 def preempt(cluster, submission, run: Path) -> tuple[float, str]:
-    """SIGTERM alone to every process of the step, as a preemption sends it (torchrun passes it on to its workers,
-    which save, and exits non-zero: the recipe requeues on rank 0's `resubmit` file). When (time.time()), and a
-    note on it for the test's output."""
+    """SIGTERM alone to every process of the step, as a preemption sends it (the launchers, torchrun's or
+    DeepSpeed's, pass it on to their workers, which save, and exit non-zero: the recipe requeues on rank 0's
+    `resubmit` file). When (time.time()), and a note on it for the test's output."""
     cluster.run_on("n1", ["scancel", "--signal=TERM", submission.job_id])
     return time.time(), ""
 
@@ -179,10 +179,10 @@ def pass_the_exit_after_deadline(cluster, submission, run: Path) -> tuple[float,
 
 
 # How each recipe job is interrupted once its first step is logged, and the flags it runs with beside EXTRA_ARGS.
-# SLURM's signal before the time limit goes through the DeepSpeed recipe, whose launchers ignore USR2 (its trap);
-# the srun recipe runs with --exit-after, the torchrun recipe is preempted.
-INTERRUPTIONS = {"slurm_deepspeed": (run_out_of_time, []),
-                 "slurm_torchrun": (preempt, []),
+# SLURM's signal before the time limit goes through the torchrun recipe, whose launchers ignore USR2 (its trap);
+# the DeepSpeed recipe is preempted, the srun recipe runs with --exit-after (docs/reliability.md: the rotation).
+INTERRUPTIONS = {"slurm_deepspeed": (preempt, []),
+                 "slurm_torchrun": (run_out_of_time, []),
                  "slurm_srun": (pass_the_exit_after_deadline, ["--exit-after", str(EXIT_AFTER_MINUTES)])}
 # The srun recipe names the cluster network's interface, as docs/multi-node.md says to on nodes with two networks.
 RECIPE_ENV = {"slurm_srun": {"GLOO_SOCKET_IFNAME": DATA_INTERFACE}}
@@ -334,8 +334,8 @@ def test_an_interface_that_cannot_reach_the_master_stops_in_seconds(cluster_runs
 
 
 # What each recipe's job says when it stops (on every rank, the same step) and the recipe's own line about it.
-STOPPED_ON = {"slurm_deepspeed": ("on SIGUSR2", "USR2 received, passed on to the step"),
-              "slurm_torchrun": ("on SIGTERM", None),   # to the step's processes alone, not the batch shell
+STOPPED_ON = {"slurm_deepspeed": ("on SIGTERM", None),   # to the step's processes alone, not the batch shell
+              "slurm_torchrun": ("on SIGUSR2", "USR2 received, passed on to the step"),
               "slurm_srun": ("on the --exit-after deadline", None),
               "srun-signalled": ("on SIGUSR2", "USR2 received, passed on to the step")}
 
