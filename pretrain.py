@@ -12,9 +12,10 @@ import sys
 
 
 def _note_early_signal(number, frame):
-    """SLURM may signal a job that is still starting (a preemption, a short --signal lead): before the training loop
-    takes over (antismooth.interrupt.StopRequests adopts what was noted here), SIGTERM and SIGUSR2 are only noted, so
-    the run still saves at its first step and exits 75 instead of dying unsaved and unrequeued."""
+    """SLURM may signal a job that is still starting (a preemption, a short --signal lead): SIGTERM and SIGUSR2 are
+    only noted here, so the run exits 75 (requeued by cluster/*.sbatch) instead of dying by the signal: at once if
+    the ranks have not met yet (antismooth.interrupt.signals_end_the_rendezvous: nothing trained), else after saving
+    at its first step boundaries (antismooth.interrupt.StopRequests adopts the note)."""
     _note_early_signal.received.append(number)
 
 

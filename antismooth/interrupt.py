@@ -24,7 +24,7 @@ import torch
 
 from .distributed import all_reduce_async
 
-__all__ = ["EXIT_SAVED_RESUBMIT", "RESUBMIT_MARKER", "RunInterrupted", "StopRequests", "IGNORED_SIGNALS_ENV", "signal_number",
+__all__ = ["EXIT_SAVED_RESUBMIT", "RunInterrupted", "StopRequests", "IGNORED_SIGNALS_ENV", "signal_number",
            "signals_end_the_rendezvous"]
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,6 @@ log = logging.getLogger(__name__)
 # sysexits.h's EX_TEMPFAIL, "a temporary failure; the user is invited to retry": distinct from pretrain's 2 (a
 # setting to fix) and 3 (the run stopped itself). cluster/*.sbatch requeue the job on it.
 EXIT_SAVED_RESUBMIT = 75
-# Written by rank 0 in the run folder beside exiting with 75: torchrun reports a worker's non-zero exit as its own 1,
-# so cluster/common.sh requeues on either.
-RESUBMIT_MARKER = "resubmit"
 # The loader workers' forkserver reads which signals to ignore from here (antismooth.data._forkserver).
 IGNORED_SIGNALS_ENV = "ANTISMOOTH_IGNORED_SIGNALS"
 

@@ -39,7 +39,7 @@ from antismooth.models.checks import check_model, check_model_name
 from antismooth.models.description import ModelDescription
 from antismooth.report import check_targets_installed
 from antismooth.throughput import loader_batches, log_peak_memory, measure_throughput, random_batches
-from antismooth.interrupt import (EXIT_SAVED_RESUBMIT, RESUBMIT_MARKER, RunInterrupted, StopRequests,
+from antismooth.interrupt import (EXIT_SAVED_RESUBMIT, RunInterrupted, StopRequests,
                                   end_early_signal_notes, signals_end_the_rendezvous)
 from antismooth.train import Trainer, evaluate_split
 from antismooth.watchdog import (DIST_ERRORS, PEER_LOST_EXIT, PeerLost, Watchdog, group_timeout,
@@ -316,13 +316,11 @@ def stop_before_any_step(config: TrainConfig, rank: int, lock: Optional[RunLock]
     after a saved stop (nothing was trained since the newest checkpoint), with rank 0's `resubmit` marker and its
     run.lock released. Called from a thread while the main thread may be inside the rendezvous, hence os._exit."""
     run_folder = RunFolder(config.output.folder)
-    latest = run_folder.latest_tag()
-    kept = f"{latest} in {run_folder.checkpoints} is the newest checkpoint" if latest else "there is no checkpoint yet"
-    print(f"Stopped on {signal_name} on rank {rank} while the run was starting, before any step; {kept}: run the "
-          f"same command to resume (exit code {EXIT_SAVED_RESUBMIT}: saved, resubmit me).",
-          file=sys.stderr, flush=True)
+    print(f"Stopped on {signal_name} on rank {rank} while the run was starting, before any step; "
+          f"{run_folder.newest_kept()}: run the same command to resume (exit code {EXIT_SAVED_RESUBMIT}: saved, "
+          "resubmit me).", file=sys.stderr, flush=True)
     if lock is not None:   # rank 0's: the folder exists
-        (run_folder.root / RESUBMIT_MARKER).write_text("0\n")
+        run_folder.ask_to_be_resubmitted(0)
         lock.release()
     os._exit(EXIT_SAVED_RESUBMIT)
 

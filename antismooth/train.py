@@ -31,7 +31,7 @@ from .checkpoint import Checkpointer, RunFolder
 from .checkpoint.files import checkpoint_tag
 from . import watchdog
 from .engine import TrainingStopped, TrainState
-from .interrupt import EXIT_SAVED_RESUBMIT, RESUBMIT_MARKER, RunInterrupted, StopRequests
+from .interrupt import EXIT_SAVED_RESUBMIT, RunInterrupted, StopRequests
 from .evaluate import evaluate
 from .report import Reporter
 from .models.weights import ANTI_OVERSMOOTHING_PARAMS
@@ -225,8 +225,8 @@ class Trainer:
         self.stop.settle()
         if self.writer:
             self.writer.close()
-        if self.env.rank == 0:   # for launchers that report a rank's 75 as a plain failure (torchrun: 1)
-            (self.run_folder.root / RESUBMIT_MARKER).write_text(f"{self.state.global_step}\n")
+        if self.env.rank == 0:
+            self.run_folder.ask_to_be_resubmitted(self.state.global_step)
         raise RunInterrupted(
             f"Stopped at step {self.state.global_step} on {self.stop.reason(decided)}, after saving checkpoint "
             f"{checkpoint_tag(self.state.global_step)} in {self.run_folder.checkpoints}: run the same command to resume "

@@ -205,10 +205,7 @@ class Watchdog:
 
     @property
     def kept(self) -> str:
-        latest = self.run_folder.latest_tag() if self.run_folder is not None else None
-        if latest is None:
-            return "there is no checkpoint yet"
-        return f"the newest checkpoint, {latest} in {self.run_folder.checkpoints}, is intact"
+        return self.run_folder.newest_kept() if self.run_folder is not None else "there is no checkpoint yet"
 
     def stop(self) -> None:
         """The run ended here (finished, or stopped with its own sentence): the beat ends, and the watcher of this

@@ -8,6 +8,9 @@ from pathlib import Path
 META_FILE = "antismooth.json"          # beside DeepSpeed's files in every tag folder
 LATEST_FILE = "latest"                 # DeepSpeed's name for the newest complete tag
 EVAL_FILE = "eval.jsonl"               # in the run folder: one JSON record per evaluation
+# In the run folder, written by rank 0 beside exiting with 75 ("saved, resubmit me"): cluster/common.sh requeues on it
+# (torchrun reports a worker's 75 as its own 1; srun returns its tasks' highest status).
+RESUBMIT_FILE = "resubmit"
 EMA_FILE = "ema_rank{rank}.pt"         # antismooth.ema's per-rank average, in the tag folder
 UNIVERSAL_SUFFIX = "_universal"        # DeepSpeed's own naming for a converted tag
 PARTIAL_SUFFIX = ".partial"            # a conversion still being written

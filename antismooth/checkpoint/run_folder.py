@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional
 
 from ..config import HeldBatch
 from ..distributed import barrier
-from .files import CLIENT_STATE_KEY, EVAL_FILE, UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_PATTERN, fsync_folder
+from .files import CLIENT_STATE_KEY, EVAL_FILE, RESUBMIT_FILE, UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_PATTERN, fsync_folder
 from .latest import read_latest, write_latest
 from ..models.description import ModelDescription
 from .meta import saved_description, write_model_meta
@@ -31,6 +31,7 @@ class RunFolder:
         self.run_json = self.root / "run.json"
         self.log_file = self.root / "log.txt"
         self.eval_file = self.root / EVAL_FILE
+        self.resubmit_file = self.root / RESUBMIT_FILE
 
     def tag_dir(self, tag: str) -> Path:
         return self.checkpoints / tag
@@ -40,6 +41,17 @@ class RunFolder:
     def latest_tag(self) -> Optional[str]:
         """The tag of the newest complete checkpoint, or None when there is none."""
         return read_latest(self.checkpoints)
+
+    def newest_kept(self) -> str:
+        """How a sentence that stops the run names what it keeps: the newest complete checkpoint, or that there is
+        none."""
+        latest = self.latest_tag()
+        return f"the newest checkpoint, {latest} in {self.checkpoints}, is intact" if latest else \
+            "there is no checkpoint yet"
+
+    def ask_to_be_resubmitted(self, step: int) -> None:
+        """Rank 0, beside exiting with 75: the sign cluster/common.sh requeues the job on (checkpoint/files.py)."""
+        self.resubmit_file.write_text(f"{step}\n")
 
     def complete_tags(self) -> list[str]:
         """Every complete checkpoint, oldest first: the tags `latest` named when they were saved."""
