@@ -131,6 +131,17 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def signal_in_masks(pid: int, number: int, *masks: str) -> bool:
+    """Whether signal `number` is set in any of the named masks of /proc/PID/status (SigCgt: a handler installed;
+    SigPnd, ShdPnd: pending); False once the process is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return any(int(line.split()[1], 16) >> (number - 1) & 1 for line in status.splitlines()
+               if line.split(":")[0] in masks)
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants, as losing their node would: torchrun starts its workers
     in sessions of their own, so killing the launcher's process group leaves them running."""

@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 
 from cluster.harness import DATA_INTERFACE, ISOLATED_INTERFACE, Submission
 from conftest import FULL_BATCH, TINY_MODEL
-from launch import ONE_THREAD, REPO, VENV_BIN, ds_config, free_port, slow_fixture, start_processes, wait_processes
+from launch import (ONE_THREAD, REPO, VENV_BIN, ds_config, free_port, signal_in_masks, slow_fixture, start_processes,
+                    wait_processes)
 
 sys.path.insert(0, str(REPO / "tools"))
 import export as export_tool  # noqa: E402  (tools/export.py, in-process)
@@ -206,15 +207,9 @@ def wait_until_pending(pids: list[int], number: int, timeout: float = 60) -> Non
     """Until signal `number` is pending in each (stopped) process: delivered, its handler runs once it continues."""
     deadline = time.monotonic() + timeout
     for pid in pids:
-        while not signal_pending(pid, number):
+        while not signal_in_masks(pid, number, "SigPnd", "ShdPnd"):
             assert time.monotonic() < deadline, f"signal {number} never reached process {pid}"
             time.sleep(0.05)
-
-
-def signal_pending(pid: int, number: int) -> bool:
-    masks = [int(line.split()[1], 16) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-             if line.startswith(("SigPnd:", "ShdPnd:"))]
-    return any(mask >> (number - 1) & 1 for mask in masks)
 
 
 def recipe_lead(script: str | Path) -> int:

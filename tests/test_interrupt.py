@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from antismooth.interrupt import EXIT_SAVED_RESUBMIT, signal_number
 from conftest import FULL_BATCH, TINY_MODEL, resume_plan
 from launch import (DEEPSPEED, LAUNCH_TIMEOUT, REPO, TRAIN_PLAN, clean_env, descendants, ds_config, free_port,
-                    slow_fixture, wait_or_kill, write_plan)
+                    signal_in_masks, slow_fixture, wait_or_kill, write_plan)
 
 def rank_process(launcher: int, rank: int) -> int | None:
     for pid in descendants(launcher):
@@ -192,16 +192,6 @@ def test_a_signal_during_a_save_is_handled_at_the_next_step_boundary(signalled_d
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 
-def _catches(pid: int, number: int) -> bool:
-    """Whether process `pid` has a handler installed for signal `number` (/proc's SigCgt mask)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    mask = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
-    return bool(mask >> (number - 1) & 1)
-
-
 @pytest.mark.slow
 def test_a_signal_while_the_run_starts_exits_75_before_any_step_and_after_one_saves(tiny_shards, tmp_path):
     """SLURM may signal a job that is still importing torch (preemption, a short --signal lead): pretrain.py notes
@@ -215,7 +205,7 @@ def test_a_signal_while_the_run_starts_exits_75_before_any_step_and_after_one_sa
             "--spectral-every", "0"]
     proc = subprocess.Popen(argv, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    wait_for(lambda: _catches(proc.pid, signal.SIGUSR2), proc, "pretrain.py's start-up handler")
+    wait_for(lambda: signal_in_masks(proc.pid, signal.SIGUSR2, "SigCgt"), proc, "pretrain.py's start-up handler")
     assert not run.exists(), "the signal was meant for a run still starting"
     os.kill(proc.pid, signal.SIGUSR2)
     output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
